@@ -21,7 +21,7 @@ _LAZY = {
     "GeolocError": "geoloc.errors",
 }
 
-__all__ = ["FAMILIES", "Geolocator", "GeolocError", "Prediction", "__version__"]
+__all__ = ["FAMILIES", "GeolocError", "Geolocator", "Prediction", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,123 @@
+"""Checkpoints: ``model.safetensors`` + ``config.json`` (+ ``train_state.pt`` for resuming), written atomically.
+
+A checkpoint directory holds:
+- ``model.safetensors``: the weights evaluation uses (the EMA weights after training);
+- ``model_raw.safetensors``: the raw (non-averaged) weights, when they differ;
+- ``config.json``: everything needed to rebuild the model and say where it came from: family, schedule,
+  architecture, condition width, backbone and feature-store identity, the training command and data
+  provenance;
+- ``train_state.pt``: optimiser, step and loader position, only for ``geoloc train`` to resume. It holds
+  tensors and plain containers and is read with ``torch.load(weights_only=True)``; weights are never pickled.
+
+``from_plonk`` turns the reference's published hub layout (its ``model.safetensors`` with the
+``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim, §12) into ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from geoloc.errors import CheckpointError
+
+__all__ = ["CHECKPOINT_FORMAT", "atomic_write_bytes", "load_state", "read_config", "save_checkpoint", "save_state"]
+
+CHECKPOINT_FORMAT = "geoloc-checkpoint"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Write via ``write(tmp_path)`` to a temporary file in the same directory, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    weights: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    raw_weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write weights and config atomically (config last, so a readable config means complete weights)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"format": CHECKPOINT_FORMAT}
+    atomic_write_bytes(directory / "model.safetensors", lambda p: save_file(_contiguous(weights), p, metadata=meta))
+    if raw_weights is not None:
+        atomic_write_bytes(
+            directory / "model_raw.safetensors", lambda p: save_file(_contiguous(raw_weights), p, metadata=meta)
+        )
+    body = json.dumps({"format": CHECKPOINT_FORMAT, "version": 1, **config}, indent=2, default=str)
+    atomic_write_bytes(directory / "config.json", lambda p: Path(p).write_text(body))
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``config.json`` (CheckpointError with the path if missing or unreadable)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json; is this a geoloc checkpoint directory?")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is corrupt") from e
+    if data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: not a geoloc checkpoint (format={data.get('format')!r}); "
+            "convert a PLONK checkpoint with `geoloc convert plonk SRC OUT`"
+        )
+    return data
+
+
+def load_weights(directory: str | Path, raw: bool = False) -> dict[str, torch.Tensor]:
+    name = "model_raw.safetensors" if raw else "model.safetensors"
+    path = Path(directory) / name
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: missing {name}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from e
+
+
+def save_state(directory: str | Path, state: dict[str, Any]) -> None:
+    """The resume state (optimiser tensors, step, loader position), atomically."""
+    atomic_write_bytes(Path(directory) / "train_state.pt", lambda p: torch.save(state, p))
+
+
+def load_state(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / "train_state.pt"
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the resume state ({e}); delete it to start over") from e

@@ -1,0 +1,224 @@
+"""``Geolocator``: a trained network + its family, with the verbs users want on embeddings.
+
+It is what a checkpoint directory loads into (``Geolocator.from_pretrained(dir)``) and what ``geoloc eval``
+and ``geoloc predict`` use: ``sample``, ``log_prob``, ``localizability`` and ``predict`` (a point estimate,
+the top-k distinct places with their probability mass, and optionally the localizability).
+
+Point estimates (``estimator=``), each optimal for a different metric:
+- ``sample``: one guided draw with ω = 2 — the paper's protocol (Table 1); vMF families use their mean
+  direction instead (# reference differs: it reports a random vMF draw, §16.11);
+- ``median`` (mean km), ``geoscore`` (expected GeoScore), ``mode`` (small-radius accuracy), ``mean``,
+  ``best-of-n`` (the reference's "swarm": the most likely of n unguided draws): see ``estimators.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from geoloc.checkpoint import load_weights, read_config, save_checkpoint
+from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig, SampleConfig, apply_overrides
+from geoloc.errors import CheckpointError, ConfigError
+from geoloc.families import Family, OdeFamily, check_cond, check_xyz, make_family
+from geoloc.sphere import xyz_to_latlon
+
+__all__ = ["Geolocator", "Prediction"]
+
+
+@dataclass
+class Prediction:
+    """Per-item results of :meth:`Geolocator.predict` (B items).
+
+    ``latlon (B, 2)`` degrees and ``xyz (B, 3)``: the point estimate; ``topk``: an ``estimators.TopK`` (modes
+    with probability mass) or None; ``localizability (B,)`` in bits (negative entropy, higher = more
+    localizable) or None; ``samples (B, n, 3)`` when kept.
+    """
+
+    latlon: torch.Tensor
+    xyz: torch.Tensor
+    topk: Any = None
+    localizability: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
+
+
+class Geolocator:
+    """A conditional distribution on S² given an embedding."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        family: Family,
+        cond_dim: int,
+        config: dict[str, Any] | None = None,
+        sample_config: SampleConfig = SampleConfig(),
+        likelihood_config: LikelihoodConfig = LikelihoodConfig(),
+    ) -> None:
+        self.net = net.eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.family = family
+        self.cond_dim = cond_dim
+        self.config = config or {}
+        self.sample_config = sample_config
+        self.likelihood_config = likelihood_config
+
+    # --- construction ------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, family: FamilyConfig, model: ModelConfig, cond_dim: int, **kwargs: Any) -> Geolocator:
+        fam = make_family(family)
+        return cls(fam.build_network(model, cond_dim), fam, cond_dim, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", raw: bool = False) -> Geolocator:
+        """Load a checkpoint directory (EMA weights unless ``raw``)."""
+        cfg = read_config(directory)
+        try:
+            family_cfg = apply_overrides(FamilyConfig(), cfg["family"])
+            model_cfg = apply_overrides(ModelConfig(), cfg["model"])
+            cond_dim = int(cfg["cond_dim"])
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{directory}/config.json: missing or bad field {e}") from e
+        geo = cls.build(family_cfg, model_cfg, cond_dim, config=cfg)
+        if geo.family.trainable:
+            state = load_weights(directory, raw=raw)
+            try:
+                geo.net.load_state_dict(state)
+            except RuntimeError as e:
+                raise CheckpointError(f"{directory}: weights do not match config.json ({e})") from e
+        geo.net.to(device)
+        return geo
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        cfg = dict(self.config)
+        cfg.setdefault("cond_dim", self.cond_dim)
+        return save_checkpoint(directory, self.net.state_dict(), cfg)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.net.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def backbone(self) -> dict[str, Any]:
+        return dict(self.config.get("backbone") or {})
+
+    def _cond(self, cond: torch.Tensor) -> torch.Tensor:
+        cond = torch.as_tensor(cond, dtype=torch.float32).to(self.device)
+        if cond.dim() == 1:
+            cond = cond.unsqueeze(0)
+        check_cond(cond, self.cond_dim)
+        return cond
+
+    # --- verbs ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: torch.Tensor,
+        n: int = 1,
+        *,
+        omega: float | None = None,
+        steps: int | None = None,
+        method: str | None = None,
+        generator: torch.Generator | None = None,
+        trajectory: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``n`` draws per item: unit vectors ``(B, n, 3)``. Defaults come from ``sample_config``."""
+        cfg = self.sample_config
+        cfg = replace(
+            cfg,
+            omega=cfg.omega if omega is None else omega,
+            steps=cfg.steps if steps is None else steps,
+            method=cfg.method if method is None else method,
+        )
+        return self.family.sample(self.net, self._cond(cond), n, cfg, generator, trajectory)
+
+    @torch.no_grad()
+    def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor, config: LikelihoodConfig | None = None) -> torch.Tensor:
+        """Exact log-density (nats per steradian on S², per unit volume for R³ families) ``(M,)``.
+
+        ``cond`` is ``(M, D)`` or a single ``(D,)``/``(1, D)`` row broadcast to every point.
+        """
+        cond = self._cond(cond)
+        xyz = torch.as_tensor(xyz, dtype=torch.float32).to(self.device)
+        check_xyz(xyz)
+        if cond.shape[0] == 1 and xyz.shape[0] != 1:
+            cond = cond.expand(xyz.shape[0], -1)
+        if cond.shape[0] != xyz.shape[0]:
+            raise ConfigError(f"log_prob: {xyz.shape[0]} points but {cond.shape[0]} conditions")
+        return self.family.log_prob(self.net, xyz, cond, config or self.likelihood_config)
+
+    @torch.no_grad()
+    def localizability(
+        self, cond: torch.Tensor, n: int = 256, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Negative entropy E_p[log₂ p] in bits per item ``(B,)``, Monte-Carlo with exact log-densities.
+
+        Samples come from exactly the density whose log we take (the likelihood ODE run forward), so the
+        estimate is unbiased up to discretisation. # reference differs: its pipeline divides by an extra 4π
+        (§9.3, §15.8). For R³ families the density is per unit volume, so values are not comparable with S².
+        """
+        cond = self._cond(cond)
+        b = cond.shape[0]
+        flat = cond.repeat_interleave(n, dim=0)
+        if isinstance(self.family, OdeFamily):
+            x = self.family.sample_exact(self.net, flat, self.likelihood_config, generator)
+            lp = self.family.log_prob(self.net, x, flat, self.likelihood_config)
+        else:
+            x = self.family.sample(self.net, cond, n, self.sample_config, generator).reshape(-1, 3)
+            lp = self.family.log_prob(self.net, x, flat, self.likelihood_config)
+        return lp.reshape(b, n).mean(-1) / math.log(2)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        cond: torch.Tensor,
+        *,
+        estimator: str = "sample",
+        n: int = 256,
+        omega: float | None = None,
+        top_k: int = 0,
+        localizability: bool = False,
+        keep_samples: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Prediction:
+        """Point estimate per item, plus optional top-k modes (from ``n`` unguided draws) and localizability.
+
+        ``estimator="sample"`` draws one sample with guidance ``omega`` (default 2, the paper's protocol);
+        the others use ``n`` draws with ``omega`` (default 0, the model's own distribution).
+        """
+        from geoloc.estimators import ESTIMATORS, top_k_modes
+
+        cond = self._cond(cond)
+        samples = None
+        if estimator == "sample":
+            point = self.family.point(self.net, cond)
+            if point is None:
+                point = self.sample(cond, 1, omega=2.0 if omega is None else omega, generator=generator)[:, 0]
+        elif estimator in ESTIMATORS:
+            samples = self.sample(cond, n, omega=0.0 if omega is None else omega, generator=generator)
+            lp = None
+            if ESTIMATORS[estimator].log_prob == "required":
+                flat = samples.reshape(-1, 3)
+                lp = self.log_prob(flat, cond.repeat_interleave(n, dim=0)).reshape(samples.shape[:2])
+            point = ESTIMATORS[estimator](samples, lp)
+        else:
+            raise ConfigError(f"unknown estimator {estimator!r}; choose 'sample' or one of {sorted(ESTIMATORS)}")
+        topk = None
+        if top_k > 0:
+            if samples is None or (omega not in (None, 0.0) and estimator != "sample"):
+                samples = self.sample(cond, n, omega=0.0, generator=generator)
+            topk = top_k_modes(samples, k=top_k)
+        loc = self.localizability(cond, n=min(n, 256), generator=generator) if localizability else None
+        return Prediction(
+            latlon=xyz_to_latlon(point),
+            xyz=point,
+            topk=topk,
+            localizability=loc,
+            samples=samples if keep_samples else None,
+        )
