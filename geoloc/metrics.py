@@ -71,8 +71,27 @@ MISS_KM = math.pi * EARTH_RADIUS_KM
 """Distance charged to a failed prediction in ``"fixed"`` mode: half the great circle (the worst possible)."""
 
 PANDAS_NA_STRINGS = frozenset(
-    ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
-     "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+    [
+        "",
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    ]
 )
 """Field values that ``pandas.read_csv`` turns into NaN by default (pandas 2.x ``STR_NA_VALUES``)."""
 
@@ -112,7 +131,9 @@ def distances_km(pred_latlon, gt_latlon) -> np.ndarray:
     bad_gt = ~np.isfinite(gt).all(axis=1)
     if bad_gt.any():
         rows = np.flatnonzero(bad_gt)[:10].tolist()
-        raise InputError(f"ground truth: {int(bad_gt.sum())} non-finite row(s) at index {rows}; drop them first")
+        raise InputError(
+            f"ground truth: {int(bad_gt.sum())} non-finite row(s) at index {rows}; drop them first"
+        )
     d = haversine_km(pred, gt)
     d[failed_predictions(pred)] = np.nan
     return d
@@ -139,7 +160,9 @@ class DistanceMetrics:
     accuracy_km: dict[float, float]
 
 
-def distance_metrics(dist_km, compat: Compat = "fixed", thresholds_km: Sequence[float] = THRESHOLDS_KM) -> DistanceMetrics:
+def distance_metrics(
+    dist_km, compat: Compat = "fixed", thresholds_km: Sequence[float] = THRESHOLDS_KM
+) -> DistanceMetrics:
     """Mean / median distance, GeoScore and threshold accuracies from per-item distances (NaN = failed)."""
     _check_compat(compat)
     d = np.asarray(dist_km, dtype=np.float64)
@@ -267,9 +290,13 @@ def gt_label_ids(
         norm = {lv: fixed[lv] for lv in levels}
     for lv in levels:
         index = gazetteer.key_index[lv]
-        ids[lv] = np.fromiter((index.get(v, -1) if v is not None else -1 for v in norm[lv]), np.int32, count=n)
+        ids[lv] = np.fromiter(
+            (index.get(v, -1) if v is not None else -1 for v in norm[lv]), np.int32, count=n
+        )
         # Quirk B: the reference masks GT equal to "nan"; after pandas + fillna("NaN") nothing ever is.
-        counted[lv] = np.array([v != "nan" for v in norm[lv]], dtype=bool) if compat == "plonk" else np.ones(n, bool)
+        counted[lv] = (
+            np.array([v != "nan" for v in norm[lv]], dtype=bool) if compat == "plonk" else np.ones(n, bool)
+        )
     return ids, counted
 
 
@@ -373,8 +400,12 @@ def score(
         if gazetteer is None:
             raise InputError("admin-level accuracy needs a gazetteer (geoloc.gazetteer.Gazetteer.load())")
         admin = admin_metrics(
-            pred_latlon, gazetteer, levels,
-            gt_keys=gt_keys, gt_latlon=None if gt_keys is not None else gt_latlon, compat=compat,
+            pred_latlon,
+            gazetteer,
+            levels,
+            gt_keys=gt_keys,
+            gt_latlon=None if gt_keys is not None else gt_latlon,
+            compat=compat,
         )
         per_item.update({f"hit_{lv}": admin.hits[lv] for lv in levels})
     return Scores(compat, distance_metrics(dist, compat, thresholds_km), admin, per_item)
@@ -428,7 +459,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
     bounds = np.flatnonzero(np.diff(xs) != 0) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(x)]])
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         ranks[order[s:e]] = (s + e - 1) / 2.0
     return ranks
 
@@ -488,7 +519,12 @@ class Prdc:
     coverage: float
 
     def as_dict(self) -> dict[str, float]:
-        return {"precision": self.precision, "recall": self.recall, "density": self.density, "coverage": self.coverage}
+        return {
+            "precision": self.precision,
+            "recall": self.recall,
+            "density": self.density,
+            "coverage": self.coverage,
+        }
 
 
 def _unit_xyz(latlon: np.ndarray) -> np.ndarray:
@@ -519,7 +555,9 @@ def _prdc_once(real: np.ndarray, fake: np.ndarray, k: int) -> Prdc:
     from scipy.spatial import cKDTree
 
     if len(real) <= k or len(fake) <= k:
-        raise InputError(f"PRDC with k={k} needs more than {k} points per chunk (got {len(real)} real, {len(fake)} fake); use fewer chunks")
+        raise InputError(
+            f"PRDC with k={k} needs more than {k} points per chunk (got {len(real)} real, {len(fake)} fake); use fewer chunks"
+        )
     xr, xf = _unit_xyz(real), _unit_xyz(fake)
     tr, tf = cKDTree(xr), cKDTree(xf)
     # The (k+1)-th smallest distance of each row, self included (the reference's "k-th neighbour, not self").
@@ -546,7 +584,9 @@ def prdc(real_latlon, fake_latlon, k: int = 3, chunks: int | None = 20) -> Prdc:
     real = _as_latlon(real_latlon, "real points")
     fake = _as_latlon(fake_latlon, "fake points")
     if not (np.isfinite(real).all() and np.isfinite(fake).all()):
-        raise InputError("PRDC: non-finite coordinates; drop failed predictions (metrics.failed_predictions) first")
+        raise InputError(
+            "PRDC: non-finite coordinates; drop failed predictions (metrics.failed_predictions) first"
+        )
     if k < 1:
         raise InputError(f"PRDC: k must be ≥ 1, got {k}")
     if not chunks or chunks == 1:
@@ -555,4 +595,9 @@ def prdc(real_latlon, fake_latlon, k: int = 3, chunks: int | None = 20) -> Prdc:
         raise InputError(f"chunked PRDC pairs real and fake rows: got {len(real)} real and {len(fake)} fake")
     size = -(-len(real) // chunks)  # torch.chunk: ceil(N / chunks) rows, the last chunk shorter
     parts = [_prdc_once(real[a : a + size], fake[a : a + size], k) for a in range(0, len(real), size)]
-    return Prdc(*(float(np.mean([getattr(p, f) for p in parts])) for f in ("precision", "recall", "density", "coverage")))
+    return Prdc(
+        *(
+            float(np.mean([getattr(p, f) for p in parts]))
+            for f in ("precision", "recall", "density", "coverage")
+        )
+    )

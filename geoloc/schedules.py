@@ -108,7 +108,8 @@ class LinearSchedule(Schedule):
         return 1.0 - u
 
     def _dgamma_ref(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.full_like(torch.as_tensor(u, dtype=torch.get_default_dtype()), -1.0)
+        u = torch.as_tensor(u)
+        return torch.full_like(u, -1.0, dtype=u.dtype if u.is_floating_point() else torch.get_default_dtype())
 
     def params(self) -> dict:
         return {}

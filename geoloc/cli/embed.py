@@ -1,9 +1,86 @@
-"""`geoloc embed` (being written)."""
+"""`geoloc embed`: turn a dataset manifest into cached backbone features in a feature store.
+
+Thin by design: options → :class:`~geoloc.pipeline.embed.EmbedConfig` → :func:`~geoloc.pipeline.embed.run_embed`
+→ summary. torch, transformers and open_clip are imported inside the command body.
+"""
 
 from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
+class DtypeOpt(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class EngineOpt(StrEnum):
+    local = "local"
+    ray = "ray"
+
+
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the app (placeholder until the command lands)."""
+    """Add `geoloc embed`."""
+    app.command("embed")(embed)
+
+
+def embed(
+    manifest: Annotated[str, typer.Argument(help="Dataset manifest: a .toml path or a shipped name "
+                                                 "(e.g. demo-geonames, osv5m).", show_default=False)],
+    store: Annotated[Path, typer.Option("--store", help="Feature store directory (created, or grown if it "
+                                                        "exists).", show_default=False)],
+    root: Annotated[Path | None, typer.Option(help="Dataset root (overrides the manifest's `root`).")] = None,
+    split: Annotated[list[str] | None, typer.Option("--split", help="Split to embed; repeat for several "
+                                                                    "(default: all).")] = None,
+    backbone: Annotated[str | None, typer.Option(help="streetclip, dinov2-l-reg, minilm, tiny-random or "
+                                                      "open_clip:ARCH/TAG (default: the store's, else minilm for "
+                                                      "text and dinov2-l-reg for images).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Local weights (file or folder) instead of the offline "
+                                                      "Hugging Face cache.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per model batch.", min=1)] = 64,
+    num_workers: Annotated[int | None, typer.Option(help="Decode worker processes (default min(4, CPUs); "
+                                                         "0 = in the main process).", min=0)] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[DtypeOpt, typer.Option(help="auto: bf16 where the device supports it.")] = DtypeOpt.auto,
+    shard_size: Annotated[int, typer.Option(help="Rows per shard file.", min=1)] = 50_000,
+    flush_minutes: Annotated[float, typer.Option(help="Also write a shard after this many minutes, so a kill "
+                                                      "loses little.", min=0.01)] = 5.0,
+    limit: Annotated[int | None, typer.Option(help="Embed a deterministic subsample of N dataset rows.",
+                                              min=1)] = None,
+    engine: Annotated[EngineOpt, typer.Option(help="local, or ray (needs the `ray` extra).")] = EngineOpt.local,
+    replicas: Annotated[int | None, typer.Option(help="Ray: model replicas (default: one per GPU).",
+                                                 min=1)] = None,
+    max_failure_rate: Annotated[float, typer.Option(help="Exit 1 if more than this fraction of items fail.",
+                                                    min=0.0, max=1.0)] = 0.05,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Embed a dataset with a frozen backbone into a feature store (incremental and resumable).
+
+    Only ids not yet in the store are embedded, so re-running after a crash or on a grown dataset does just
+    the missing work. Bad items (missing, truncated or corrupt files, invalid coordinates) are recorded in
+    the store's failures table and skipped.
+
+    Example:
+        geoloc embed demo-geonames --store features/demo --limit 20000
+        geoloc embed data_manifests/osv5m.toml --root /data/osv5m --split test --backbone streetclip --store features/osv5m
+        geoloc embed my-photos.toml --store features/mine --backbone open_clip:ViT-B-32/openai --weights vitb32.safetensors
+    """
+    from geoloc.pipeline.embed import EmbedConfig, run_embed
+
+    config = EmbedConfig(
+        manifest=manifest, store=store, root=root, splits=tuple(split) if split else None, backbone=backbone,
+        weights=weights, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype.value,
+        shard_size=shard_size, flush_interval_s=flush_minutes * 60.0, limit=limit, engine=engine.value,
+        max_failure_rate=max_failure_rate, progress=progress, replicas=replicas,
+    )
+    report = run_embed(config)
+    typer.echo(report.summary())
+    if not report.ok:
+        typer.echo(f"error: {report.failure_rate:.2%} of items failed (limit {max_failure_rate:.2%}); "
+                   f"see `geoloc store failures {store}`", err=True)
+        raise typer.Exit(1)

@@ -22,7 +22,9 @@ gazetteer_app = typer.Typer(
 
 CacheDirOpt = Annotated[
     Path | None,
-    typer.Option("--cache-dir", help="Folder of the cached table [default: ~/.cache/geoloc].", show_default=False),
+    typer.Option(
+        "--cache-dir", help="Folder of the cached table [default: ~/.cache/geoloc].", show_default=False
+    ),
 ]
 ResolutionOpt = Annotated[int, typer.Option("--resolution", "-r", help="Deepest H3 resolution of the table.")]
 
@@ -36,7 +38,9 @@ def register(app: typer.Typer) -> None:
 def build(
     cache_dir: CacheDirOpt = None,
     resolution: ResolutionOpt = 6,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even when a valid table is cached.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rebuild even when a valid table is cached.")
+    ] = False,
 ) -> None:
     """Build (or check) the cached H3 label table and print its size.
 

@@ -107,7 +107,7 @@ def _to_rgb(img: Any) -> Any:
         # 16/32-bit greyscale: PIL's convert("RGB") clips to 255 → a white image; scale to 8 bits instead.
         a = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if mode.startswith("I;16") else max(float(a.max()), 1.0)
-        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8))  # mode L
         return img.convert("RGB")
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info)
     if has_alpha:
@@ -387,13 +387,17 @@ def _missing(name: str, repo: str, weights: str | os.PathLike | None, files: str
         f"{cache}/snapshots/<rev>/ (with refs/main naming <rev>) or pass --weights DIR holding {files}")
 
 
-def _hf_revision(model: Any, weights: str | os.PathLike | None) -> Callable[[], str]:
-    commit = getattr(model.config, "_commit_hash", None)
+def _hf_revision(repo: str, weights: str | os.PathLike | None) -> Callable[[], str]:
+    """The snapshot commit when loaded from the hub cache, else the sha256 of the local weight files."""
 
     def compute() -> str:
-        if commit:
-            return str(commit)
-        if weights is not None:
+        if weights is None:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(repo, "config.json")
+            if isinstance(found, str):
+                return Path(found).parent.name  # .../snapshots/<commit>/config.json
+        else:
             files = _weight_files(Path(weights))
             if files:
                 return "sha256:" + _sha256_files(files)
@@ -432,7 +436,7 @@ def streetclip(weights: str | os.PathLike | None = None, *, config: Any = None) 
         revision: str | Callable[[], str] = "random-init"
     else:
         model = _load_hf(CLIPVisionModel, "streetclip", STREETCLIP_REPO, weights)
-        revision = _hf_revision(model, weights)
+        revision = _hf_revision(STREETCLIP_REPO, weights)
     size = int(model.config.image_size)
     pre = ClipPreprocess(size=size)
     return Backbone(
@@ -459,7 +463,7 @@ def dinov2_l_reg(weights: str | os.PathLike | None = None, *, config: Any = None
         revision: str | Callable[[], str] = "random-init"
     else:
         model = _load_hf(Dinov2WithRegistersModel, "dinov2-l-reg", DINOV2_REG_REPO, weights)
-        revision = _hf_revision(model, weights)
+        revision = _hf_revision(DINOV2_REG_REPO, weights)
     pre = SquareCropPreprocess(size=size)
     return Backbone(
         name="dinov2-l-reg", model=model, dim=model.config.hidden_size, kind="image",
