@@ -602,8 +602,9 @@ def run_embed(config: EmbedConfig, source: ItemSource | None = None) -> EmbedRep
     name = _choose_backbone(config, source)
     backbone = load_backbone(name, config.weights, config=config.backbone_config)
     if backbone.kind != source.kind_of_item:
-        raise ConfigError(f"backbone {name!r} encodes {backbone.kind}s but {source.name!r} holds "
-                          f"{source.kind_of_item}s; pick a {source.kind_of_item} backbone with --backbone")
+        want = source.kind_of_item
+        raise ConfigError(f"backbone {name!r} encodes {backbone.kind} but {source.name!r} holds {want} items; "
+                          f"pick {'an image' if want == 'image' else 'a text'} backbone with --backbone")
     device = _resolve_device(config.device)
     info = backbone.info()
     store_root = Path(config.store)

@@ -206,7 +206,6 @@ def test_rerun_on_a_grown_dataset_embeds_only_new_ids(tmp_path: Path) -> None:
     assert (third.embedded, third.already_in_store, third.rows_in_store) == (7, 10, 17)
     store = FeatureStore.open(tmp_path / "store")
     assert store.verify().ok and set(_stored(tmp_path / "store")) == grown.good
-    assert len(store.manifest["sources"]) == 2                     # the manifest hash changed once
 
 
 def test_worker_partitions_are_disjoint_and_complete(tmp_path: Path) -> None:
@@ -225,6 +224,7 @@ def test_worker_partitions_are_disjoint_and_complete(tmp_path: Path) -> None:
     assert "x" in skip and sum(f"id{i}" in skip for i in range(200)) in range(70, 131)
 
 
+@pytest.mark.slow
 def test_decode_workers_in_subprocesses(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path, n_good=16)
     report = run_embed(_config(ds, tmp_path / "store", num_workers=2, max_failure_rate=0.5))
@@ -261,7 +261,7 @@ def test_incompatible_store_and_bad_config_are_refused(tmp_path: Path) -> None:
                              image_size=32, patch_size=16)
     with pytest.raises(StoreError, match="different preprocessing"):
         run_embed(_config(ds, tmp_path / "store", backbone_config=other))
-    with pytest.raises(ConfigError, match="encodes images"):
+    with pytest.raises(ConfigError, match="holds image items; pick an image backbone"):
         run_embed(_config(ds, tmp_path / "s2", backbone="minilm"))
     with pytest.raises(ConfigError, match="shard_size"):
         run_embed(_config(ds, tmp_path / "s3", shard_size=0))
