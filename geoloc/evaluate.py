@@ -236,7 +236,7 @@ class GeolocatorPredictor:
             good = samples[ok]
             lp = None
             if self._estimator.log_prob == "required":
-                c = self.geo._cond(cond)[ok].repeat_interleave(self.config.n, dim=0)
+                c = cond.to(samples.device, torch.float32)[ok].repeat_interleave(self.config.n, dim=0)
                 lp = self.geo.log_prob(good.reshape(-1, 3), c).reshape(good.shape[:2])
             point = self._estimator(good, lp)
             out[ok.cpu().numpy()] = xyz_to_latlon(point).detach().to("cpu", torch.float64).numpy()
@@ -554,6 +554,7 @@ def evaluate(
         stores: feature store path(s); several stores are read one after the other (same backbone).
         gazetteer: a loaded :class:`~geoloc.gazetteer.Gazetteer` to reuse (else loaded when admin levels
             are scored).
+        progress: show progress bars on stderr.
     Raises:
         BackboneError: a model was trained on another backbone (name or dimension) than the store's.
         StoreError: the split is empty (the message lists the splits the store has).
@@ -800,7 +801,7 @@ def score_rows(
             if config.prdc:
                 values.update(_prdc_metrics(data.latlon, pred, config, notes, row.name))
             for k, v in values.items():
-                metrics.setdefault(k, []).append(float(v))
+                metrics.setdefault(k, []).append(v if isinstance(v, int) else float(v))
             scores.append(sc)
         nll = None if row.log_prob is None else nll_bits_per_dim(row.log_prob, dim=3)
         loc = None
@@ -896,5 +897,5 @@ def run_eval(
         written = report.write(out_dir, csv=csv, plots=plots)
         if log:
             for kind, path in written.items():
-                log(f"wrote {kind:<12} {path}")
+                log(f"wrote {kind:<15} {path}")
     return report

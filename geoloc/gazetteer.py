@@ -53,6 +53,8 @@ __all__ = [
     "LabelTable",
     "Places",
     "Resolution",
+    "h3_cells",
+    "load_or_build_table",
     "load_places",
     "rg_csv_path",
 ]
@@ -281,11 +283,11 @@ def _extent_deg(r: int, lat: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 
 # Safety margins, in degrees. The absolute one covers rounding of our own distance sums (≲1e-12 °). The
-# separation-scaled one keeps |q−p|² − |q−p0|² ≥ 2e-10 °² for every competitor p: the KD-tree compares squared
-# distances of up to ~1.6e5 °² with rounding ≲4e-11 °², so it can never prefer a differently-labelled place by
-# rounding alone.
+# separation-scaled one keeps |q−p|² − |q−p0|² ≥ 2e-9 °² for every competitor p (the squared-distance gap is
+# 2·t·|p − p0| at a distance t from their bisector): the KD-tree compares squared distances of up to
+# ~1.6e5 °² with rounding ≲6e-11 °² each, so it can never prefer a differently-labelled place by rounding alone.
 _ABS_MARGIN = 1e-9
-_SEP_MARGIN = 1e-10
+_SEP_MARGIN = 1e-9
 
 
 def _bisector_margin(separation: np.ndarray) -> np.ndarray:

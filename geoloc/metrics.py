@@ -197,13 +197,6 @@ def _is_missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _normalise_plonk(v) -> str:
-    """A GT value as the reference sees it: pandas' NA tokens (whole field) become NaN, then ``"NaN"``."""
-    if _is_missing(v) or str(v) in PANDAS_NA_STRINGS:
-        return "NaN"
-    return str(v)
-
-
 def _fields_fixed(v) -> list[str] | None:
     """A GT key split into fields, OSV's literal ``"NaN"`` field read back as the empty field it stands for."""
     if _is_missing(v) or str(v) in ("", "NaN", "nan"):
@@ -268,11 +261,11 @@ def gt_label_ids(
         for lv in levels:
             col = np.where(found >= 0, gazetteer.ids[lv][np.clip(found, 0, None)], -1).astype(np.int32)
             if compat == "plonk":
-                keys = gazetteer.keys[lv][np.clip(col, 0, None)]
-                unmatchable = gazetteer.places.has_empty_field(lv)[np.clip(found, 0, None)] | np.isin(
-                    keys, list(PANDAS_NA_STRINGS)
-                )
-                col[unmatchable] = -1
+                # OSV-5M's CSV, read by pandas, never holds a prediction key with an empty field (quirk A) or a
+                # key that is itself an NA token (Namibia's "NA", quirk C).
+                na_key = np.fromiter((k in PANDAS_NA_STRINGS for k in gazetteer.keys[lv].tolist()), bool)
+                place = np.clip(found, 0, None)
+                col[gazetteer.places.has_empty_field(lv)[place] | na_key[np.clip(col, 0, None)]] = -1
             ids[lv] = col
             counted[lv] = np.ones(len(gt), dtype=bool)
         return ids, counted
@@ -283,20 +276,33 @@ def gt_label_ids(
     if len(lengths) != 1:
         raise InputError(f"ground-truth label columns differ in length: {sorted(lengths)}")
     n = lengths.pop()
-    if compat == "plonk":
-        norm = {lv: [_normalise_plonk(v) for v in gt_keys[lv]] for lv in levels}
-    else:
-        fixed = _fixed_keys({lv: gt_keys[lv] for lv in gt_keys if lv in _N_FIELDS}, n)
-        norm = {lv: fixed[lv] for lv in levels}
+    cols = {lv: list(gt_keys[lv]) for lv in gt_keys if lv in _N_FIELDS}
     for lv in levels:
         index = gazetteer.key_index[lv]
-        ids[lv] = np.fromiter(
-            (index.get(v, -1) if v is not None else -1 for v in norm[lv]), np.int32, count=n
-        )
-        # Quirk B: the reference masks GT equal to "nan"; after pandas + fillna("NaN") nothing ever is.
-        counted[lv] = (
-            np.array([v != "nan" for v in norm[lv]], dtype=bool) if compat == "plonk" else np.ones(n, bool)
-        )
+        if compat == "plonk":
+            # pandas reads a whole field in its NA list as NaN and the loaders fill "NaN": never a prediction key.
+            ids[lv] = np.fromiter(
+                (
+                    index.get(v, -1) if isinstance(v, str) and v not in PANDAS_NA_STRINGS else -1
+                    for v in cols[lv]
+                ),
+                np.int32,
+                count=n,
+            )
+        else:
+            ids[lv] = np.fromiter(
+                (index.get(v, -1) if isinstance(v, str) else -1 for v in cols[lv]), np.int32, count=n
+            )
+        # Quirk B: the reference drops GT equal to "nan", but every NA token is "NaN" by then: nothing is dropped.
+        counted[lv] = np.ones(n, dtype=bool)
+    if compat == "fixed":
+        # Keys that are not prediction keys as they stand (missing, or OSV's "NaN" field): repair, then map.
+        todo = np.flatnonzero(np.any([ids[lv] < 0 for lv in levels], axis=0)) if levels else np.empty(0, int)
+        if todo.size:
+            fixed = _fixed_keys({lv: [c[i] for i in todo] for lv, c in cols.items()}, len(todo))
+            for lv in levels:
+                index = gazetteer.key_index[lv]
+                ids[lv][todo] = [index.get(v, -1) if v is not None else -1 for v in fixed[lv]]
     return ids, counted
 
 

@@ -307,6 +307,7 @@ class Backbone:
         licence: str,
         forward: Callable[[torch.nn.Module, Any], torch.Tensor],
         bf16_by: Literal["weights", "autocast"] = "weights",
+        cpu_bf16: bool = True,
     ) -> None:
         self.name = name
         self.model = model.eval().requires_grad_(False)
@@ -319,6 +320,7 @@ class Backbone:
         self._revision = revision
         self._forward = forward
         self._bf16_by = bf16_by
+        self._cpu_bf16 = cpu_bf16
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
@@ -334,9 +336,12 @@ class Backbone:
 
         bf16 is applied the way that is fast on each stack: open_clip weights are cast (autocast is slower
         than fp32 there, offline-stack §1), transformers models run under autocast on the CPU (SDPA benefits)
-        and with cast weights on a GPU.
+        and with cast weights on a GPU. ``auto`` keeps fp32 on the CPU for backbones where bf16 measured
+        slower there (MiniLM, the tiny test tower).
         """
         device = torch.device(device)
+        if dtype == "auto" and device.type == "cpu" and not self._cpu_bf16:
+            dtype = torch.float32  # measured slower in bf16 on CPU (small GEMMs, many distinct shapes)
         if isinstance(dtype, str):
             dtype = resolve_dtype(dtype, device)
         self.device, self.dtype = device, dtype
@@ -496,7 +501,7 @@ def tiny_random(weights: str | os.PathLike | None = None, *, config: Any = None)
         preprocessor=pre, collator=stack_images,
         preprocessing={**pre.describe(), "pooling": "last_hidden_state[:, 0]"},
         revision="random-init-seed0", licence="none (random weights)",
-        forward=_cls_token, bf16_by="autocast",
+        forward=_cls_token, bf16_by="autocast", cpu_bf16=False,
     )
 
 
@@ -539,7 +544,7 @@ def minilm(weights: str | os.PathLike | None = None, *, config: Any = None) -> B
         preprocessing={"tokenizer": "all-MiniLM-L6-v2 WordPiece", "max_length": max_length,
                        "pooling": "attention-masked mean of last_hidden_state", "normalize": "l2"},
         revision=revision, licence="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)",
-        forward=_mean_pool_normalised, bf16_by="autocast",
+        forward=_mean_pool_normalised, bf16_by="autocast", cpu_bf16=False,
     )
 
 

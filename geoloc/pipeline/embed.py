@@ -609,8 +609,11 @@ def run_embed(config: EmbedConfig, source: ItemSource | None = None) -> EmbedRep
     info = backbone.info()
     store_root = Path(config.store)
     _check_same_weights(store_root, info)
+    if config.engine == "local":
+        backbone.to(device, config.dtype)
     source_record = {"name": source.name, "kind": "embed", "manifest_sha256": source.sha256,
-                     "backbone_licence": backbone.licence, "dtype": config.dtype, "device": str(device)}
+                     "backbone_licence": backbone.licence, "engine": config.engine,
+                     "dtype": str(backbone.dtype).removeprefix("torch.") if config.engine == "local" else config.dtype}
     store = FeatureStore.create(store_root, info, label_columns=source.label_columns, source=source_record)
     known = store.id_index()
     already = len(known)
@@ -619,8 +622,6 @@ def run_embed(config: EmbedConfig, source: ItemSource | None = None) -> EmbedRep
     if total is not None:
         total = max(0, total - already)
 
-    if config.engine == "local":
-        backbone.to(device, config.dtype)
     job = EmbedJob(
         source=source, skip=skip, store=store, backbone_name=name, weights=config.weights,
         backbone_config=config.backbone_config, preprocessor=backbone.preprocessor,

@@ -129,3 +129,55 @@ def test_import_numpy_pair_with_metadata_and_labels_options(tmp_path):
     assert store.label_columns == ("unique_country", "city") and store.backbone.revision == "v2"
     rows = store.connect().sql("SELECT DISTINCT city, unique_country FROM features").fetchall()
     assert rows == [("Lyon", "FR")]
+
+
+def _write_source(kind: str, folder, n: int, dim: int):
+    """The same rows (80% train, 20% test) as a Parquet file, a NumPy pair, or OSV-5M-style tar shards."""
+    import tarfile
+
+    from tests.helpers import make_latlon, synthetic_embeddings
+
+    rng = np.random.default_rng(5)
+    latlon = make_latlon(n, rng)
+    emb = synthetic_embeddings(latlon, dim)
+    ids = [f"k{i}" for i in range(n)]
+    split = ["test" if i % 5 == 0 else "train" for i in range(n)]
+    meta = {"id": ids, "lat": latlon[:, 0], "lon": latlon[:, 1], "split": split}
+    if kind == "parquet":
+        pq.write_table(pa.table({**meta, "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)}),
+                       folder / "src.parquet")
+        return folder / "src.parquet"
+    if kind == "numpy":
+        np.save(folder / "src.npy", emb)
+        pq.write_table(pa.table(meta), folder / "src.parquet")
+        return folder / "src.npy"
+    with tarfile.open(folder / "src.tar", "w") as tf:
+        for i in range(n):
+            buf = io.BytesIO()
+            np.save(buf, emb[i])
+            js = json.dumps({"id": ids[i], "latitude": latlon[i, 0], "longitude": latlon[i, 1], "split": split[i],
+                             "unique_country": f"C{int(latlon[i, 1] + 180) // 40}"}).encode()
+            for ext, data in (("json", js), ("street_clip.npy", buf.getvalue())):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return folder / "src.tar"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["parquet", "numpy", "wds"])
+def test_import_then_train_then_eval(tmp_path, kind):
+    """Issue 4's round trip: an imported store is usable by `geoloc train` and `geoloc eval` as is."""
+    source = _write_source(kind, tmp_path, 300, 16)
+    store, run, ev = tmp_path / "store", tmp_path / "run", tmp_path / "eval"
+    r = _run("store", "import", source, "--store", store, "--backbone", "test", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert FeatureStore.open(store).rows_per_split() == {"test": 60, "train": 240}
+    r = _run("train", "--store", store, "--out", run, "--preset", "small", "--steps", "3", "--batch-size", "32",
+             "--device", "cpu", "--set", "model.dim=32", "--set", "model.depth=1")
+    assert r.exit_code == 0, r.output
+    r = _run("eval", "--store", store, "--checkpoint", run, "--out", ev, "--seeds", "0", "--steps", "4",
+             "--no-nll", "--no-prdc", "--no-plots", "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    report = json.loads((ev / "report.json").read_text())
+    assert report["n"] == 60 and report["rows"][0]["metrics"]["n_failed"]["mean"] == 0

@@ -1,0 +1,53 @@
+"""`geoloc train` end to end on a feature store: config, provenance, resume, fine-tuning, bad input."""
+
+import json
+
+from typer.testing import CliRunner
+
+from geoloc.checkpoint import read_config
+from geoloc.cli import app
+from tests.helpers import make_store
+
+runner = CliRunner()
+FAST = ["--set", "model.dim=32", "--set", "model.depth=2", "--batch-size", "64", "--dtype", "fp32",
+        "--set", "log_every=5", "--set", "eval_every=10", "--set", "val_samples=64"]
+
+
+def test_train_on_a_store_then_resume_and_finetune(tmp_path):
+    make_store(tmp_path / "store", 600, 16, shards=3)
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(out), "--steps", "10",
+                            "--val-split", "val", *FAST])
+    assert r.exit_code == 0, r.output
+    cfg = read_config(out)
+    assert cfg["step"] == 10 and cfg["cond_dim"] == 16
+    assert cfg["backbone"]["name"] == "test" and cfg["data"]["rows"] > 0
+    assert cfg["train"]["data"]["stores"] == [str(tmp_path / "store")]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_geoscore" in rec for rec in logged)
+    # resume to more steps
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(out), "--steps", "15", *FAST])
+    assert r.exit_code == 0, r.output
+    assert read_config(out)["step"] == 15
+    # fine-tune a filtered subset from the checkpoint
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "ft"), "--steps", "5",
+                            "--init-from", str(out), "--where", "unique_country IS NOT NULL", *FAST])
+    assert r.exit_code == 0, r.output
+    assert read_config(tmp_path / "ft")["init_from"] == str(out)
+
+
+def test_train_errors_are_one_line(tmp_path):
+    make_store(tmp_path / "store", 200, 16, shards=1)
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *FAST])
+    assert r.exit_code != 0
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "o"),
+                            "--set", "optim.lrr=1", *FAST])
+    assert r.exit_code != 0 and "did you mean `optim.lr`" in str(r.exception)
+    # a checkpoint with another condition width cannot initialise this run
+    make_store(tmp_path / "wide", 200, 24, shards=1)
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "wide"), "--out", str(tmp_path / "w"), "--steps", "2",
+                            *FAST])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "x"), "--steps", "2",
+                            "--init-from", str(tmp_path / "w"), *FAST])
+    assert r.exit_code != 0 and "24" in str(r.exception) and "16" in str(r.exception)
