@@ -7,13 +7,16 @@ CPU. The density of a geolocation model is concentrated: most of the sphere has 
 centres of a coarse equal-area grid (H3 resolution ``start_resolution``; 842 cells at resolution 1) and then,
 level by level, replaces a cell by its seven H3 children only where that can change the picture:
 
-- the cell is among those holding the top ``mass_fraction`` of the mass, or it contains one of a few model
-  samples (so a small, sharp mode that fell between coarse centres is still found), and
-- its log-density differs from a same-resolution neighbour's by more than ``tolerance`` nats (a smooth
-  region is already resolved: refining it would not change its mass);
-- a refined cell's neighbours that are nearly as dense (within ``guard`` nats) are refined too, because a
-  cell's children do not tile it exactly (H3 is aperture 7) and a mode near its edge could otherwise fall
-  into a coarse neighbour.
+- it is among the cells with the largest estimated quadrature errors, as many as it takes to leave at most
+  ``tolerance`` (a fraction of the mass) unrefined. For a cell whose log-density changes by s nats to a
+  same-resolution neighbour, p(centre)·area is off by about mass·(sinh(s/2)/(s/2) − 1) ≈ mass·s²/24. This is
+  "refine where the mass is" made precise: heavy cells and steep cells are refined; flat regions, whatever
+  their mass, and the negligible tails are not;
+- or it contains one of a few model samples and is not flat: a small, sharp mode that fell between coarse
+  centres has a tiny estimated mass, but samples land in it;
+- and a refined cell's neighbours that are nearly as dense (within ``guard`` nats) are refined with it,
+  because a cell's children do not tile it exactly (H3 is aperture 7): a mode near its edge could
+  otherwise fall into a coarse neighbour.
 
 Each level costs ~7 evaluations per refined cell, so a sharp unimodal map costs about 842 + 50 per level
 evaluations instead of millions. The result is a set of mixed-resolution cells that covers the sphere (up to
@@ -57,20 +60,19 @@ class DensityConfig:
 
     ``start_resolution``: H3 resolution of the first, global grid (0: 122 cells, 1: 842, 2: 5,882).
     ``levels``: refinement levels after it (the finest cells are ``start_resolution + levels``; resolution 6
-    cells are ~3.7 km across). ``mass_fraction``: refine among the cells holding this share of the mass.
-    ``tolerance``: nats; a cell within this of all its same-resolution neighbours is resolved.
+    cells are ~7 km across). ``tolerance``: at each level, refine the cells with the largest estimated
+    quadrature errors until the errors left add up to at most this fraction of the mass.
     ``guard``: nats; neighbours of a refined cell that are at most this much less dense are refined too.
-    ``max_refine``: at most this many cells refined per item and level (the heaviest first).
+    ``max_refine``: at most this many cells refined per item and level (the largest errors first).
     ``seed_samples``: model draws per item whose cells are always candidates (0: none; ignored when seeds
     are passed in). ``likelihood``: the ODE settings (None: the geolocator's own).
     """
 
     start_resolution: int = 1
     levels: int = 5
-    mass_fraction: float = 0.95
-    tolerance: float = 0.25
+    tolerance: float = 0.005
     guard: float = 3.0
-    max_refine: int = 128
+    max_refine: int = 256
     seed_samples: int = 64
     likelihood: LikelihoodConfig | None = None
 
@@ -79,8 +81,6 @@ class DensityConfig:
             raise ConfigError(f"start_resolution must be in 0..15, got {self.start_resolution}")
         if self.levels < 0 or self.start_resolution + self.levels > _MAX_H3_RES:
             raise ConfigError(f"levels must be >= 0 with start_resolution + levels <= 15, got {self.levels}")
-        if not 0.0 < self.mass_fraction <= 1.0:
-            raise ConfigError(f"mass_fraction must be in (0, 1], got {self.mass_fraction}")
         if self.tolerance < 0 or self.guard < 0 or self.max_refine < 0 or self.seed_samples < 0:
             raise ConfigError("tolerance, guard, max_refine and seed_samples must be >= 0")
 
@@ -220,7 +220,12 @@ def _select(tree: _Tree, res: int, seeds: np.ndarray | None, cfg: DensityConfig)
         diffs = [abs(lds[i] - v) for v in nbs if math.isfinite(v) or math.isfinite(lds[i])]
         spread[i] = max(diffs) if diffs else math.inf
     error = mass * _relative_error(spread)
-    want = error > cfg.tolerance
+    # The smallest set of cells, largest errors first, whose refinement leaves at most `tolerance` behind.
+    order = np.argsort(-error, kind="stable")
+    left = error.sum() - np.cumsum(error[order])
+    n_refine = int(np.searchsorted(-left, -cfg.tolerance, side="left") + 1) if error.sum() > cfg.tolerance else 0
+    want = np.zeros(len(cells), dtype=bool)
+    want[order[:n_refine]] = True
     if seeds is not None and len(seeds):
         index = {c: i for i, c in enumerate(cells)}
         for lat, lon in seeds:

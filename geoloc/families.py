@@ -26,6 +26,7 @@ replaced by zeros with probability ``cond_drop`` for guidance.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -275,7 +276,7 @@ class OdeFamily(Family):
         sigma = torch.cat([sigma[sigma < sigma_end], sigma.new_tensor([sigma_end])])
         tau = torch.asinh(sigma)
         pieces = [tau[:1]]
-        for a, b in zip(tau[:-1], tau[1:], strict=True):
+        for a, b in itertools.pairwise(tau):
             k = max(1, math.ceil(float(b - a) / 0.35))
             pieces.append(torch.linspace(float(a), float(b), k + 1, dtype=tau.dtype)[1:])
         tau_grid = torch.cat(pieces)

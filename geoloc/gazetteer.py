@@ -68,7 +68,7 @@ RG_CSV_SHA256 = "1de56dc32b0308c6094d5d833441c8ca25827f24e9a6a4cc144223ab5f9b65b
 DEFAULT_RESOLUTION = 6
 ROOT_RESOLUTION = 3
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "geoloc"
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
 
 # Levels stored in the table: the published four plus the place itself (the nearest place's index).
 _TABLE_LEVELS: tuple[str, ...] = (*LEVELS, "place")
@@ -373,7 +373,7 @@ class LabelTable:
         nodes: one record per node: centre (float32 lat, lon), nearest place ``p0`` and squared certificate
             radii ``s2`` per table level (country, region, sub-region, city, place); -1 = never.
         child: index of a node's first child (its 7 children are consecutive, by H3 digit), -1 for a leaf.
-        place_reach2: ``(P + 1, levels)`` squared per-place reach (row P: a sentinel that never passes).
+        place_reach2: ``(levels, P + 1)`` squared per-place reach (column P: a sentinel that never passes).
         resolution: the deepest H3 resolution; ``root_resolution`` the dense root's.
     """
 
@@ -434,16 +434,16 @@ class LabelTable:
             per_res[r] = {"nodes": int(n), "refined": int((child >= 0).sum())}
             total += n
         reach = _place_reach(tree, coords[:-1], ids)
-        reach2 = np.vstack(
+        reach2 = np.hstack(
             [
-                _round_down_f32(np.where(reach > 0, reach * reach, -1.0)),
-                np.full((1, len(_TABLE_LEVELS)), -1.0, np.float32),
+                _round_down_f32(np.where(reach > 0, reach * reach, -1.0)).T,
+                np.full((len(_TABLE_LEVELS), 1), -1.0, np.float32),
             ]
         )
         table = cls(
             nodes=np.concatenate(node_parts),
             child=np.concatenate(child_parts),
-            place_reach2=reach2.astype(np.float32),
+            place_reach2=np.ascontiguousarray(reach2, dtype=np.float32),
             resolution=resolution,
             root_resolution=ROOT_RESOLUTION,
             csv_sha256=places.sha256,
@@ -514,7 +514,7 @@ class LabelTable:
             raise StoreError(
                 f"{path}: table built for other data or settings; rebuild it: geoloc gazetteer build --force"
             )
-        if nodes.dtype != _NODE_DTYPE or len(child) != len(nodes) or reach2.shape[1] != len(_TABLE_LEVELS):
+        if nodes.dtype != _NODE_DTYPE or len(child) != len(nodes) or reach2.shape[0] != len(_TABLE_LEVELS):
             raise StoreError(f"{path}: malformed gazetteer table; rebuild it: geoloc gazetteer build --force")
         return cls(
             nodes=nodes,
@@ -545,14 +545,23 @@ class LabelTable:
                 break
             node[active] = nxt[inner] + _digit(cells[active], r + 1)
         rec = self.nodes[node]
-        lv = list(levels)
-        d2 = (latlon[:, 0] - rec["lat"]) ** 2 + (latlon[:, 1] - rec["lon"]) ** 2
-        ok = d2[:, None] < rec["s2"][:, lv]
-        p0 = rec["p0"].astype(np.int64)
-        pc = coords[p0]
-        dq2 = (latlon[:, 0] - pc[:, 0]) ** 2 + (latlon[:, 1] - pc[:, 1]) ** 2
-        ok |= (4.0 * dq2)[:, None] < self.place_reach2[p0][:, lv]
-        return np.where(ok, p0[:, None], -1)
+        dlat = latlon[:, 0] - rec["lat"]
+        dlon = latlon[:, 1] - rec["lon"]
+        d2 = dlat * dlat
+        d2 += dlon * dlon
+        p0 = rec["p0"]
+        place = coords[p0]
+        dlat = latlon[:, 0] - place[:, 0]
+        dlon = latlon[:, 1] - place[:, 1]
+        dq2 = dlat * dlat
+        dq2 += dlon * dlon
+        dq2 *= 4.0  # the place test compares (2|q − p0|)² with the squared reach
+        s2 = rec["s2"]
+        out = np.empty((len(latlon), len(levels)), dtype=np.int64)
+        for j, lv in enumerate(levels):
+            ok = (d2 < s2[:, lv]) | (dq2 < self.place_reach2[lv][p0])
+            out[:, j] = np.where(ok, p0, -1)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from geoloc.errors import InputError, StoreError
 from geoloc.gazetteer import (
     LEVELS,
     RG_CSV_SHA256,
+    TABLE_FORMAT,
     Gazetteer,
     LabelTable,
     _children,
@@ -184,7 +185,7 @@ def test_invalid_and_out_of_box_points(gaz):
 
 def test_cache_is_reused_and_rebuilt_when_stale(gaz, cache_dir, tmp_path):
     path = LabelTable.cache_path(cache_dir, TEST_RES)
-    assert path.name == f"gazetteer-{RG_CSV_SHA256[:16]}-r{TEST_RES}-v1.npz"
+    assert path.name == f"gazetteer-{RG_CSV_SHA256[:16]}-r{TEST_RES}-v{TABLE_FORMAT}.npz"
     table, again, built = load_or_build_table(gaz, cache_dir, TEST_RES)
     assert not built and again == path
     assert table.nodes.tobytes() == gaz.table.nodes.tobytes()  # NaN centres of unused slots: compare bytes
@@ -250,3 +251,28 @@ def test_cli_lookup_and_build(cache_dir):
     )
     assert out.exit_code == 0, out.output
     assert out.output.startswith("cached")
+
+
+@pytest.mark.slow
+def test_default_resolution_table_agrees(tmp_path_factory):
+    """The shipped configuration (resolution 6, ≈40 s to build) on every kind of point."""
+    gaz6 = Gazetteer.load(cache_dir=tmp_path_factory.mktemp("res6"))
+    assert gaz6.table.resolution == 6
+    rng = np.random.default_rng(6)
+    coords = gaz6.places.latlon
+    gt = _jitter(rng, coords[rng.integers(0, len(coords), 100_000)], 3.0)
+    pts = np.vstack(
+        [
+            _uniform(rng, 100_000),
+            gt,
+            _jitter(rng, gt, 500.0),
+            coords,
+            *(_boundary_points(rng, gaz6, lv, 2000) for lv in LEVELS),
+            np.c_[
+                rng.uniform(-70, 75, 20_000),
+                rng.choice([-180.0, 180.0], 20_000) + rng.normal(0, 0.01, 20_000),
+            ],
+        ]
+    )
+    pts[:, 1] = np.clip(pts[:, 1], -180, 180)
+    _assert_same_labels(gaz6, pts)

@@ -10,7 +10,7 @@ import torch
 
 from geoloc.batches import InMemoryBatches
 from geoloc.checkpoint import load_weights, read_config
-from geoloc.config import DataConfig, FamilyConfig, LikelihoodConfig, ModelConfig, OptimConfig
+from geoloc.config import DataConfig, FamilyConfig, LikelihoodConfig, ModelConfig
 from geoloc.errors import TrainingError
 from geoloc.estimators import top_k_modes
 from geoloc.geolocator import Geolocator
@@ -135,7 +135,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
                 yield c, x
 
     cfg = dataclasses.replace(small("rfm-s2", 50, dim=32, depth=2, batch=64), ckpt_every=10)
-    with pytest.raises(TrainingError, match="non-finite loss .* at step 12"):
+    with pytest.raises(TrainingError, match=r"non-finite loss .* at step 12"):
         train(cfg, Poisoned(cond, xyz, 64), tmp_path, 8, progress=False)
     assert read_config(tmp_path)["step"] == 10
     assert all(torch.isfinite(v).all() for v in load_weights(tmp_path).values())

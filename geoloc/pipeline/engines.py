@@ -223,7 +223,9 @@ def run_ray(job: Job, opts: EngineOptions) -> None:
         replicas = opts.replicas or max(1, gpus)
         parts = opts.read_parts or cpus
         per_replica = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        ds = ray.data.range(parts, override_num_blocks=parts)
+        # from_items: the partition numbers are created on the driver, so no read task has to claim a CPU
+        # that the actor pools below may already hold (on a 2-CPU node that deadlocks).
+        ds = ray.data.from_items([{"id": k} for k in range(parts)], override_num_blocks=parts)
         ds = ds.flat_map(_RayRead(job, parts), num_cpus=0.5)
         ds = ds.map_batches(_RayPrepare(job), batch_size=opts.batch_size, num_cpus=0.5)
         ds = ds.map_batches(_RayMap, fn_constructor_args=(job,), batch_size=opts.batch_size,
