@@ -14,16 +14,15 @@ py := venv / "bin/python"
 default:
     @just --list
 
-# Create .venv and install geoloc with its dev extras (quick when already done).
+# Create .venv and install geoloc with its dev and ray extras (quick when already done).
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
-    stamp="{{venv}}/.geoloc-setup-$(sha256sum pyproject.toml | cut -c1-16)"
+    stamp="{{venv}}/.geoloc-setup-$(cat pyproject.toml justfile | sha256sum | cut -c1-16)"
     if [ -f "$stamp" ] && {{py}} -c "import geoloc" 2>/dev/null; then exit 0; fi
     [ -x "{{py}}" ] || python3 -m venv {{venv}}
     # No torch pin: pip resolves the torch/torchvision pair from the local wheel store.
-    {{py}} -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    {{py}} -m pip install -q -e ".[dev]"
+    {{py}} -m pip install -q -e ".[dev,ray]"
     {{py}} -c "import torchvision, open_clip, geoloc; print('geoloc', geoloc.__version__, 'ready')"
     rm -f {{venv}}/.geoloc-setup-*; touch "$stamp"
 

@@ -21,7 +21,9 @@ Prints ONE JSON object (progress goes to stderr). Sections (``--sections``, all 
   samples, and the model NLL (bits/dim) from the likelihood with the same solver, vs dopri5. Whether the
   goal (Euler-250 quality at ≤ 32 network evaluations) is met, with the criteria in the output.
 
-Timings are medians of interleaved repeats (the machine may be shared; ``loadavg`` is recorded).
+Timings are medians of interleaved repeats (the machine may be shared; ``loadavg`` is recorded). Torch runs
+with ONE thread unless ``--threads`` says otherwise: on the shared 2-core development machine, two threads
+made every op 2-4x slower (OpenMP threads wait on a core another process holds).
 ``--cache-dir DIR`` keeps the synthetic models between runs (else they are trained in a temp dir).
 
     python bench/bench_core.py                 # ≈ 8 min on a 2-core CPU
@@ -58,7 +60,7 @@ from geoloc.geolocator import Geolocator  # noqa: E402
 from geoloc.metrics import geoscore  # noqa: E402
 from geoloc.presets import get_preset  # noqa: E402
 from geoloc.solvers import _field_and_divergence, homogeneous_tangent  # noqa: E402
-from geoloc.sphere import EARTH_RADIUS_KM, angle, proj_tangent, project, sample_uniform  # noqa: E402
+from geoloc.sphere import EARTH_RADIUS_KM, angle, project, sample_uniform  # noqa: E402
 from geoloc.train import _make_optimizer, _step_generator, lr_at, train  # noqa: E402
 from tests.synthetic import VmfMixtureTask  # noqa: E402
 
@@ -129,7 +131,7 @@ def r(x: float, digits: int = 4) -> float:
     """Round to ``digits`` significant digits (JSON readability)."""
     if x == 0 or not math.isfinite(x):
         return x
-    return round(x, max(0, digits - 1 - int(math.floor(math.log10(abs(x))))))
+    return round(x, max(0, digits - 1 - math.floor(math.log10(abs(x)))))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -179,12 +181,17 @@ def bench_train(sz: Sizes) -> dict:
         "bf16_speedup": r(t["fp32"] / t["bf16"], 3),
     }
     # Optimiser step alone on the fp32 network's gradients: AdamW (foreach) vs LAMB (the paper presets').
+    # PROPOSED: AdamW(fused=True) (torch >= 2.4 has a fused CPU kernel), same parameter groups as the trainer.
     adamw = _make_optimizer(net32, paper_optim)
     lamb = _make_optimizer(net32, dataclasses.replace(paper_optim, name="lamb"))
-    ts = interleaved({"adamw": adamw.step, "lamb": lamb.step}, max(2, sz.train_repeats))
+    fused = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in adamw.param_groups],
+                              lr=paper_optim.lr, betas=paper_optim.betas, fused=True)
+    ts = interleaved({"adamw": adamw.step, "lamb": lamb.step, "adamw_fused_proposed": fused.step},
+                     max(2, sz.train_repeats))
     out["paper"]["optimizer_step_s"] = {k: r(v, 3) for k, v in ts.items()}
-    out["paper"]["lamb_step_vs_fp32_train_step"] = r(ts["lamb"] / t["fp32"], 3)
-    del f32, b16, net32, adamw, lamb
+    out["paper"]["lamb_step_share_of_train_step"] = {"fp32": r(ts["lamb"] / (t["fp32"] - ts["adamw"] + ts["lamb"]), 3),
+                                                     "bf16": r(ts["lamb"] / (t["bf16"] - ts["adamw"] + ts["lamb"]), 3)}
+    del f32, b16, net32, adamw, lamb, fused
 
     small = get_preset("small")
     cond_dim = 384
@@ -210,6 +217,9 @@ def paper_network(cond_dim: int = PAPER_COND) -> torch.nn.Module:
     net = make_family(FamilyConfig(name="rfm-s2")).build_network(PAPER, cond_dim).eval()
     for p in net.parameters():
         p.requires_grad_(False)
+    for mod in net.modules():  # the zero-initialised block outputs, so equality checks are not trivial
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
+            torch.nn.init.normal_(mod.weight, std=0.02)
     return net
 
 
@@ -219,6 +229,37 @@ def conditioning_share(net: torch.nn.Module) -> float:
     cond_only = sum(p.numel() for n, p in net.named_parameters() if n.endswith("weight") and (
         ".ada_map." in n or n.startswith(("final_adaln.", "cond_mapper.", "time_embedder."))))
     return cond_only / total
+
+
+def shared_forward(net: torch.nn.Module, x: torch.Tensor, s: torch.Tensor, cond_u: torch.Tensor) -> torch.Tensor:
+    """PROPOSED: GeoAdaLNMLP's forward for n points per condition, with the conditioning computed once per condition.
+
+    ``x (U·n, 3)`` grouped by condition, ``s`` one signal level (a sampling / likelihood step), ``cond_u (U, D)``.
+    cond_mapper, the time embedding, every block's ada_map and the final AdaLN only see (cond, s): ~30% of the
+    multiply-adds at 512 × 12 / cond 1024, which today run once per point.
+    """
+    u = cond_u.shape[0]
+    c = net.cond_mapper(cond_u) + net.time_embedder(s.expand(u))
+    h = net.initial_mapper(x).view(u, x.shape[0] // u, -1)
+    for blk in net.blocks:
+        scale, shift, gate = blk.ada_map(c).unsqueeze(1).chunk(3, dim=-1)
+        h = h + gate * blk.mlp((1 + scale) * blk.norm(h) + shift)
+    scale, shift = net.final_adaln(c).unsqueeze(1).chunk(2, dim=-1)
+    return net.final_linear((1 + scale) * net.final_norm(h) + shift).reshape(x.shape[0], -1)
+
+
+def shared_conditioning(net: torch.nn.Module, rows: int, repeats: int, per_cond: int = 64) -> dict:
+    """Forward time of ``rows`` points, ``per_cond`` per condition: today's forward vs :func:`shared_forward`."""
+    g = torch.Generator().manual_seed(5)
+    u = max(1, rows // per_cond)
+    cond_u, x, s = torch.randn(u, PAPER_COND, generator=g), sample_uniform(u * per_cond, g), torch.tensor(0.4)
+    flat = cond_u.repeat_interleave(per_cond, dim=0)
+    with torch.no_grad():
+        t = interleaved({"today": lambda: net(x, s.expand(len(x)), flat),
+                         "shared": lambda: shared_forward(net, x, s, cond_u)}, repeats)
+        diff = float((net(x, s.expand(len(x)), flat) - shared_forward(net, x, s, cond_u)).abs().max())
+    return {"points": u * per_cond, "points_per_condition": per_cond, "forward_s": r(t["today"], 3),
+            "shared_forward_s": r(t["shared"], 3), "speedup": r(t["today"] / t["shared"], 3), "max_abs_diff": diff}
 
 
 def bench_sample(sz: Sizes, net: torch.nn.Module) -> dict:
@@ -262,6 +303,7 @@ def bench_sample(sz: Sizes, net: torch.nn.Module) -> dict:
             "step_vs_forward": r(per_step / floor, 3),
             "points_per_s": {str(n): r(b / (n * per_step), 3) for n in NFES},
         }
+    out["proposed_shared_conditioning"] = shared_conditioning(net, b, sz.sample_repeats)
     log("sample: check the projection with a real 16-step rfm-s2 run")
     real = timed(lambda: fams["rfm-s2"].sample(net, cond, 1, SampleConfig(steps=16), torch.Generator().manual_seed(1)))
     projected = out["rfm-s2"]["omega_0"]["points_per_s"]["16"]
@@ -435,6 +477,17 @@ def dist_km(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return angle(a.double(), b.double()) * EARTH_RADIUS_KM
 
 
+def bits(lp: torch.Tensor) -> torch.Tensor:
+    """Per-item NLL in bits/dim from natural-log densities."""
+    return -lp.double() / (3 * LN2)
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of a − b and its standard error (a, b per-item values of the same items, same initial noise)."""
+    d = (a - b).double()
+    return float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+
+
 def bench_quality_family(sz: Sizes, geo: Geolocator, name: str, ref_lp: dict | None) -> dict:
     task = VmfMixtureTask.default()
     cond, xyz, cls = test_set(sz)  # its first rows are the likelihood section's points
@@ -449,21 +502,27 @@ def bench_quality_family(sz: Sizes, geo: Geolocator, name: str, ref_lp: dict | N
         ref_solver = f"dopri5 rtol=atol={sz.other_ref_tol:g}"
     ref_nll = float(-ref.mean()) / (3 * LN2)
     fresh = true_draws(cls, seed=11)
-    floor = energy_distance(true_draws(cls, seed=12), fresh, cls)
+    # Spread of the energy-distance estimate between two independent true sets of this size.
+    ed_sd = statistics.stdev(energy_distance(true_draws(cls, seed=20 + 2 * i), true_draws(cls, seed=21 + 2 * i), cls)
+                             for i in range(8))
+    # A sample is an outlier if the true density there is below the 1% quantile of true draws' densities.
+    big = cls.repeat(10)
+    low = float(torch.quantile(task.log_prob(true_draws(big, seed=13), big).double(), 0.01))
     centre = task.centres[cls, task.log_w[cls].argmax(-1)]
     out: dict = {
         "points": len(xyz), "nll_points": m,
         "reference_context": {
             "true_nll_bits_per_dim": r(task.nll_bits_per_dim(lxyz, cls[:m]), 4),
-            "true_samples_nll_bits_per_dim": r(task.nll_bits_per_dim(fresh, cls), 4),
+            "true_draws_true_nll_bits_per_dim": r(task.nll_bits_per_dim(fresh, cls), 4),
+            "true_draws_outlier_rate": r(float((task.log_prob(fresh, cls) < low).double().mean()), 3),
             "geoscore_of_a_true_draw": r(float(geoscore(dist_km(fresh, xyz).numpy()).mean()), 4),
             "geoscore_of_heaviest_mode_centre": r(float(geoscore(dist_km(centre, xyz).numpy()).mean()), 4),
-            "energy_distance_noise_floor": r(floor, 3),
+            "energy_distance_noise_sd": r(ed_sd, 3),
             "model_nll_reference": {"solver": ref_solver, "bits_per_dim": r(ref_nll, 4)},
         },
         "rows": [],
     }
-    base_gs = None
+    base: dict = {}
     for method, steps in SETTINGS:
         nfe = steps * STAGES[method]
         row: dict = {"method": method, "steps": steps, "nfe": nfe}
@@ -477,14 +536,16 @@ def bench_quality_family(sz: Sizes, geo: Geolocator, name: str, ref_lp: dict | N
             row["sample_s"] = r(time.perf_counter() - t, 3)
             km = dist_km(guided, xyz)
             gs = torch.from_numpy(geoscore(km.numpy()))
-            if base_gs is None:
-                base_gs = gs
-            diff = gs - base_gs
+            free_lp = task.log_prob(free, cls)
+            base = base or {"gs": gs, "nll": bits(free_lp)}
+            gs_d, gs_se = paired(gs, base["gs"])
+            nll_d, nll_se = paired(bits(free_lp), base["nll"])
             row.update({
                 "geoscore": r(float(gs.mean()), 4), "mean_km": r(float(km.mean()), 4),
-                "geoscore_diff_vs_euler250": r(float(diff.mean()), 3),
-                "geoscore_diff_se": r(float(diff.std() / math.sqrt(len(diff))), 3) if len(diff) > 1 else 0.0,
-                "unguided_true_nll_bits_per_dim": r(task.nll_bits_per_dim(free, cls), 4),
+                "geoscore_diff_vs_euler250": r(gs_d, 3), "geoscore_diff_se": r(gs_se, 3),
+                "unguided_true_nll_bits_per_dim": r(float(bits(free_lp).mean()), 4),
+                "unguided_true_nll_diff_vs_euler250": r(nll_d, 3), "unguided_true_nll_diff_se": r(nll_se, 3),
+                "unguided_outlier_rate": r(float((free_lp < low).double().mean()), 3),
                 "unguided_energy_distance": r(energy_distance(free, fresh, cls), 3),
             })
         except ConfigError:
@@ -495,35 +556,41 @@ def bench_quality_family(sz: Sizes, geo: Geolocator, name: str, ref_lp: dict | N
                     "likelihood_mean_abs_err_bits_per_dim": r(float((lp - ref).abs().mean()) / (3 * LN2), 3),
                     "likelihood_nfe": lnfe, "likelihood_s": r(sec, 3)})
         out["rows"].append(row)
-    out["goal"] = goal_check(out["rows"], floor)
+    out["goal"] = goal_check(out["rows"], ed_sd)
     return out
 
 
 GOAL_CRITERIA = {
-    "geoscore": "mean GeoScore (ω=2 single draw, paired: same initial noise) not below Euler-250 by more than "
-                "2 standard errors of the paired difference",
-    "distribution": "energy distance of unguided samples to true draws ≤ Euler-250's + the noise floor (the "
-                    "energy distance between two independent true sample sets of the same size)",
-    "nll": "|model NLL with this fixed-step solver − dopri5 NLL| ≤ 0.01 bits/dim",
+    "sampling": "GeoScore of the guided draw (ω=2) not below Euler-250's by more than 2 standard errors of the "
+                "paired difference (same initial noise), AND unguided samples not worse than Euler-250's by "
+                "more than 2 paired standard errors in true-density NLL, AND energy distance to true draws ≤ "
+                "Euler-250's + 2 sd of the estimator (sd from 8 pairs of independent true sets)",
+    "likelihood": "|model NLL with this fixed-step solver − dopri5 NLL| ≤ max(Euler-250's error, 0.01 bits/dim)",
+    "met": "some setting of ≤ 32 NFE meets the sampling criteria and some (possibly other) one the likelihood "
+           "criterion (sampling and likelihood are separate calls with their own solver settings)",
 }
 
 
-def goal_check(rows: list[dict], floor: float) -> dict:
+def goal_check(rows: list[dict], ed_sd: float) -> dict:
     base = rows[0]
-    met = []
-    per = {}
+    tol = max(abs(base["model_nll_minus_dopri5_bits_per_dim"]), 0.01)
+    sampling, likelihood, per = [], [], {}
     for row in rows[1:]:
         if row["nfe"] > 32:
             continue
         key = f"{row['method']}-{row['steps']}"
-        checks = {"nll": abs(row["model_nll_minus_dopri5_bits_per_dim"]) <= 0.01}
+        checks = {"likelihood": abs(row["model_nll_minus_dopri5_bits_per_dim"]) <= tol}
+        if checks["likelihood"]:
+            likelihood.append(key)
         if "geoscore" in row and "geoscore" in base:
             checks["geoscore"] = row["geoscore_diff_vs_euler250"] >= -2 * row["geoscore_diff_se"]
-            checks["distribution"] = row["unguided_energy_distance"] <= base["unguided_energy_distance"] + floor
+            checks["unguided_nll"] = row["unguided_true_nll_diff_vs_euler250"] <= 2 * row["unguided_true_nll_diff_se"]
+            checks["energy_distance"] = row["unguided_energy_distance"] <= base["unguided_energy_distance"] + 2 * ed_sd
+            if checks["geoscore"] and checks["unguided_nll"] and checks["energy_distance"]:
+                sampling.append(key)
         per[key] = checks
-        if len(checks) == 3 and all(checks.values()):
-            met.append(key)
-    return {"settings_meeting_goal": met, "met": bool(met), "checks": per}
+    return {"sampling_met_by": sampling, "likelihood_met_by": likelihood, "likelihood_tolerance_bits_per_dim":
+            r(tol, 3), "met": bool(sampling and likelihood), "checks": per}
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -533,7 +600,9 @@ def main() -> None:
     ap.add_argument("--sections", default="train,sample,likelihood,quality")
     ap.add_argument("--families", default="rfm-s2,flow-r3,diffusion-r3", help="families of the quality table")
     ap.add_argument("--cache-dir", type=Path, help="keep/reuse the synthetic models here")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared 2-core machine 2 threads ran 2-4x SLOWER; 0 = torch's "
+                         "default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,8 +5,8 @@ side by side on the same synthetic JPEGs:
 
 - ``decode_only``: DataLoader workers decoding + preprocessing with no model — the ceiling of the job;
 - ``model_only``: the backbone on already-preprocessed batches in the main process;
-- ``embed``: the real job end to end (``run_embed``: workers, model, shard writes, commits; includes model
-  load and worker start-up, reported separately as ``embed_startup_s``).
+- ``embed``: the real job (``run_embed``: workers, model, shard writes, commits), end to end and after its
+  start-up (model load, worker spawn), as the job's own report measures it.
 
 It also measures the store's streaming read rate: rows/s reading shards back with pyarrow
 (``ParquetFile.iter_batches`` → zero-copy float16 numpy), on a synthetic store. Prints one JSON object.
@@ -97,18 +97,20 @@ def decode_only(manifest: Path, backbone, workers: int, batch_size: int) -> dict
                         worker_init_fn=_worker_init if workers else None,
                         prefetch_factor=4 if workers else None,
                         multiprocessing_context="spawn" if workers else None)
+    # Steady state: timed from the first batch of the *last* worker to start (batches come round-robin),
+    # so worker start-up (spawn + imports) is reported apart.
     t0 = time.perf_counter()
     first = None
-    n = n_after_first = 0
-    for batch in loader:
-        if first is None:
+    n = n_after = 0
+    for k, batch in enumerate(loader):
+        if k == max(workers - 1, 0):
             first = time.perf_counter()
-        else:
-            n_after_first += len(batch)
+        elif first is not None:
+            n_after += len(batch)
         n += len(batch)
     end = time.perf_counter()
     return {"items": n, "startup_s": round(first - t0, 2),
-            "items_per_s": round(n_after_first / max(end - first, 1e-9), 1)}
+            "items_per_s": round(n_after / max(end - first, 1e-9), 1)}
 
 
 def model_only(manifest: Path, backbone, batch_size: int, max_items: int) -> dict:
@@ -121,16 +123,27 @@ def model_only(manifest: Path, backbone, batch_size: int, max_items: int) -> dic
             break
     batches = [job.collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
     batches = [b for b in batches if len(b.ids) == batch_size]
-    backbone.encode(batches[0].inputs)  # warm-up (kernel selection)
-    rates = []
-    for b in batches[1:] or batches:
-        t = time.perf_counter()
-        backbone.encode(b.inputs)
-        rates.append(batch_size / (time.perf_counter() - t))
-    return {"items_per_s": round(statistics.median(rates), 1), "batches": len(rates)}
+    import torch
+
+    full = torch.get_num_threads()
+    out: dict = {"batches": len(batches[1:] or batches)}
+    for threads in sorted({1, full}, reverse=True):
+        # Both thread counts: on a busy machine OpenMP threads waiting for a descheduled sibling can make
+        # the multi-threaded run far slower than one thread (which is why the job balances threads).
+        torch.set_num_threads(threads)
+        backbone.encode(batches[0].inputs)  # warm-up (kernel selection)
+        rates = []
+        for b in batches[1:] or batches:
+            t = time.perf_counter()
+            backbone.encode(b.inputs)
+            rates.append(batch_size / (time.perf_counter() - t))
+        out["items_per_s" if threads == full else "items_per_s_1_thread"] = round(statistics.median(rates), 1)
+    torch.set_num_threads(full)
+    return out
 
 
 def embed(manifest: Path, name: str, dtype: str, workers: int, batch_size: int, store: Path) -> dict:
+    """The real job end to end (``items_per_s``) and after start-up (model load, worker spawn)."""
     from geoloc.pipeline.embed import EmbedConfig, run_embed
 
     t = time.perf_counter()
@@ -138,7 +151,8 @@ def embed(manifest: Path, name: str, dtype: str, workers: int, batch_size: int, 
                                    batch_size=batch_size, shard_size=100, progress=False))
     wall = time.perf_counter() - t
     return {"items": report.embedded, "failed": report.failed, "wall_s": round(wall, 2),
-            "items_per_s": round(report.embedded / wall, 1)}
+            "items_per_s": round(report.embedded / wall, 1), "startup_s": round(report.startup_s or 0.0, 2),
+            "steady_items_per_s": round(report.steady_items_per_s or 0.0, 1)}
 
 
 def store_read(tmp: Path, rows: int, dim: int, repeats: int) -> dict:
@@ -180,10 +194,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--read-rows", type=int, default=200_000)
-    p.add_argument("--quick", action="store_true", help="60 images, 50k read rows")
+    p.add_argument("--quick", action="store_true", help="96 images, 50k read rows")
     args = p.parse_args()
     if args.quick:
-        args.images, args.read_rows = 60, 50_000
+        args.images, args.read_rows = 96, 50_000
     size = tuple(int(v) for v in args.size.lower().split("x"))
 
     import torch
@@ -202,9 +216,11 @@ def main() -> None:
             res = {"dtype": str(bb.dtype).removeprefix("torch."),
                    "decode_only": decode_only(manifest, bb, args.workers, args.batch_size),
                    "model_only": model_only(manifest, bb, args.batch_size, max_items=min(args.images, 192)),
-                   "embed": embed(manifest, name, dtype, args.workers, args.batch_size, tmp / f"store-{len(out['backbones'])}")}
+                   "embed": embed(manifest, name, dtype, args.workers, args.batch_size,
+                                  tmp / f"store-{len(out['backbones'])}")}
             ceiling = res["decode_only"]["items_per_s"]
-            res["embed_vs_decode_only"] = round(res["embed"]["items_per_s"] / ceiling, 3) if ceiling else None
+            res["embed_steady_vs_decode_only"] = (round(res["embed"]["steady_items_per_s"] / ceiling, 3)
+                                                  if ceiling else None)
             out["backbones"][name] = res
             del bb
         out["store_read"] = store_read(tmp, args.read_rows, 768, repeats=3)

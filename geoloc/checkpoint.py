@@ -9,8 +9,8 @@ A checkpoint directory holds:
 - ``train_state.pt``: optimiser, step and loader position, only for ``geoloc train`` to resume. It holds
   tensors and plain containers and is read with ``torch.load(weights_only=True)``; weights are never pickled.
 
-``from_plonk`` turns the reference's published hub layout (its ``model.safetensors`` with the
-``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim, §12) into ours.
+``geoloc.convert.convert_plonk`` turns the reference's published hub layout (its ``model.safetensors`` with
+the ``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim, §12) into ours.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ def atomic_write_bytes(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the user's normal permissions
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

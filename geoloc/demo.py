@@ -69,43 +69,18 @@ def _train(store: Path, out: Path, preset: str, steps: int, progress: bool) -> P
 
 
 def _maps(rfm: Path, names: tuple[tuple[str, str], ...], out: Path, report: DemoReport) -> None:
-    import numpy as np
-    import torch
+    """Top places and density maps for the demo names, through the same API as ``geoloc predict``."""
+    from geoloc.predict import PredictOptions, Predictor, write_maps
 
-    from geoloc.density import DensityConfig, density_map, render_png
-    from geoloc.gazetteer import Gazetteer
-    from geoloc.geolocator import Geolocator
-    from geoloc.pipeline.backbones import load_backbone
-
-    geo = Geolocator.from_pretrained(rfm)
-    backbone = load_backbone("minilm")
-    texts = [n for n, _ in names]
-    cond = backbone.encode(backbone.collate([backbone.preprocess(t) for t in texts])).float()
-    gen = torch.Generator().manual_seed(0)
-    pred = geo.predict(cond, top_k=3, n=512, localizability=True, generator=gen)
-    gazetteer = Gazetteer.load(table=False)  # a handful of lookups: the exact KD-tree is instant
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (text, kind) in enumerate(names):
-        valid = pred.topk.valid[i].numpy()
-        modes_ll = pred.topk.latlon[i].numpy()[valid]
-        masses = pred.topk.mass[i].numpy()[valid]
-        nearest = gazetteer.nearest(modes_ll) if len(modes_ll) else []
-        top = []
-        for ll, m, place in zip(modes_ll, masses, nearest, strict=True):
-            d = gazetteer.describe(int(place))
-            label = ", ".join(str(d[k]) for k in ("name", "admin1", "cc") if d[k])
-            top.append((float(ll[0]), float(ll[1]), float(m), label))
-        report.top_places[text] = top
-        dmap = density_map(geo, cond[i], DensityConfig(levels=4), generator=gen)
-        loc = float(pred.localizability[i])
-        path = render_png(
-            dmap,
-            out / f"{text.lower().replace(' ', '_')}.png",
-            title=f"\"{text}\" ({kind}) — localizability {loc:.2f} bits",
-            modes=[{"lat": t[0], "lon": t[1], "mass": t[2]} for t in top],
-            estimate=np.asarray(pred.latlon[i]).tolist(),
-        )
-        report.maps.append(path)
+    predictor = Predictor.from_pretrained(rfm)
+    options = PredictOptions(top_k=3, samples=256, steps=64, keep_embeddings=True, keep_samples=True)
+    results = predictor.predict([n for n, _ in names], options)
+    for res in results:
+        report.top_places[res.input] = [
+            (m.lat, m.lon, m.mass, m.place.label if m.place else "") for m in res.modes
+        ]
+    # 8 RK4 steps and a start at H3 resolution 0 keep a map to about a thousand likelihood evaluations.
+    report.maps.extend(write_maps(predictor, results, out, max_maps=len(results), steps=8, start_resolution=0))
 
 
 def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> DemoReport:

@@ -51,6 +51,7 @@ from geoloc.sphere import EARTH_RADIUS_KM, haversine_km
 __all__ = ["DensityConfig", "DensityMap", "density_map", "density_maps", "render_html", "render_png"]
 
 _MAX_H3_RES = 15
+_SLIVER_SCALE = 1.15  # drawn cells are enlarged by this much (see _cell_polygons)
 _SEED_SPREAD = 1.0  # nats: a cell holding a model sample is refined unless its density is this flat
 
 
@@ -70,7 +71,7 @@ class DensityConfig:
 
     start_resolution: int = 1
     levels: int = 5
-    tolerance: float = 0.005
+    tolerance: float = 0.01
     guard: float = 3.0
     max_refine: int = 256
     seed_samples: int = 64
@@ -136,24 +137,61 @@ class DensityMap:
         return float(self.mass[d <= radius_km].sum())
 
     def peaks(self, k: int = 3, min_separation_km: float = 500.0) -> list[dict[str, float]]:
-        """The ``k`` densest cells at least ``min_separation_km`` apart, densest first.
+        """The ``k`` heaviest modes of the map, heaviest first: ``{"lat", "lon", "log_density", "mass"}``.
 
-        Each is ``{"lat", "lon", "log_density", "mass"}`` with ``mass`` the map's mass within half the
-        separation: a quick look at the modes (``estimators.top_k_modes`` gives basin masses from samples).
+        Every cell climbs to its densest neighbour until it reaches a local maximum; a mode's ``mass`` is the
+        mass of the cells that end there (its basin). Maxima closer than ``min_separation_km`` to a denser one
+        are merged into it, so ripples on one hill do not count as separate places.
         """
-        order = np.argsort(-self.log_density)
-        out: list[dict[str, float]] = []
-        chosen: list[np.ndarray] = []
-        for i in order:
-            if len(out) >= k:
+        import h3
+
+        cells = self.cells.tolist()
+        index = {c: i for i, c in enumerate(cells)}
+        lowest = int(self.resolution.min()) if len(cells) else 0
+
+        def leaf_of(cell: str) -> int | None:
+            # The leaf that is the cell or holds it; for a refined cell, the leaf at its centre.
+            for r in range(h3.get_resolution(cell), lowest - 1, -1):
+                i = index.get(h3.cell_to_parent(cell, r))
+                if i is not None:
+                    return i
+            while h3.get_resolution(cell) < _MAX_H3_RES:
+                cell = h3.cell_to_center_child(cell, h3.get_resolution(cell) + 1)
+                if cell in index:
+                    return index[cell]
+            return None
+
+        ld = self.log_density
+        up = np.arange(len(cells))
+        for i, c in enumerate(cells):
+            nbs = [j for j in (leaf_of(n) for n in h3.grid_ring(c, 1)) if j is not None]
+            if nbs:
+                j = max(nbs, key=ld.__getitem__)
+                if ld[j] > ld[i]:
+                    up[i] = j
+        for _ in range(len(cells)):  # pointer jumping to each chain's local maximum
+            nxt = up[up]
+            if np.array_equal(nxt, up):
                 break
-            p = self.latlon[i]
-            if chosen and haversine_km(np.stack(chosen), p[None]).min() < min_separation_km:
+            up = nxt
+        mass = self.mass
+        basin = np.bincount(up, weights=mass, minlength=len(cells))
+        roots = np.flatnonzero(up == np.arange(len(cells)))
+        roots = roots[np.argsort(-ld[roots], kind="stable")]
+        kept: list[int] = []
+        total: dict[int, float] = {}
+        for r in roots:
+            if not np.isfinite(ld[r]):
                 continue
-            chosen.append(p)
-            out.append({"lat": float(p[0]), "lon": float(p[1]), "log_density": float(self.log_density[i]),
-                        "mass": self.mass_within(p, min_separation_km / 2)})
-        return out
+            near = [q for q in kept if haversine_km(self.latlon[q], self.latlon[r]) < min_separation_km]
+            if near:
+                total[near[0]] += basin[r]
+            else:
+                kept.append(int(r))
+                total[int(r)] = float(basin[r])
+        kept.sort(key=lambda q: -total[q])
+        return [{"lat": float(self.latlon[q, 0]), "lon": float(self.latlon[q, 1]),
+                 "log_density": float(ld[q]), "mass": total[q]} for q in kept[:k]]
 
 
 # ------------------------------------------------------------------------------------------------ compute
@@ -165,47 +203,65 @@ def _global_cells(res: int) -> tuple[str, ...]:
 
 
 class _Tree:
-    """The leaves of one item's map: cell → (resolution, log-density), with centres and areas."""
+    """The leaves of one item's map, an H3 index partition: cell → log-density, plus centres and areas."""
 
-    def __init__(self) -> None:
+    def __init__(self, centre: dict[str, tuple[float, float]], area: dict[str, float]) -> None:
         self.ld: dict[str, float] = {}
-        self.res: dict[str, int] = {}
-        self.centre: dict[str, tuple[float, float]] = {}
-        self.area: dict[str, float] = {}
+        self.centre = centre
+        self.area = area
 
-    def add(self, cells: Sequence[str], res: int, lds: np.ndarray) -> None:
-        for c, v in zip(cells, lds, strict=True):
-            self.ld[c] = float(v) if np.isfinite(v) else -math.inf
-            self.res[c] = res
+    def res_of(self, cell: str) -> int | None:
+        """The resolution of ``cell`` if it is a leaf, else None."""
+        return _resolution(cell) if cell in self.ld else None
 
-    def remove(self, cell: str) -> None:
-        del self.ld[cell], self.res[cell]
+    def leaf_above(self, cell: str, lowest: int) -> str | None:
+        """The leaf that is ``cell`` or one of its ancestors (down to resolution ``lowest``), if any."""
+        import h3
+
+        for r in range(_resolution(cell), lowest - 1, -1):
+            a = h3.cell_to_parent(cell, r)
+            if a in self.ld:
+                return a
+        return None
 
 
-def _cell_geometry(cells: Sequence[str], tree: _Tree) -> np.ndarray:
+@functools.lru_cache(maxsize=1 << 16)
+def _resolution(cell: str) -> int:
+    import h3
+
+    return h3.get_resolution(cell)
+
+
+def _geometry(cells: Sequence[str], centre: dict, area: dict) -> np.ndarray:
+    """Centres (N, 2) of ``cells``, caching centres and areas (steradians) in the given dicts."""
     import h3
 
     for c in cells:
-        if c not in tree.centre:
-            tree.centre[c] = h3.cell_to_latlng(c)
-            tree.area[c] = h3.cell_area(c, unit="rads^2")
-    return np.array([tree.centre[c] for c in cells], dtype=np.float64).reshape(-1, 2)
+        if c not in centre:
+            centre[c] = h3.cell_to_latlng(c)
+            area[c] = h3.cell_area(c, unit="rads^2")
+    return np.array([centre[c] for c in cells], dtype=np.float64).reshape(-1, 2)
 
 
 def _relative_error(spread: np.ndarray) -> np.ndarray:
     """Midpoint-rule error of a cell whose log-density changes by ``spread`` nats across it, relative to its
     mass: the mean of e^{g·x} over [−h/2, h/2] is sinh(gh/2)/(gh/2) times the centre value (≈ 1 + s²/24)."""
     half = np.minimum(np.where(np.isfinite(spread), spread, 60.0), 60.0) / 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rel = np.where(half > 1e-6, np.sinh(half) / np.where(half > 1e-6, half, 1.0) - 1.0, 0.0)
-    return rel
+    safe = np.where(half > 1e-6, half, 1.0)
+    return np.where(half > 1e-6, np.sinh(half) / safe - 1.0, 0.0)
 
 
-def _select(tree: _Tree, res: int, seeds: np.ndarray | None, cfg: DensityConfig) -> list[str]:
-    """The cells of resolution ``res`` to refine (rules in the module docstring)."""
+def _splits(tree: _Tree, res: int, start: int, seeds: list[str] | None, cfg: DensityConfig) -> list[str]:
+    """The leaves to split into their children, coarsest first (rules in the module docstring).
+
+    Besides the chosen cells of resolution ``res`` and their dense same-resolution neighbours, this splits any
+    coarser leaf that borders a chosen cell (down to that neighbour's resolution), so that leaves next to
+    dense cells are never more than one level coarser: the region a coarse leaf stands for (its descendants)
+    drifts away from its hexagon with every level H3 does not nest, and could otherwise reach into the mode.
+    """
     import h3
 
-    cells = [c for c, r in tree.res.items() if r == res]
+    cells = [c for c in tree.ld if _resolution(c) == res]
     if not cells:
         return []
     top = max(tree.ld.values())
@@ -216,29 +272,36 @@ def _select(tree: _Tree, res: int, seeds: np.ndarray | None, cfg: DensityConfig)
     mass = np.exp(lds - top) * np.array([tree.area[c] for c in cells]) / total
     spread = np.empty(len(cells))
     for i, c in enumerate(cells):
-        nbs = [tree.ld[n] for n in h3.grid_ring(c, 1) if tree.res.get(n) == res]
-        diffs = [abs(lds[i] - v) for v in nbs if math.isfinite(v) or math.isfinite(lds[i])]
+        diffs = [abs(lds[i] - tree.ld[n]) for n in h3.grid_ring(c, 1) if tree.res_of(n) == res]
         spread[i] = max(diffs) if diffs else math.inf
     error = mass * _relative_error(spread)
-    # The smallest set of cells, largest errors first, whose refinement leaves at most `tolerance` behind.
+    # The fewest cells, largest errors first, whose refinement leaves at most `tolerance` of error behind.
     order = np.argsort(-error, kind="stable")
     left = error.sum() - np.cumsum(error[order])
-    n_refine = int(np.searchsorted(-left, -cfg.tolerance, side="left") + 1) if error.sum() > cfg.tolerance else 0
+    n_refine = int(np.searchsorted(-left, -cfg.tolerance) + 1) if error.sum() > cfg.tolerance else 0
     want = np.zeros(len(cells), dtype=bool)
     want[order[:n_refine]] = True
     if seeds is not None and len(seeds):
+        # Seeds are H3 cells at the finest resolution; their ancestors (not the cell containing the point at
+        # each resolution, which H3's non-nesting can put elsewhere) are the leaves that hold them.
         index = {c: i for i, c in enumerate(cells)}
-        for lat, lon in seeds:
-            i = index.get(h3.latlng_to_cell(float(lat), float(lon), res))
+        for seed in seeds:
+            i = index.get(h3.cell_to_parent(seed, res))
             if i is not None and spread[i] > _SEED_SPREAD:
                 want[i] = True
     chosen = [cells[i] for i in np.flatnonzero(want)[np.argsort(-error[want], kind="stable")]][: cfg.max_refine]
-    picked = dict.fromkeys(chosen)
+    split = dict.fromkeys(chosen)
     for c in chosen:
         for n in h3.grid_ring(c, 1):
-            if tree.res.get(n) == res and tree.ld[n] >= tree.ld[c] - cfg.guard:
-                picked.setdefault(n)
-    return list(picked)
+            if tree.res_of(n) == res:
+                if tree.ld[n] >= tree.ld[c] - cfg.guard:
+                    split.setdefault(n)
+                continue
+            leaf = tree.leaf_above(n, start)
+            if leaf is not None:  # a coarser leaf: split it and n's ancestors down to n's parent
+                for r in range(_resolution(leaf), res):
+                    split.setdefault(h3.cell_to_parent(n, r))
+    return sorted(split, key=_resolution)
 
 
 def _evaluate(geo: Any, latlon_rows: list[np.ndarray], cond: Any, lik: LikelihoodConfig) -> list[np.ndarray]:
@@ -252,7 +315,7 @@ def _evaluate(geo: Any, latlon_rows: list[np.ndarray], cond: Any, lik: Likelihoo
         return [np.zeros(0) for _ in sizes]
     pts = torch.as_tensor(np.concatenate(latlon_rows), dtype=torch.float64)
     xyz = latlon_to_xyz(pts).to(torch.float32)
-    idx = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes))
+    idx = torch.repeat_interleave(torch.arange(len(sizes)), torch.as_tensor(sizes)).to(cond.device)
     lp = geo.log_prob(xyz, cond[idx], lik).double().cpu().numpy()
     return np.split(lp, np.cumsum(sizes)[:-1])
 
@@ -269,7 +332,7 @@ def density_maps(
 
     All items are evaluated together at each level (one batched likelihood call). ``seeds``: optional model
     samples ``(B, n, 3)`` unit vectors (e.g. those ``Geolocator.predict(keep_samples=True)`` drew) whose cells
-    are always refined; otherwise ``config.seed_samples`` unguided draws are made per item.
+    are refined; otherwise ``config.seed_samples`` unguided draws are made per item.
 
     Example::
 
@@ -278,51 +341,57 @@ def density_maps(
         m.total_mass, m.peaks(3)       # ≈ 1.0, the three densest places
         render_png(m, "map.png", title="Springfield")
     """
+    import h3
     import torch
 
+    from geoloc.families import check_cond
     from geoloc.sphere import xyz_to_latlon
 
     t0 = time.perf_counter()
-    cond = geo._cond(cond)
+    cond = torch.as_tensor(cond, dtype=torch.float32).to(geo.device)
+    cond = cond.unsqueeze(0) if cond.dim() == 1 else cond
+    check_cond(cond, geo.cond_dim)
     b = cond.shape[0]
     lik = config.likelihood or geo.likelihood_config
     if seeds is None and config.seed_samples > 0:
         seeds = geo.sample(cond, config.seed_samples, omega=0.0, generator=generator)
-    seed_latlon = None
+    seed_cells = None
     if seeds is not None:
         seeds = torch.as_tensor(seeds)
         if seeds.dim() != 3 or seeds.shape[0] != b or seeds.shape[-1] != 3:
             raise ConfigError(f"seeds: expected (B={b}, n, 3) unit vectors, got {tuple(seeds.shape)}")
-        seed_latlon = xyz_to_latlon(seeds.double()).cpu().numpy()
+        finest = config.start_resolution + config.levels
+        seed_cells = [[h3.latlng_to_cell(float(a), float(o), finest) for a, o in item]
+                      for item in xyz_to_latlon(seeds.double()).cpu().numpy()]
 
-    import h3
-
-    res = config.start_resolution
+    start = res = config.start_resolution
     base = list(_global_cells(res))
-    first = _Tree()
-    centres = _cell_geometry(base, first)
-    trees = [first] + [_Tree() for _ in range(b - 1)]
-    for t in trees[1:]:
-        t.centre, t.area = dict(first.centre), dict(first.area)
-    lds = _evaluate(geo, [centres] * b, cond, lik)
+    centre: dict[str, tuple[float, float]] = {}
+    area: dict[str, float] = {}
+    base_pts = _geometry(base, centre, area)
+    trees = [_Tree(dict(centre), dict(area)) for _ in range(b)]
+    lds = _evaluate(geo, [base_pts] * b, cond, lik)
     evaluations = [len(base)] * b
     for t, v in zip(trees, lds, strict=True):
-        t.add(base, res, v)
+        t.ld.update(zip(base, v.tolist(), strict=True))
     for _ in range(config.levels):
         new_cells: list[list[str]] = []
         for i, t in enumerate(trees):
-            parents = _select(t, res, None if seed_latlon is None else seed_latlon[i], config)
-            children = [k for p in parents for k in h3.cell_to_children(p, res + 1)]
-            for p in parents:
-                t.remove(p)
-            new_cells.append(children)
+            pending: dict[str, None] = {}
+            for p in _splits(t, res, start, None if seed_cells is None else seed_cells[i], config):
+                if p in t.ld:
+                    del t.ld[p]
+                else:  # a child made by an earlier split of this pass
+                    del pending[p]
+                pending.update(dict.fromkeys(h3.cell_to_children(p, _resolution(p) + 1)))
+            new_cells.append(list(pending))
         if not any(new_cells):
             break
         res += 1
-        pts = [_cell_geometry(cells, t) for cells, t in zip(new_cells, trees, strict=True)]
+        pts = [_geometry(cells, t.centre, t.area) for cells, t in zip(new_cells, trees, strict=True)]
         lds = _evaluate(geo, pts, cond, lik)
         for i, (t, cells, v) in enumerate(zip(trees, new_cells, lds, strict=True)):
-            t.add(cells, res, v)
+            t.ld.update(zip(cells, v.tolist(), strict=True))
             evaluations[i] += len(cells)
 
     r3 = getattr(geo.family, "nll_space", lambda: "sphere")() == "r3"
@@ -330,16 +399,17 @@ def density_maps(
     maps = []
     for i, t in enumerate(trees):
         cells = list(t.ld)
-        ld = np.array([t.ld[c] for c in cells])
-        area = np.array([t.area[c] for c in cells])
+        ld = np.array([t.ld[c] for c in cells], dtype=np.float64)
+        ld[~np.isfinite(ld)] = -np.inf
+        area_sr = np.array([t.area[c] for c in cells])
         norm = 0.0
         if r3:  # a density per unit volume, restricted to S²: renormalise it on the sphere
             top = ld.max()
-            norm = -float(top + np.log(np.sum(np.exp(ld - top) * area)))
+            norm = -float(top + np.log(np.sum(np.exp(ld - top) * area_sr)))
             ld = ld + norm
         maps.append(DensityMap(
-            cells=np.array(cells, dtype=str), resolution=np.array([t.res[c] for c in cells], dtype=np.int8),
-            latlon=np.array([t.centre[c] for c in cells], dtype=np.float64).reshape(-1, 2), area_sr=area,
+            cells=np.array(cells, dtype=str), resolution=np.array([_resolution(c) for c in cells], dtype=np.int8),
+            latlon=np.array([t.centre[c] for c in cells], dtype=np.float64).reshape(-1, 2), area_sr=area_sr,
             log_density=ld, evaluations=evaluations[i], elapsed_s=elapsed / b,
             space="r3-restricted" if r3 else "sphere", log_normaliser=norm,
             meta={"family": getattr(geo.family, "name", ""), "config": config},
@@ -353,12 +423,13 @@ def density_map(geo: Any, cond: Any, config: DensityConfig = DensityConfig(), **
 
 
 # ------------------------------------------------------------------------------------------------ drawing
-def _cell_polygons(cells: Sequence[str]) -> list[np.ndarray]:
+def _cell_polygons(cells: Sequence[str], scale: float = 1.0) -> list[np.ndarray]:
     """Each cell's boundary as (x=lon, y=lat) rings in [-180, 180]², split copies where it crosses ±180°.
 
     A cell across the antimeridian is unwrapped (its longitudes made continuous) and drawn twice, shifted by
     ±360°, so that each copy shows the part inside the frame. A cell around a pole is unwrapped into a band
-    and closed along the pole's edge of the map.
+    and closed along the pole's edge of the map. ``scale`` > 1 enlarges the ring about its centre (used to
+    hide the slivers where H3 cells of different resolutions meet: children do not tile their parent).
     """
     import h3
 
@@ -377,7 +448,8 @@ def _cell_polygons(cells: Sequence[str]) -> list[np.ndarray]:
             ys = np.concatenate([lat, [lat[0], pole, pole]])
             shifts = (-360.0, 0.0, 360.0)
         else:
-            xs, ys = lon, lat
+            cx, cy = lon.mean(), lat.mean()
+            xs, ys = cx + (lon - cx) * scale, np.clip(cy + (lat - cy) * scale, -90.0, 90.0)
             shifts = (0.0,) if (xs.min() >= -180.0 and xs.max() <= 180.0) else (-360.0, 0.0, 360.0)
         for s in shifts:
             xx = xs + s
@@ -403,11 +475,77 @@ def _split_path(latlon: np.ndarray) -> list[np.ndarray]:
     return [seg[:, ::-1] for seg in np.split(latlon, cut) if len(seg) > 1]
 
 
-def _colour_scale(dmap: DensityMap, dynamic_range: float) -> tuple[np.ndarray, float, float]:
+def _paint_order(dmap: DensityMap, dynamic_range: float) -> tuple[list[str], np.ndarray, float, float]:
+    """Cells to paint bottom-up (coarse to fine, so finer cells cover their enlarged coarse neighbours), their
+    densities per km², and the colour range: the top ``dynamic_range`` of the densities; cells below it are
+    left out (white)."""
     dens = dmap.density_km2
     finite = dens[np.isfinite(dens) & (dens > 0)]
     vmax = float(finite.max()) if finite.size else 1.0
-    return dens, vmax / dynamic_range, vmax
+    vmin = max(vmax / dynamic_range, float(finite.min()) if finite.size else 0.0)
+    if vmin >= vmax:
+        vmin = vmax / 10.0
+    order = np.argsort(dmap.resolution, kind="stable")
+    order = order[dens[order] >= vmin]
+    return dmap.cells[order].tolist(), dens[order], vmin, vmax
+
+
+def _inset_extent(dmap: DensityMap, peak: dict[str, float]) -> float | None:
+    """Half-width (km) of a zoom around the top mode when it is too small to see on a world map, else None:
+    2.5× the radius holding 90% of that mode's mass, at least 25 km."""
+    d = haversine_km(np.array([peak["lat"], peak["lon"]])[None], dmap.latlon)
+    order = np.argsort(d)
+    cum = np.cumsum(dmap.mass[order])
+    r90 = float(d[order][min(np.searchsorted(cum, 0.9 * peak["mass"]), len(d) - 1)])
+    half = max(2.5 * r90, 25.0)
+    return half if half < 1200.0 else None
+
+
+def _draw(ax: Any, cells: list[str], values: np.ndarray, norm: Any, colormap: Any, basemap: bool,
+          dot_size: float) -> None:
+    from matplotlib.collections import PolyCollection
+
+    polys: list[np.ndarray] = []
+    colours: list[Any] = []
+    for cell, value in zip(cells, values, strict=True):
+        rings = _cell_polygons([cell], _SLIVER_SCALE)
+        polys += rings
+        colours += [colormap(norm(value))] * len(rings)
+    # Opaque cells, outlined in their own colour so that no hairline gaps show between them.
+    ax.add_collection(PolyCollection(polys, facecolors=colours, edgecolors=colours, linewidths=0.3, zorder=1))
+    if basemap:  # the places on top of the density, faint, so that coasts and cities show everywhere
+        pts = _basemap_points()
+        if pts is not None:
+            ax.scatter(pts[:, 1], pts[:, 0], s=dot_size, c="#2b3a4a", alpha=0.16, linewidths=0, rasterized=True,
+                       zorder=2)
+
+
+def _mark(ax: Any, modes: Sequence[dict[str, float]], truth: Any, estimate: Any, trajectories: Any,
+          scale: float = 1.0) -> None:
+    from matplotlib import patheffects
+
+    halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]
+    if trajectories is not None and len(trajectories):
+        paths = np.asarray(trajectories)
+        for path_ll in paths:
+            for seg in _split_path(path_ll):
+                ax.plot(seg[:, 0], seg[:, 1], lw=0.9, color="#0a6ebd", alpha=0.75, zorder=3)
+        ax.scatter(paths[:, 0, 1], paths[:, 0, 0], s=10, facecolors="none", edgecolors="#0a6ebd", zorder=4,
+                   linewidths=0.8, label="sample paths: noise (o) → data (•)")
+        ax.scatter(paths[:, -1, 1], paths[:, -1, 0], s=8, color="#0a6ebd", zorder=4, linewidths=0)
+    for j, m in enumerate(modes):
+        ax.scatter([m["lon"]], [m["lat"]], s=110 * scale, facecolors="none", edgecolors="#0050ff",
+                   linewidths=1.6, zorder=5, path_effects=halo)
+        label = f"{j + 1}" + (f": {100 * m['mass']:.0f}%" if m.get("mass") is not None else "")
+        ax.annotate(label, (m["lon"], m["lat"]), xytext=(7, 6), textcoords="offset points",
+                    fontsize=9 * scale, color="#0030a0", weight="bold", zorder=6, annotation_clip=True,
+                    path_effects=halo)
+    if estimate is not None:
+        ax.scatter([estimate[1]], [estimate[0]], marker="x", s=70 * scale, color="#00a0c0", linewidths=2,
+                   zorder=6, label="estimate")
+    if truth is not None:
+        ax.scatter([truth[1]], [truth[0]], marker="*", s=220 * scale, color="#10b040", edgecolors="black",
+                   linewidths=0.6, zorder=7, label="true location")
 
 
 def render_png(
@@ -421,6 +559,7 @@ def render_png(
     trajectories: np.ndarray | None = None,
     dynamic_range: float = 1e5,
     basemap: bool = True,
+    inset: bool = True,
     dpi: int = 110,
     cmap: str = "inferno_r",
 ) -> Path:
@@ -428,58 +567,29 @@ def render_png(
 
     ``truth``: the true (lat, lon), a green star. ``modes``: dicts with ``lat``, ``lon`` and optional ``mass``
     (e.g. the top-k modes of ``Geolocator.predict``; default: :meth:`DensityMap.peaks`), numbered circles.
-    ``estimate``: the point estimate, a cyan cross. ``trajectories``: ``(n, T, 2)`` lat/lon paths of
-    samples from noise to data, thin lines. Colours: density per km², log scale over ``dynamic_range``;
-    cells below it are left transparent so the basemap shows.
+    ``estimate``: the point estimate, a cyan cross. ``trajectories``: ``(n, T, 2)`` lat/lon paths of samples
+    from noise to data, thin lines. Colours: density per km², log scale over ``dynamic_range``; cells below
+    it stay white. ``inset``: when the top mode is too small to see (90% of its mass within ~500 km), a zoom
+    on it in the lower-left corner (over the South Pacific).
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    from matplotlib.collections import PolyCollection
     from matplotlib.colors import LogNorm
 
     from geoloc.checkpoint import atomic_write_bytes
 
-    dens, vmin, vmax = _colour_scale(dmap, dynamic_range)
+    cells, values, vmin, vmax = _paint_order(dmap, dynamic_range)
     norm = LogNorm(vmin=vmin, vmax=vmax)
     colormap = matplotlib.colormaps[cmap]
+    peaks = dmap.peaks(3)
+    if modes is None:
+        modes = peaks
     fig, ax = plt.subplots(figsize=(12, 6.6), dpi=dpi)
     ax.set_facecolor("white")
-    if basemap:
-        pts = _basemap_points()
-        if pts is not None:
-            ax.scatter(pts[:, 1], pts[:, 0], s=0.15, c="#9aa5b1", alpha=0.35, linewidths=0, rasterized=True,
-                       zorder=1)
-    keep = np.flatnonzero(dens >= vmin)
-    polys: list[np.ndarray] = []
-    colours: list[Any] = []
-    for i in keep:
-        rings = _cell_polygons([dmap.cells[i]])
-        polys += rings
-        colours += [colormap(norm(dens[i]))] * len(rings)
-    coll = PolyCollection(polys, facecolors=colours, edgecolors="none", alpha=0.85, zorder=2,
-                          antialiased=False)
-    ax.add_collection(coll)
-    if trajectories is not None and len(trajectories):
-        for path_ll in np.asarray(trajectories):
-            for seg in _split_path(path_ll):
-                ax.plot(seg[:, 0], seg[:, 1], lw=0.5, color="#1f77b4", alpha=0.45, zorder=3)
-        ends = np.asarray(trajectories)[:, -1]
-        ax.scatter(ends[:, 1], ends[:, 0], s=4, color="#1f77b4", zorder=4, linewidths=0)
-    if modes is None:
-        modes = dmap.peaks(3)
-    for j, m in enumerate(modes):
-        ax.scatter([m["lon"]], [m["lat"]], s=110, facecolors="none", edgecolors="#0050ff", linewidths=1.6, zorder=5)
-        label = f"{j + 1}" + (f": {100 * m['mass']:.0f}%" if m.get("mass") is not None else "")
-        ax.annotate(label, (m["lon"], m["lat"]), xytext=(7, 6), textcoords="offset points", fontsize=9,
-                    color="#0030a0", weight="bold", zorder=6)
-    if estimate is not None:
-        ax.scatter([estimate[1]], [estimate[0]], marker="x", s=70, color="#00a0c0", linewidths=2, zorder=6,
-                   label="estimate")
-    if truth is not None:
-        ax.scatter([truth[1]], [truth[0]], marker="*", s=220, color="#10b040", edgecolors="black",
-                   linewidths=0.6, zorder=7, label="true location")
+    _draw(ax, cells, values, norm, colormap, basemap, 0.1)
+    _mark(ax, modes, truth, estimate, trajectories)
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
     ax.set_aspect("equal")
@@ -487,8 +597,27 @@ def render_png(
     ax.set_yticks(range(-90, 91, 30))
     ax.tick_params(labelsize=8, colors="#555555")
     ax.grid(color="#dddddd", lw=0.4, zorder=0)
-    if truth is not None or estimate is not None:
-        ax.legend(loc="lower left", fontsize=8, framealpha=0.8)
+    if truth is not None or estimate is not None or trajectories is not None:
+        ax.legend(loc="upper left", fontsize=8, framealpha=0.8)
+    half = _inset_extent(dmap, peaks[0]) if (inset and peaks) else None
+    if half is not None:
+        lat0, lon0 = peaks[0]["lat"], peaks[0]["lon"]
+        dlat = half / 111.2
+        dlon = min(dlat / max(math.cos(math.radians(lat0)), 0.05), 180.0)
+        box = ax.inset_axes((0.005, 0.01, 0.27, 0.45))
+        index = {c: i for i, c in enumerate(dmap.cells.tolist())}
+        centres = dmap.latlon[[index[c] for c in cells]].reshape(-1, 2)
+        near = haversine_km(np.array([lat0, lon0])[None], centres) < 3 * half + 200.0
+        _draw(box, [c for c, k in zip(cells, near, strict=True) if k], values[near], norm, colormap, basemap, 2.0)
+        _mark(box, modes, truth, estimate, None, scale=0.7)
+        box.set_xlim(lon0 - dlon, lon0 + dlon)
+        box.set_ylim(max(lat0 - dlat, -90), min(lat0 + dlat, 90))
+        box.set_aspect(1 / max(math.cos(math.radians(lat0)), 0.05))
+        box.set_xticks([])
+        box.set_yticks([])
+        box.set_facecolor("white")
+        box.set_title(f"zoom: {2 * half:.0f} km across", fontsize=8, pad=2)
+        ax.indicate_inset_zoom(box, edgecolor="#444444", lw=0.6)
     sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap)
     cbar = fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.015)
     cbar.set_label("predicted density per km² (log scale)", fontsize=9)
@@ -522,23 +651,27 @@ def render_html(
 
     from geoloc.checkpoint import atomic_write_bytes
 
-    dens, vmin, vmax = _colour_scale(dmap, dynamic_range)
+    cells, values, vmin, vmax = _paint_order(dmap, dynamic_range)
     norm = LogNorm(vmin=vmin, vmax=vmax)
     colormap = matplotlib.colormaps[cmap]
+    leaf = {c: i for i, c in enumerate(dmap.cells.tolist())}
     mass = dmap.mass
     parts = []
+    for cell, value in zip(cells, values, strict=True):
+        colour = to_hex(colormap(norm(value)))
+        i = leaf.get(cell)
+        tip = "" if i is None else "<title>" + html.escape(
+            f"{dmap.latlon[i, 0]:.2f}, {dmap.latlon[i, 1]:.2f} · {value:.3g}/km² · mass {mass[i]:.2%} · "
+            f"res {int(dmap.resolution[i])}") + "</title>"
+        for ring in _cell_polygons([cell], _SLIVER_SCALE):
+            d = " ".join(f"{x + 180:.3f},{90 - y:.3f}" for x, y in ring)
+            parts.append(f'<polygon points="{d}" fill="{colour}" stroke="{colour}" stroke-width="0.05">{tip}</polygon>')
     pts = _basemap_points()
     if pts is not None:
         sub = pts[:: max(1, len(pts) // 25000)]
         dots = "".join(f"M{lon + 180:.2f} {90 - lat:.2f}h0" for lat, lon in sub)
-        parts.append(f'<path d="{dots}" stroke="#b8c0c8" stroke-width="0.35" stroke-linecap="round"/>')
-    for i in np.flatnonzero(dens >= vmin):
-        tip = html.escape(f"{dmap.latlon[i, 0]:.2f}, {dmap.latlon[i, 1]:.2f} · {dens[i]:.3g}/km² · "
-                          f"mass {mass[i]:.2%} · res {int(dmap.resolution[i])}")
-        colour = to_hex(colormap(norm(dens[i])))
-        for ring in _cell_polygons([dmap.cells[i]]):
-            d = " ".join(f"{x + 180:.3f},{90 - y:.3f}" for x, y in ring)
-            parts.append(f'<polygon points="{d}" fill="{colour}" fill-opacity="0.85"><title>{tip}</title></polygon>')
+        parts.append(f'<path d="{dots}" stroke="#2b3a4a" stroke-opacity="0.3" stroke-width="0.3" '
+                     'stroke-linecap="round" pointer-events="none"/>')
     for j, m in enumerate(modes if modes is not None else dmap.peaks(3)):
         tip = html.escape(f"mode {j + 1}: {m['lat']:.3f}, {m['lon']:.3f}"
                           + (f" · mass {m['mass']:.1%}" if m.get("mass") is not None else ""))

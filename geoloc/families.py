@@ -200,10 +200,19 @@ class OdeFamily(Family):
         return ((out - target) ** 2).mean()
 
     # --- velocity ------------------------------------------------------------------------------------
-    def velocity(self, net, cond: torch.Tensor, omega: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``dx/ds`` as a function of ``(x (M,3), s (M,))`` for the (guided) network."""
+    def velocity(
+        self, net, cond: torch.Tensor, omega: float, tangent: bool = True
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``dx/ds`` as a function of ``(x (M,3), s (M,))`` for the (guided) network.
+
+        On S² the network output is projected onto the tangent plane (``tangent=True``). The reference's
+        sampler steps with the raw output and then normalises (§7.3); ``SampleConfig(retraction="project")``
+        reproduces that exactly by skipping the projection.
+        """
         out_fn = guided(net, cond, omega)
         if self.path == "geodesic":
+            if not tangent:
+                return out_fn
             return lambda x, s: proj_tangent(x, out_fn(x, s))
         if self.path == "linear":
             return out_fn
@@ -231,7 +240,8 @@ class OdeFamily(Family):
             if self.path == "vp":
                 x = self._ddim(net, c, x, grid, config, traj)
             else:
-                x = integrate(self.velocity(net, c, config.omega), space, x, grid, config.method, traj)
+                velocity = self.velocity(net, c, config.omega, tangent=config.retraction != "project")
+                x = integrate(velocity, space, x, grid, config.method, traj)
             out[lo:hi] = project(x)
             if trajectory is not None:
                 trajectory.append(torch.stack(traj, dim=1))

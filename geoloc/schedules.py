@@ -10,7 +10,7 @@ The reference code runs time the other way: its ``γ(t_ref)`` is the signal leve
 ``α(t) = γ_ref(1 − t)`` and ``α'(t) = −γ_ref'(1 − t)``. The signal level itself is the same number in both
 conventions, and it is what the network sees (its time embedding is fed ``1000·s``), so checkpoints move
 between the two without change. The reference's inverted time appears only here and in
-``checkpoint.from_plonk``.
+``convert.py``.
 
 Like the reference, ``α`` is clamped to ``[1e-9, 1]`` (it is divided by in DDIM) while ``α'`` is exact and
 unclamped. The reference's cosine derivative has an extra cos factor (§16.13); ours is exact.

@@ -294,3 +294,21 @@ def test_bad_inputs_are_one_line_errors(tmp_path, ref_sd):
 )
 def test_infer_from_name(path, expect):
     assert infer_from_name(path) == expect
+
+
+def test_cli_convert_plonk(tmp_path, ref_sd):
+    from typer.testing import CliRunner
+
+    from geoloc.cli import app
+
+    hub = write_hub(tmp_path / "PLONK_OSV_5M_flow", ref_sd)
+    r = CliRunner().invoke(app, ["convert", "plonk", str(hub), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "flow-r3, backbone streetclip, dataset osv5m" in r.output and f"{len(ref_sd)} tensors" in r.output
+    cfg = read_config(tmp_path / "out")
+    assert cfg["family"]["name"] == "flow-r3" and cfg["command"].startswith("geoloc")
+    r = CliRunner().invoke(app, ["convert", "plonk", str(hub), str(tmp_path / "out"), "--family", "rfm-s2"])
+    assert isinstance(r.exception, CheckpointError)
+    r = CliRunner().invoke(app, ["convert", "plonk", str(hub), str(tmp_path / "out"), "--family", "rfm-s2",
+                                 "--backbone", "dinov2-l-reg", "--force"])
+    assert r.exit_code == 0 and read_config(tmp_path / "out")["backbone"]["name"] == "dinov2-l-reg"

@@ -22,6 +22,7 @@ not counted as embedded, so they are redone — never duplicated). Failed ids ar
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import re
@@ -139,6 +140,8 @@ class EmbedReport:
     elapsed_s: float
     max_failure_rate: float
     reasons: dict[str, int] = field(default_factory=dict)
+    startup_s: float | None = None            # until the first batch reached the model (load, workers)
+    steady_items_per_s: float | None = None   # after that
 
     @property
     def attempted(self) -> int:
@@ -162,7 +165,9 @@ class EmbedReport:
             f"({self.shards} new shard(s), {self.rows_in_store} rows in the store; "
             f"{self.already_in_store} were already there)",
             f"failed {self.failed} item(s) ({100 * self.failure_rate:.2f}%, limit "
-            f"{100 * self.max_failure_rate:.2f}%); {self.items_per_s:.1f} items/s over {self.elapsed_s:.1f} s",
+            f"{100 * self.max_failure_rate:.2f}%); {self.items_per_s:.1f} items/s over {self.elapsed_s:.1f} s"
+            + (f" ({self.steady_items_per_s:.1f} items/s after {self.startup_s:.1f} s of start-up)"
+               if self.steady_items_per_s is not None and self.startup_s is not None else ""),
         ]
         for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1])[:5]:
             lines.append(f"  {n:>8} × {reason}")
@@ -275,6 +280,7 @@ class Prepared:
     lat: float
     lon: float
     labels: dict[str, str | None]
+    source: str
     x: Any
 
 
@@ -287,6 +293,7 @@ class Batch:
     lat: list[float]
     lon: list[float]
     labels: list[dict[str, str | None]]
+    sources: list[str]
     inputs: Any
     failures: list[Failure]
 
@@ -311,6 +318,7 @@ class Mapped:
     lat: np.ndarray
     lon: np.ndarray
     labels: list[dict[str, str | None]]
+    sources: list[str]
     emb: np.ndarray
     failures: list[Failure]
 
@@ -320,8 +328,14 @@ class Mapped:
 
     def take(self, mask: np.ndarray) -> Mapped:
         idx = np.flatnonzero(mask)
-        return Mapped([self.ids[i] for i in idx], [self.splits[i] for i in idx], self.lat[idx], self.lon[idx],
-                      [self.labels[i] for i in idx], self.emb[idx], [])
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return Mapped(pick(self.ids), pick(self.splits), self.lat[idx], self.lon[idx], pick(self.labels),
+                      pick(self.sources), self.emb[idx], [])
+
+    def fail(self, mask: np.ndarray, reason: str) -> list[Failure]:
+        """Failures for the rows in ``mask`` (same id, split and source)."""
+        return [Failure(id=self.ids[i], split=self.splits[i], source=self.sources[i], reason=reason)
+                for i in np.flatnonzero(mask)]
 
 
 @dataclass
@@ -340,24 +354,26 @@ class Commit:
 class _Mapper:
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
+        self.first_call: float | None = None  # monotonic time of the first batch (start-up ends here)
+        self.first_records = 0
 
     def __call__(self, batch: Batch) -> Mapped:
+        if self.first_call is None:
+            self.first_call, self.first_records = time.monotonic(), len(batch)
         failures = list(batch.failures)
         n = len(batch.ids)
         if n == 0:
-            return Mapped([], [], np.empty(0), np.empty(0), [], np.empty((0, self.backbone.dim), np.float16),
+            return Mapped([], [], np.empty(0), np.empty(0), [], [], np.empty((0, self.backbone.dim), np.float16),
                           failures)
         emb = self.backbone.encode(batch.inputs).numpy()
         with np.errstate(over="ignore", invalid="ignore"):
             emb16 = emb.astype(np.float16)
         ok = np.isfinite(emb16).all(axis=1)
         mapped = Mapped(list(batch.ids), list(batch.splits), np.asarray(batch.lat, np.float64),
-                        np.asarray(batch.lon, np.float64), list(batch.labels), emb16, [])
+                        np.asarray(batch.lon, np.float64), list(batch.labels), list(batch.sources), emb16, [])
         if not ok.all():
-            for i in np.flatnonzero(~ok):
-                failures.append(Failure(id=batch.ids[i], split=batch.splits[i], source=f"id {batch.ids[i]}",
-                                        reason="the backbone produced a non-finite embedding (NaN/inf, or "
-                                               "beyond float16 range); try --dtype fp32"))
+            failures += mapped.fail(~ok, "the backbone produced a non-finite embedding (NaN/inf, or beyond "
+                                         "float16 range); try --dtype fp32")
             mapped = mapped.take(ok)
         mapped.failures = failures
         return mapped
@@ -393,9 +409,7 @@ class ShardWriter:
                 dup[k] |= ident in seen_here
                 seen_here.add(ident)
             if dup.any():
-                for k in np.flatnonzero(dup):
-                    self._failures.append(Failure(id=mapped.ids[k], split=mapped.splits[k], source=f"id {mapped.ids[k]}",
-                                                  reason="duplicate id: already embedded in this store or run"))
+                self._failures += mapped.fail(dup, "duplicate id: already embedded in this store or run")
                 mapped = mapped.take(~dup)
             if mapped.ids:
                 self._parts.append(mapped)
@@ -420,6 +434,7 @@ class ShardWriter:
             ids = [i for p in self._parts for i in p.ids]
             splits = [s for p in self._parts for s in p.splits]
             labels = [d for p in self._parts for d in p.labels]
+            sources = [x for p in self._parts for x in p.sources]
             lat = np.concatenate([p.lat for p in self._parts])
             lon = np.concatenate([p.lon for p in self._parts])
             emb = np.concatenate([p.emb for p in self._parts])
@@ -428,7 +443,7 @@ class ShardWriter:
             shard = self.store.write_shard_file(table, self.task, known_ids=self.known)
             self.known.add(pa.array(ids[:n], pa.string()))
             rest = n < len(ids)
-            self._parts = ([Mapped(ids[n:], splits[n:], lat[n:], lon[n:], labels[n:], emb[n:], [])]
+            self._parts = ([Mapped(ids[n:], splits[n:], lat[n:], lon[n:], labels[n:], sources[n:], emb[n:], [])]
                            if rest else [])
             self._buffered.difference_update(ids[:n])
             self._rows -= n
@@ -474,11 +489,12 @@ class EmbedJob:
     known: Any = None
     tally: _Tally = field(default_factory=_Tally)
     _backbone: Backbone | None = None
+    _mapper: _Mapper | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_backbone"] = None  # never ship the model; and the driver's id index stays home
-        state["known"] = None
+        # Never ship the model; the driver's id index and mapper stay home too.
+        state.update(_backbone=None, known=None, _mapper=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -508,14 +524,14 @@ class EmbedJob:
                 return fail(str(e))
             return fail(f"preprocessing failed ({type(e).__name__}: {e})")
         labels = {c: record.labels.get(c) for c in self.label_columns}
-        return Prepared(record.id, record.split, float(lat), float(lon), labels, x)
+        return Prepared(record.id, record.split, float(lat), float(lon), labels, record.source, x)
 
     def collate(self, samples: Sequence[Prepared | Failure]) -> Batch:
         good = [s for s in samples if isinstance(s, Prepared)]
         bad = [s for s in samples if isinstance(s, Failure)]
         inputs = self.collator([s.x for s in good]) if good else None
         return Batch([s.id for s in good], [s.split for s in good], [s.lat for s in good],
-                     [s.lon for s in good], [s.labels for s in good], inputs, bad)
+                     [s.lon for s in good], [s.labels for s in good], [s.source for s in good], inputs, bad)
 
     # --- map: where the model lives
     def build_mapper(self) -> _Mapper:
@@ -523,7 +539,8 @@ class EmbedJob:
         if backbone is None:
             backbone = load_backbone(self.backbone_name, self.weights, config=self.backbone_config)
             backbone.to(_resolve_device(self.device), self.dtype)
-        return _Mapper(backbone)
+        self._mapper = _Mapper(backbone)
+        return self._mapper
 
     # --- write / commit
     def open_writer(self, task: str) -> ShardWriter:
@@ -581,6 +598,27 @@ def _check_same_weights(store_root: Path, info: BackboneInfo) -> None:
                          f"(differs in {diff}); use another --store")
 
 
+@contextlib.contextmanager
+def _exclusive_job(store_root: Path) -> Iterator[None]:
+    """One embed job per store at a time: two concurrent jobs would both embed the same missing ids.
+
+    An ``flock`` on ``STORE/.embed-lock``, released by the kernel even on SIGKILL.
+    """
+    import fcntl
+
+    store_root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store_root / ".embed-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{store_root}: another `geoloc embed` is writing to this store; wait for it to "
+                             "finish (or stop it) and run again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _task_name() -> str:
     return f"embed-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
 
@@ -614,35 +652,50 @@ def run_embed(config: EmbedConfig, source: ItemSource | None = None) -> EmbedRep
     source_record = {"name": source.name, "kind": "embed", "manifest_sha256": source.sha256,
                      "backbone_licence": backbone.licence, "engine": config.engine,
                      "dtype": str(backbone.dtype).removeprefix("torch.") if config.engine == "local" else config.dtype}
-    store = FeatureStore.create(store_root, info, label_columns=source.label_columns, source=source_record)
+    with _exclusive_job(store_root):
+        store = FeatureStore.create(store_root, info, label_columns=source.label_columns, source=source_record)
+        try:
+            return _run_job(config, source, backbone, device, store, started)
+        finally:
+            store.close()
+
+
+def _run_job(config: EmbedConfig, source: Any, backbone: Backbone, device: torch.device, store: FeatureStore,
+             started: float) -> EmbedReport:
     known = store.id_index()
     already = len(known)
     skip: Container[str] = store.existing_ids() if already <= _SET_LIMIT else _IndexContainer(known)
     total = source.count()
     if total is not None:
         total = max(0, total - already)
-
     job = EmbedJob(
-        source=source, skip=skip, store=store, backbone_name=name, weights=config.weights,
+        source=source, skip=skip, store=store, backbone_name=backbone.name, weights=config.weights,
         backbone_config=config.backbone_config, preprocessor=backbone.preprocessor,
         collator=backbone.collator, label_columns=store.label_columns, device=config.device,
         dtype=config.dtype, shard_rows=config.shard_size, flush_interval_s=config.flush_interval_s,
         known=known, _backbone=backbone if config.engine == "local" else None,
     )
-    workers = config.num_workers if config.num_workers is not None else min(4, os.cpu_count() or 1)
+    cpus = os.cpu_count() or 1
+    workers = config.num_workers if config.num_workers is not None else min(4, cpus)
     task = _task_name()
     opts = EngineOptions(task=task, batch_size=config.batch_size, num_workers=workers,
                          pin_memory=device.type == "cuda", shard_rows=config.shard_size, total=total,
-                         progress=config.progress, replicas=config.replicas, ray_address=config.ray_address)
+                         progress=config.progress, replicas=config.replicas, ray_address=config.ray_address,
+                         model_threads=max(1, cpus - workers) if device.type == "cpu" and workers else None)
     try:
         ENGINES[config.engine](job, opts)
     finally:
         store.refresh()
-        store.close()
-    return EmbedReport(
-        store=str(store_root), backbone=name, engine=config.engine, task=task, already_in_store=already,
+    ended = time.monotonic()
+    report = EmbedReport(
+        store=str(store.root), backbone=backbone.name, engine=config.engine, task=task, already_in_store=already,
         embedded=job.tally.embedded, failed=job.tally.failed, shards=job.tally.shards,
-        rows_in_store=store.num_rows(), elapsed_s=time.monotonic() - started,
+        rows_in_store=store.num_rows(), elapsed_s=ended - started,
         max_failure_rate=config.max_failure_rate, reasons=dict(job.tally.reasons),
     )
-
+    mapper = job._mapper  # set when the model ran in this process (local engine)
+    if mapper is not None and mapper.first_call is not None:
+        report.startup_s = mapper.first_call - started
+        after = report.attempted - mapper.first_records
+        report.steady_items_per_s = after / (ended - mapper.first_call) if after > 0 else None
+    return report

@@ -323,3 +323,21 @@ def test_minilm_real_weights_unit_norm_and_semantics() -> None:
     torch.testing.assert_close(alone[0], e[4], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="empty text"):
         bb.preprocess("   ")
+
+
+def test_open_clip_weights_from_a_checkpoint_file(tmp_path: Path) -> None:
+    import open_clip
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    torch.manual_seed(1)
+    ref = open_clip.create_model("ViT-B-32", pretrained=None, **cfg).eval()
+    torch.save(ref.state_dict(), tmp_path / "tiny.bin")
+    bb = load_backbone("open_clip:ViT-B-32/openai", tmp_path / "tiny.bin", config=cfg).to("cpu", "fp32")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(bb.encode(x), ref.encode_image(x))
+    assert bb.revision.startswith("sha256:")
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone("open_clip:ViT-B-32/openai", tmp_path / "missing.bin")

@@ -267,10 +267,19 @@ def test_incompatible_store_and_bad_config_are_refused(tmp_path: Path) -> None:
         run_embed(_config(ds, tmp_path / "s3", shard_size=0))
 
 
+def test_a_second_job_on_the_same_store_is_refused(tmp_path: Path) -> None:
+    from geoloc.pipeline.embed import _exclusive_job
+
+    ds = make_dataset(tmp_path, n_good=3, bad=False)
+    with _exclusive_job(tmp_path / "store"), pytest.raises(StoreError, match="another `geoloc embed`"):
+        run_embed(_config(ds, tmp_path / "store"))
+    assert run_embed(_config(ds, tmp_path / "store")).embedded == 3   # the lock is gone with its holder
+
+
 # ------------------------------------------------------------------------------------------------ pieces
 def _mapped(ids: list[str], dim: int = 4, value: float = 1.0) -> Mapped:
     n = len(ids)
-    return Mapped(list(ids), ["train"] * n, np.zeros(n), np.zeros(n), [{}] * n,
+    return Mapped(list(ids), ["train"] * n, np.zeros(n), np.zeros(n), [{}] * n, [f"file-{i}" for i in ids],
                   np.full((n, dim), value, np.float16), [])
 
 
@@ -303,9 +312,10 @@ def test_non_finite_embeddings_become_failures() -> None:
 
     bb = Backbone(name="blowup", model=Blowup(), dim=3, kind="image", preprocessor=None, collator=stack_images,
                   preprocessing={}, revision="r", licence="", forward=lambda m, x: m(x)).to("cpu", "fp32")
-    batch = Batch(["ok", "big", "nan"], ["train"] * 3, [0.0] * 3, [0.0] * 3, [{}] * 3, torch.ones(3, 1, 2, 2), [])
+    batch = Batch(["ok", "big", "nan"], ["train"] * 3, [0.0] * 3, [0.0] * 3, [{}] * 3, ["a.jpg", "b.jpg", "c.jpg"],
+                  torch.ones(3, 1, 2, 2), [])
     mapped = _Mapper(bb)(batch)
-    assert mapped.ids == ["ok"] and [f.id for f in mapped.failures] == ["big", "nan"]
+    assert mapped.ids == ["ok"] and [(f.id, f.source) for f in mapped.failures] == [("big", "b.jpg"), ("nan", "c.jpg")]
     assert "non-finite" in mapped.failures[0].reason
 
 

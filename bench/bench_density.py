@@ -1,0 +1,109 @@
+"""How much does an adaptive H3 density map cost, and how accurate is it, against a uniform grid?
+
+Two models, measured side by side in one run:
+- a vMF geolocator with a known, sharp density (κ = 3·10⁴, σ ≈ 37 km; and κ = 50, σ ≈ 900 km): how many
+  likelihood evaluations the adaptive map needs, and how far its total mass and peak density are from exact;
+- an RFM network of the ``small`` preset's size (dim 256, depth 4, 384-d condition, random weights): the
+  cost of one exact-likelihood evaluation (RK4, ``--steps``) on this CPU, which prices both the adaptive map
+  (its evaluations) and a uniform grid at the same finest resolution (its cell count).
+
+Prints one JSON object (medians over ``--repeats``). ``--quick`` uses fewer repeats and points.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_density.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig
+from geoloc.density import DensityConfig, density_map
+from geoloc.geolocator import Geolocator
+from geoloc.sphere import latlon_to_xyz, sample_uniform
+
+
+def vmf(centre: tuple[float, float], kappa: float) -> Geolocator:
+    geo = Geolocator.build(FamilyConfig(name="vmf"), ModelConfig(dim=16, depth=1, expansion=2), cond_dim=4)
+    with torch.no_grad():
+        geo.net.mu_head[-1].weight.zero_()
+        geo.net.mu_head[-1].bias.copy_(latlon_to_xyz(torch.tensor(centre)))
+        geo.net.kappa_head[-1].weight.zero_()
+        geo.net.kappa_head[-1].bias.fill_(kappa)
+    return geo
+
+
+def rfm_small() -> Geolocator:
+    torch.manual_seed(0)
+    geo = Geolocator.build(FamilyConfig(name="rfm-s2"), ModelConfig(dim=256, depth=4, expansion=4), cond_dim=384)
+    for m in geo.net.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
+            torch.nn.init.normal_(m.weight, std=0.02)
+    return geo
+
+
+def h3_cells(res: int) -> int:
+    return 2 + 120 * 7**res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=16, help="RK4 steps of the likelihood ODE")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    points = 128 if args.quick else 512
+    lik = LikelihoodConfig(method="rk4", steps=args.steps)
+    out: dict = {"torch_threads": torch.get_num_threads(), "likelihood": f"rk4 x {args.steps}"}
+
+    # Cost of one exact-likelihood evaluation for a small-preset RFM network.
+    rfm = rfm_small()
+    cond = torch.randn(384)
+    xyz = sample_uniform(points, torch.Generator().manual_seed(0))
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rfm.log_prob(xyz, cond, lik)
+        rates.append(points / (time.perf_counter() - t))
+    rate = statistics.median(rates)
+    out["rfm_small_evals_per_s"] = round(rate, 1)
+
+    # Adaptive maps of known densities: evaluations and accuracy.
+    for name, kappa, start, levels in [("sharp", 3e4, 1, 5), ("sharp_start0", 3e4, 0, 6), ("broad", 50.0, 1, 5)]:
+        geo = vmf((48.85, 2.35), kappa)
+        walls, m = [], None
+        for _ in range(repeats):
+            t = time.perf_counter()
+            m = density_map(geo, torch.zeros(4), DensityConfig(start_resolution=start, levels=levels),
+                            generator=torch.Generator().manual_seed(0))
+            walls.append(time.perf_counter() - t)
+        finest = int(m.resolution.max())
+        peak = m.peaks(1)[0]
+        out[name] = {
+            "kappa": kappa, "start_resolution": start, "finest_resolution": finest,
+            "evaluations": m.evaluations, "cells": len(m),
+            "total_mass_error": round(abs(m.total_mass - 1.0), 5),
+            "peak_log_density_error": round(abs(peak["log_density"] - math.log(kappa / (2 * math.pi))), 4),
+            "wall_s_vmf": round(statistics.median(walls), 3),
+            "uniform_grid_cells": h3_cells(finest),
+            "rfm_small_adaptive_s": round(m.evaluations / rate, 1),
+            "rfm_small_uniform_grid_h": round(h3_cells(finest) / rate / 3600, 1),
+            "speedup": round(h3_cells(finest) / m.evaluations),
+        }
+
+    # The whole adaptive map on the RFM network itself (a smooth density: few refinements).
+    t = time.perf_counter()
+    m = density_map(rfm, cond, DensityConfig(levels=2, likelihood=lik), generator=torch.Generator().manual_seed(0))
+    out["rfm_small_map"] = {"evaluations": m.evaluations, "wall_s": round(time.perf_counter() - t, 1),
+                            "total_mass_error": round(abs(m.total_mass - 1.0), 5)}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
