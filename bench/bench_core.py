@@ -8,7 +8,7 @@ Prints ONE JSON object (progress goes to stderr). Sections (``--sections``, all 
   LAMB (the paper presets' optimiser) step time on the paper network's gradients.
 - ``sample``: sampling points/s at the paper network size for rfm-s2, flow-r3 and diffusion-r3, without and
   with guidance (ω = 2: one forward pass over a doubled batch). Every number is measured through the real
-  ``family.sample``: the cost of one solver step is timed at ``--probe-steps`` steps and points/s at 16 / 32 /
+  ``family.sample``: the cost of one solver step is timed at 4 steps (batch 256 points) and points/s at 16 / 32 /
   64 / 250 NFE is ``batch / (NFE × step cost)`` (sampling is linear in the step count); one real 16-step
   run checks that projection. Also the bare forward time (the floor) and the bf16-autocast forward time.
 - ``likelihood``: cost of one likelihood evaluation (field + exact divergence) against a forward pass at
@@ -21,12 +21,15 @@ Prints ONE JSON object (progress goes to stderr). Sections (``--sections``, all 
   samples, and the model NLL (bits/dim) from the likelihood with the same solver, vs dopri5. Whether the
   goal (Euler-250 quality at ≤ 32 network evaluations) is met, with the criteria in the output.
 
+Entries named ``proposed*`` time a change suggested for the core next to today's code (2-VJP surface divergence,
+conditioning computed once per condition, fused AdamW); they are measured here, not used by geoloc.
+
 Timings are medians of interleaved repeats (the machine may be shared; ``loadavg`` is recorded). Torch runs
 with ONE thread unless ``--threads`` says otherwise: on the shared 2-core development machine, two threads
 made every op 2-4x slower (OpenMP threads wait on a core another process holds).
 ``--cache-dir DIR`` keeps the synthetic models between runs (else they are trained in a temp dir).
 
-    python bench/bench_core.py                 # ≈ 8 min on a 2-core CPU
+    python bench/bench_core.py                 # ≈ 5-7 min on a (busy) 2-core CPU
     python bench/bench_core.py --quick         # ≈ 1 min smoke run (tiny sizes: numbers are not meaningful)
     python bench/bench_core.py --sections likelihood,quality --cache-dir /tmp/geoloc-bench-models
 """
@@ -305,7 +308,9 @@ def bench_sample(sz: Sizes, net: torch.nn.Module) -> dict:
         }
     out["proposed_shared_conditioning"] = shared_conditioning(net, b, sz.sample_repeats)
     log("sample: check the projection with a real 16-step rfm-s2 run")
-    real = timed(lambda: fams["rfm-s2"].sample(net, cond, 1, SampleConfig(steps=16), torch.Generator().manual_seed(1)))
+    real = med([timed(lambda: fams["rfm-s2"].sample(net, cond, 1, SampleConfig(steps=16),
+                                                    torch.Generator().manual_seed(1)))
+                for _ in range(sz.sample_repeats)])
     projected = out["rfm-s2"]["omega_0"]["points_per_s"]["16"]
     out["check_rfm_s2_16nfe"] = {"measured_points_per_s": r(b / real, 3), "projected_points_per_s": projected}
     return out
