@@ -116,7 +116,10 @@ def main() -> None:
                     help="also time a webdataset (tar) import of this many samples (the per-sample path)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (printed) for inspection")
     ap.add_argument("--child", nargs=2, metavar=("SOURCE", "STORE"), help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="a 100k-row smoke run")
     args = ap.parse_args()
+    if args.quick:
+        args.rows = min(args.rows, 100_000)
     if args.child:
         _child(*args.child)
         return

@@ -91,7 +91,7 @@ class LikelihoodConfig:
     rtol: float = 1e-5
     atol: float = 1e-5
     omega: float = 0.0
-    batch_size: int = 16384
+    batch_size: int = 4096  # the likelihood keeps a graph per point: ~0.4 MB per row at the paper's size
 
 
 @dataclass(frozen=True)
