@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from geoloc.errors import ConfigError
-from geoloc.sphere import Euclidean, Sphere, proj_tangent, project
+from geoloc.sphere import Euclidean, Sphere, proj_tangent, project, tangent_basis
 
 __all__ = [
     "STEPPERS",
@@ -154,20 +154,29 @@ class LikelihoodResult:
 
 
 def _field_and_divergence(
-    field: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, t: torch.Tensor
+    field: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    on_sphere: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """F(x, t) and the exact tr(∂F/∂x): one forward pass and one batched backward pass over the 3 basis vectors.
+    """F(x, t) and the exact tr(∂F/∂x): one forward pass and one batched backward pass (vector–Jacobian products).
 
+    In R³ the trace takes the three basis vectors. On S² (``on_sphere``, F the 0-homogeneous tangent
+    extension) J·x̂ = 0, so x̂ᵀJx̂ = 0 and the trace is e₁ᵀJe₁ + e₂ᵀJe₂ for an orthonormal tangent basis
+    (e₁, e₂) at x̂: two products instead of three (~20 % faster, same value).
     Measured on this CPU: ~3x the cost of a forward pass at the paper's size, and 2-3x faster than
-    forward-mode JVPs under vmap.
-    Works under ``torch.no_grad()`` (gradients are enabled locally), not under ``torch.inference_mode()``.
+    forward-mode JVPs under vmap. Works under ``torch.no_grad()`` (gradients are enabled locally), not under
+    ``torch.inference_mode()``.
     """
+    if on_sphere:
+        basis = torch.stack(tangent_basis(project(x.detach())))
+    else:
+        basis = torch.eye(3, dtype=x.dtype, device=x.device).unsqueeze(1).expand(3, x.shape[0], 3)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         out = field(xg, t)
-        basis = torch.eye(3, dtype=x.dtype, device=x.device).unsqueeze(1).expand(3, x.shape[0], 3)
-        (jac_rows,) = torch.autograd.grad(out, xg, grad_outputs=basis, is_grads_batched=True)
-    div = jac_rows[0, :, 0] + jac_rows[1, :, 1] + jac_rows[2, :, 2]
+        (rows,) = torch.autograd.grad(out, xg, grad_outputs=basis, is_grads_batched=True)
+    div = (rows * basis).sum(dim=(0, 2))
     return out.detach(), div.detach()
 
 
@@ -214,7 +223,7 @@ def log_prob_ode(
         def aug(tau: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
             nonlocal nfe
             nfe += 1
-            f, div = _field_and_divergence(field, state[0], tau.expand(m))
+            f, div = _field_and_divergence(field, state[0], tau.expand(m), on_sphere)
             return f, div
 
         xs, ells = torchdiffeq.odeint(
@@ -225,7 +234,7 @@ def log_prob_ode(
         stepper = get_stepper(method)
 
         def aug_velocity(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-            f, div = _field_and_divergence(field, z[:, :3], tau)
+            f, div = _field_and_divergence(field, z[:, :3], tau, on_sphere)
             return torch.cat([f, div.unsqueeze(-1)], dim=-1)
 
         z = torch.cat([x_data, ell.unsqueeze(-1)], dim=-1)

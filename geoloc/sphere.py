@@ -42,6 +42,7 @@ __all__ = [
     "proj_tangent",
     "project",
     "sample_uniform",
+    "tangent_basis",
     "validate_latlon",
     "xyz_to_latlon",
 ]
@@ -155,6 +156,12 @@ def _any_tangent(x: torch.Tensor) -> torch.Tensor:
     idx = x.abs().argmin(dim=-1, keepdim=True)
     axis.scatter_(-1, idx, 1.0)
     return project(torch.linalg.cross(x, axis))
+
+
+def tangent_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An orthonormal basis (e₁, e₂) of the tangent plane at each unit vector ``x``, smooth almost everywhere."""
+    e1 = _any_tangent(x)
+    return e1, torch.linalg.cross(x, e1)
 
 
 def logmap(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
