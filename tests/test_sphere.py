@@ -107,7 +107,8 @@ def test_haversine_known_distances():
 def test_haversine_matches_angle(lat1, lon1, lat2, lon2):
     d = haversine_km(np.array([lat1, lon1]), np.array([lat2, lon2]))
     a = float(angle(unit(lat1, lon1), unit(lat2, lon2))) * EARTH_RADIUS_KM
-    assert d == pytest.approx(a, abs=1e-6)
+    # The published haversine form loses precision near antipodes (√(1−h) with h → 1): ~R·√ε ≈ 1e-4 km.
+    assert d == pytest.approx(a, abs=1e-3)
 
 
 def test_uniform_sampling_and_equal_area_grid():
