@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from geoloc.errors import ConfigError, InputError
+from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
 from geoloc.sphere import EARTH_RADIUS_KM, angle, expmap, logmap, project, xyz_to_latlon
 
 __all__ = [
@@ -54,9 +55,6 @@ __all__ = [
     "top_k_modes",
 ]
 
-GEOSCORE_MAX = 5000.0
-GEOSCORE_SCALE_KM = 1492.7
-"""GeoScore of one prediction: ``GEOSCORE_MAX * exp(-d_km / GEOSCORE_SCALE_KM)`` (reference §10)."""
 
 MIN_BANDWIDTH_KM = 1.0
 """Floor of the KDE bandwidth: identical samples (a collapsed model) would otherwise give an infinite

@@ -32,8 +32,6 @@ refinement, so they fall back to the KD query more often (measured rates in the 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geoloc.checkpoint import atomic_write_bytes
 from geoloc.errors import InputError, StoreError
 
 __all__ = [
@@ -471,10 +470,9 @@ class LabelTable:
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file in the same folder, fsync, rename). No pickle."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object, so np.savez does not append ".npz" to the temp name
                 np.savez(
                     f,
                     nodes=self.nodes,
@@ -484,12 +482,8 @@ class LabelTable:
                     csv_sha256=np.array(self.csv_sha256),
                     levels=np.array(_TABLE_LEVELS),
                 )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+
+        atomic_write_bytes(path, write)
         return path
 
     @classmethod

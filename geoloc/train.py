@@ -39,6 +39,7 @@ from geoloc.checkpoint import load_state, load_weights, read_config, save_checkp
 from geoloc.config import SampleConfig, TrainConfig, config_to_dict
 from geoloc.errors import CheckpointError, TrainingError
 from geoloc.families import Family, check_cond, check_xyz, make_family
+from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
 from geoloc.sphere import EARTH_RADIUS_KM, angle
 
 __all__ = ["Lamb", "TrainResult", "lr_at", "train"]
@@ -147,7 +148,7 @@ def quick_geoscore(family: Family, net: nn.Module, cond: torch.Tensor, xyz: torc
     if point is None:
         point = family.sample(net, cond, 1, SampleConfig(steps=steps, omega=2.0 if family.uses_guidance else 0.0))[:, 0]
     dist_km = angle(point.float(), xyz.float()) * EARTH_RADIUS_KM
-    return float((5000 * torch.exp(-dist_km / 1492.7)).mean())
+    return float((GEOSCORE_MAX * torch.exp(-dist_km / GEOSCORE_SCALE_KM)).mean())
 
 
 def train(
