@@ -16,8 +16,6 @@ the ``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from geoloc.errors import CheckpointError
+from geoloc.files import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_write_bytes", "load_state", "read_config", "save_checkpoint", "save_state"]
+__all__ = ["CHECKPOINT_FORMAT", "load_state", "read_config", "save_checkpoint", "save_state"]
 
 CHECKPOINT_FORMAT = "geoloc-checkpoint"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` to a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the user's normal permissions
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -73,13 +44,13 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": CHECKPOINT_FORMAT}
-    atomic_write_bytes(directory / "model.safetensors", lambda p: save_file(_contiguous(weights), p, metadata=meta))
+    atomic_write(directory / "model.safetensors", lambda p: save_file(_contiguous(weights), p, metadata=meta))
     if raw_weights is not None:
-        atomic_write_bytes(
+        atomic_write(
             directory / "model_raw.safetensors", lambda p: save_file(_contiguous(raw_weights), p, metadata=meta)
         )
     body = json.dumps({"format": CHECKPOINT_FORMAT, "version": 1, **config}, indent=2, default=str)
-    atomic_write_bytes(directory / "config.json", lambda p: Path(p).write_text(body))
+    atomic_write(directory / "config.json", lambda p: Path(p).write_text(body))
     return directory
 
 
@@ -113,7 +84,7 @@ def load_weights(directory: str | Path, raw: bool = False) -> dict[str, torch.Te
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> None:
     """The resume state (optimiser tensors, step, loader position), atomically."""
-    atomic_write_bytes(Path(directory) / "train_state.pt", lambda p: torch.save(state, p))
+    atomic_write(Path(directory) / "train_state.pt", lambda p: torch.save(state, p))
 
 
 def load_state(directory: str | Path) -> dict[str, Any] | None:

@@ -578,7 +578,7 @@ def render_png(
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    from geoloc.checkpoint import atomic_write_bytes
+    from geoloc.files import atomic_write
 
     cells, values, vmin, vmax = _paint_order(dmap, dynamic_range)
     norm = LogNorm(vmin=vmin, vmax=vmax)
@@ -630,7 +630,7 @@ def render_png(
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     path = Path(path)
-    atomic_write_bytes(path, lambda p: Path(p).write_bytes(buf.getvalue()))
+    atomic_write(path, lambda p: Path(p).write_bytes(buf.getvalue()))
     return path
 
 
@@ -649,7 +649,7 @@ def render_html(
     import matplotlib
     from matplotlib.colors import LogNorm, to_hex
 
-    from geoloc.checkpoint import atomic_write_bytes
+    from geoloc.files import atomic_write
 
     cells, values, vmin, vmax = _paint_order(dmap, dynamic_range)
     norm = LogNorm(vmin=vmin, vmax=vmax)
@@ -691,5 +691,5 @@ def render_html(
         '<svg viewBox="0 0 360 180" xmlns="http://www.w3.org/2000/svg">' + "".join(parts) + "</svg></body></html>"
     )
     path = Path(path)
-    atomic_write_bytes(path, lambda p: Path(p).write_text(body, encoding="utf-8"))
+    atomic_write(path, lambda p: Path(p).write_text(body, encoding="utf-8"))
     return path

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from geoloc.checkpoint import atomic_write_bytes
 from geoloc.errors import ConfigError
+from geoloc.files import atomic_write
 
 __all__ = ["format_table", "prediction_rows", "to_geojson", "write_geojson", "write_table"]
 
@@ -99,7 +99,7 @@ def write_table(predictions: Sequence[Any], path: str | Path, top_k: int | None 
         data = _parquet_bytes(rows)
     else:
         raise ConfigError(f"{path}: unknown table format {suffix or '(none)'}; use .csv or .parquet")
-    atomic_write_bytes(path, lambda p: Path(p).write_bytes(data))
+    atomic_write(path, lambda p: Path(p).write_bytes(data))
     return path
 
 
@@ -136,7 +136,7 @@ def write_geojson(predictions: Sequence[Any], path: str | Path) -> Path:
     """Write :func:`to_geojson` to ``path`` atomically."""
     body = json.dumps(to_geojson(predictions), ensure_ascii=False, indent=1)
     path = Path(path)
-    atomic_write_bytes(path, lambda p: Path(p).write_text(body, encoding="utf-8"))
+    atomic_write(path, lambda p: Path(p).write_text(body, encoding="utf-8"))
     return path
 
 

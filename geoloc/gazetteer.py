@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from geoloc.checkpoint import atomic_write_bytes
 from geoloc.errors import InputError, StoreError
+from geoloc.files import atomic_write
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
@@ -483,7 +483,7 @@ class LabelTable:
                     levels=np.array(_TABLE_LEVELS),
                 )
 
-        atomic_write_bytes(path, write)
+        atomic_write(path, write)
         return path
 
     @classmethod

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from geoloc.checkpoint import atomic_write_bytes
+from geoloc.files import atomic_write
 from geoloc.metrics import MISS_KM, THRESHOLDS_KM
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def write_predictions(report: Report, path: str | Path, fmt: str = "parquet") ->
             for t in prediction_tables(report):
                 w.write_table(_unify(t, schema).cast(plain))
 
-    atomic_write_bytes(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -266,7 +266,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
     return path
 
 
@@ -345,10 +345,10 @@ def write_outputs(report: Report, out_dir: str | Path, *, csv: bool = False, plo
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     body = json.dumps(report.to_json(), indent=2, allow_nan=False)
-    atomic_write_bytes(out / "report.json", lambda tmp: Path(tmp).write_text(body + "\n"))
+    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(body + "\n"))
     written["report"] = out / "report.json"
     table = report.table_markdown()
-    atomic_write_bytes(out / "table.md", lambda tmp: Path(tmp).write_text(table))
+    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table))
     written["table"] = out / "table.md"
     written["predictions"] = write_predictions(report, out / "predictions.parquet")
     if csv:

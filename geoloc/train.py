@@ -37,6 +37,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from geoloc.checkpoint import load_state, load_weights, read_config, save_checkpoint, save_state
 from geoloc.config import SampleConfig, TrainConfig, config_to_dict
+from geoloc.devices import resolve_autocast, resolve_device
 from geoloc.errors import CheckpointError, TrainingError
 from geoloc.families import Family, check_cond, check_xyz, make_family
 from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
@@ -94,26 +95,6 @@ def _make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     if cfg.name == "lamb":
         return Lamb(groups, lr=cfg.lr, betas=cfg.betas)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where the hardware has native bf16 (≈2x on AVX512-BF16 CPUs, offline-stack §8)."""
-    if dtype in ("fp32", "float32"):
-        return None
-    if dtype in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    try:
-        return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
-    except AttributeError:
-        return None
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
