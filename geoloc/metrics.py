@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
-import torch
 from scipy.spatial import cKDTree
 
 from geoloc.config import COMPAT_MODES, Compat
@@ -529,12 +528,6 @@ class Prdc:
         }
 
 
-def _unit_xyz(latlon: np.ndarray) -> np.ndarray:
-    """Float64 unit vectors: the tensor path of :func:`geoloc.sphere.latlon_to_xyz` keeps the input's
-    float64 (its numpy path gives the loader's float32), and PRDC's ``d < r`` tests need every bit."""
-    return latlon_to_xyz(torch.from_numpy(np.ascontiguousarray(latlon, dtype=np.float64))).numpy()
-
-
 def _ball_hits(tree_points, centres: np.ndarray, radii: np.ndarray, n_points: int) -> np.ndarray:
     """For each point of ``tree_points``, how many balls (centre, radius) contain it strictly (d < r)."""
     # query_ball_point keeps d ≤ r; the next float below r makes it d < r. A zero radius holds nothing.
@@ -556,7 +549,8 @@ def _prdc_once(real: np.ndarray, fake: np.ndarray, k: int) -> Prdc:
         raise InputError(
             f"PRDC with k={k} needs more than {k} points per chunk (got {len(real)} real, {len(fake)} fake); use fewer chunks"
         )
-    xr, xf = _unit_xyz(real), _unit_xyz(fake)
+    # float64 unit vectors: PRDC's ``d < r`` tests need every bit.
+    xr, xf = latlon_to_xyz(real, np.float64), latlon_to_xyz(fake, np.float64)
     tr, tf = cKDTree(xr), cKDTree(xf)
     # The (k+1)-th smallest distance of each row, self included (the reference's "k-th neighbour, not self").
     r_real = tr.query(xr, k=k + 1)[0][:, k]
