@@ -78,7 +78,9 @@ def resolve_labels(
         if labels == "auto":
             found = {lv: f"unique_{lv}" for lv in LEVELS if f"unique_{lv}" in columns}
             return found, ("columns" if found else None)
-        raise ConfigError(f"labels must be one of {', '.join(LABEL_MODES)} or LEVEL=COLUMN pairs, got {labels!r}")
+        raise ConfigError(
+            f"labels must be one of {', '.join(LABEL_MODES)} or LEVEL=COLUMN pairs, got {labels!r}"
+        )
     out: dict[str, str | None] = {}
     for lv, col in labels.items():
         if lv not in LEVELS:
@@ -118,7 +120,9 @@ class _RowState:
         for k, g in enumerate(self.generators):
             p = np.asarray(self.predictor.predict(cond, g), dtype=np.float64)
             if p.shape != (cond.shape[0], 2):
-                raise InputError(f"row {self.name!r}: predictor returned shape {p.shape} for {cond.shape[0]} items")
+                raise InputError(
+                    f"row {self.name!r}: predictor returned shape {p.shape} for {cond.shape[0]} items"
+                )
             self.preds[k].append(p)
         if self.has_lp:
             lp = self.predictor.log_prob(xyz, cond)
@@ -228,7 +232,9 @@ def _check_dims(rows: Mapping[str, Predictor], dim: int) -> None:
     for name, pred in rows.items():
         want = pred.expects[1]
         if want is not None and int(want) != dim:
-            raise BackboneError(f"model {name!r} expects {want}-d embeddings but the batches hold {dim}-d ones")
+            raise BackboneError(
+                f"model {name!r} expects {want}-d embeddings but the batches hold {dim}-d ones"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,7 +250,9 @@ def _load_gazetteer(cache_dir: str | None) -> Gazetteer:
         return Gazetteer.load(table=False)
 
 
-def _prdc_metrics(gt: np.ndarray, pred: np.ndarray, config: EvalConfig, notes: list[str], name: str) -> dict[str, float]:
+def _prdc_metrics(
+    gt: np.ndarray, pred: np.ndarray, config: EvalConfig, notes: list[str], name: str
+) -> dict[str, float]:
     """PRDC on the items with a prediction (the reference drops failures too), chunked and unchunked."""
     ok = ~failed_predictions(pred)
     real, fake = gt[ok], pred[ok]
@@ -278,8 +286,10 @@ def score_rows(
     notes: list[str] = []
     if config.drop_tail:
         keep = (n_read // config.drop_tail) * config.drop_tail
-        notes.append(f"drop_tail={config.drop_tail}: scored the first {keep:,} of {n_read:,} items "
-                     "(PLONK's single-device loader, quirk E)")
+        notes.append(
+            f"drop_tail={config.drop_tail}: scored the first {keep:,} of {n_read:,} items "
+            "(PLONK's single-device loader, quirk E)"
+        )
         data = data.head(keep)
         rows = [r.head(keep) for r in rows]
     n = len(data)
@@ -296,8 +306,9 @@ def score_rows(
         for pred in row.latlon:
             if len(pred) != n:
                 raise InputError(f"row {row.name!r}: {len(pred)} predictions for {n} items")
-            sc = score(pred, data.latlon, gazetteer=gazetteer, levels=levels, gt_keys=gt_keys,
-                       compat=config.compat)
+            sc = score(
+                pred, data.latlon, gazetteer=gazetteer, levels=levels, gt_keys=gt_keys, compat=config.compat
+            )
             values = dict(sc.as_dict())
             if config.prdc:
                 values.update(_prdc_metrics(data.latlon, pred, config, notes, row.name))
@@ -309,8 +320,30 @@ def score_rows(
         if row.localizability is not None:
             loc = localizability_stats(row.localizability, scores[0].per_item["dist_km"])
         unmatchable = dict(scores[0].admin.n_unmatchable) if scores and scores[0].admin is not None else {}
-        results.append(RowResult(row.name, row.info, list(row.seeds), metrics, nll, row.nll_space, loc,
-                                 unmatchable, row.elapsed_s, scores, row))
+        results.append(
+            RowResult(
+                row.name,
+                row.info,
+                list(row.seeds),
+                metrics,
+                nll,
+                row.nll_space,
+                loc,
+                unmatchable,
+                row.elapsed_s,
+                scores,
+                row,
+            )
+        )
     label_keys = {lv: gazetteer.keys[lv] for lv in levels} if levels and gazetteer is not None else {}
-    return Report(config=config, n=n, n_read=n_read, levels=dict(data.levels), label_source=data.label_source,
-                  rows=results, data=data, label_keys=label_keys, notes=notes)
+    return Report(
+        config=config,
+        n=n,
+        n_read=n_read,
+        levels=dict(data.levels),
+        label_source=data.label_source,
+        rows=results,
+        data=data,
+        label_keys=label_keys,
+        notes=notes,
+    )

@@ -73,8 +73,13 @@ class EvalData:
         return len(self.latlon)
 
     def head(self, n: int) -> EvalData:
-        return EvalData(self.ids[:n], self.latlon[:n], self.levels, self.label_source,
-                        {k: v[:n] for k, v in self.gt_keys.items()})
+        return EvalData(
+            self.ids[:n],
+            self.latlon[:n],
+            self.levels,
+            self.label_source,
+            {k: v[:n] for k, v in self.gt_keys.items()},
+        )
 
 
 @dataclass
@@ -91,9 +96,12 @@ class RowPredictions:
     elapsed_s: float = 0.0
 
     def head(self, n: int) -> RowPredictions:
-        return replace(self, latlon=[p[:n] for p in self.latlon],
-                       log_prob=None if self.log_prob is None else self.log_prob[:n],
-                       localizability=None if self.localizability is None else self.localizability[:n])
+        return replace(
+            self,
+            latlon=[p[:n] for p in self.latlon],
+            log_prob=None if self.log_prob is None else self.log_prob[:n],
+            localizability=None if self.localizability is None else self.localizability[:n],
+        )
 
 
 @dataclass
@@ -131,8 +139,14 @@ class RowResult:
             "seeds": self.seeds,
             "metrics": summary,
             "n_failed_total": int(sum(self.metrics.get("n_failed", []))),
-            "nll": None if self.nll is None else {"bits_per_dim": self.nll.bits_per_dim, "n": self.nll.n,
-                                                  "n_failed": self.nll.n_failed, "space": self.nll_space},
+            "nll": None
+            if self.nll is None
+            else {
+                "bits_per_dim": self.nll.bits_per_dim,
+                "n": self.nll.n,
+                "n_failed": self.nll.n_failed,
+                "space": self.nll_space,
+            },
             "localizability": self.localizability,
             "admin_unmatchable": self.n_unmatchable,
             "elapsed_s": self.elapsed_s,
@@ -164,22 +178,24 @@ class Report:
         raise KeyError(f"no row {name!r}; rows are {[r.name for r in self.rows]}")
 
     def to_json(self) -> dict[str, Any]:
-        return _clean({
-            "format": "geoloc-eval",
-            "version": 1,
-            "geoloc": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "split": self.split,
-            "stores": self.stores,
-            "n": self.n,
-            "n_read": self.n_read,
-            "levels": self.levels,
-            "label_source": self.label_source,
-            "config": self.config.to_json(),
-            "rows": [r.to_json() for r in self.rows],
-            "notes": self.notes,
-            "elapsed_s": self.elapsed_s,
-        })
+        return _clean(
+            {
+                "format": "geoloc-eval",
+                "version": 1,
+                "geoloc": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "split": self.split,
+                "stores": self.stores,
+                "n": self.n,
+                "n_read": self.n_read,
+                "levels": self.levels,
+                "label_source": self.label_source,
+                "config": self.config.to_json(),
+                "rows": [r.to_json() for r in self.rows],
+                "notes": self.notes,
+                "elapsed_s": self.elapsed_s,
+            }
+        )
 
     def table_markdown(self, layout: str | None = None) -> str:
         return format_tables(self, layout or self.config.table)
@@ -206,10 +222,21 @@ def _clean(x: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 # (header, metric key, scale, decimals)
-_OSV = [("GeoScore", "geoscore", 1.0, 0), ("dist (km)", "dist_km", 1.0, 0), ("country", "acc_country", 100.0, 1),
-        ("region", "acc_region", 100.0, 1), ("city", "acc_city", 100.0, 1)]
-_YFCC = [("GeoScore", "geoscore", 1.0, 0), ("dist (km)", "dist_km", 1.0, 0), ("25 km", "acc_25km", 100.0, 1),
-         ("200 km", "acc_200km", 100.0, 1), ("750 km", "acc_750km", 100.0, 1), ("2500 km", "acc_2500km", 100.0, 1)]
+_OSV = [
+    ("GeoScore", "geoscore", 1.0, 0),
+    ("dist (km)", "dist_km", 1.0, 0),
+    ("country", "acc_country", 100.0, 1),
+    ("region", "acc_region", 100.0, 1),
+    ("city", "acc_city", 100.0, 1),
+]
+_YFCC = [
+    ("GeoScore", "geoscore", 1.0, 0),
+    ("dist (km)", "dist_km", 1.0, 0),
+    ("25 km", "acc_25km", 100.0, 1),
+    ("200 km", "acc_200km", 100.0, 1),
+    ("750 km", "acc_750km", 100.0, 1),
+    ("2500 km", "acc_2500km", 100.0, 1),
+]
 _PRDC = ("precision", "recall", "density", "coverage")
 
 
@@ -242,7 +269,9 @@ def _layout_columns(report: Report, layout: str) -> tuple[str, list[tuple[str, s
         return "OSV-5M layout", cols
     if layout == "yfcc4k":
         return "YFCC4k layout", list(_YFCC)
-    admin = [(lv, f"acc_{lv}", 100.0, 1) for lv in ("country", "region", "sub-region", "city") if lv in levels]
+    admin = [
+        (lv, f"acc_{lv}", 100.0, 1) for lv in ("country", "region", "sub-region", "city") if lv in levels
+    ]
     thresholds = [(f"{r:g} km", f"acc_{r:g}km", 100.0, 1) for r in THRESHOLDS_KM]
     return "all columns", [*_YFCC[:2], ("median (km)", "median_km", 1.0, 0), *admin, *thresholds]
 
@@ -252,13 +281,19 @@ def format_tables(report: Report, layout: str = "auto") -> str:
     cfg = report.config
     name, cols = _layout_columns(report, layout)
     seeds = ",".join(str(s) for s in cfg.seeds)
-    head = (f"Split `{report.split or '?'}`, N = {report.n:,}"
-            + (f" (of {report.n_read:,} read)" if report.n != report.n_read else "")
-            + f"; estimator `{cfg.estimator}`, ω = {cfg.effective_omega():g}, {cfg.steps} {cfg.method} steps;"
-            f" seeds {seeds}; compat `{cfg.compat}`.")
+    head = (
+        f"Split `{report.split or '?'}`, N = {report.n:,}"
+        + (f" (of {report.n_read:,} read)" if report.n != report.n_read else "")
+        + f"; estimator `{cfg.estimator}`, ω = {cfg.effective_omega():g}, {cfg.steps} {cfg.method} steps;"
+        f" seeds {seeds}; compat `{cfg.compat}`."
+    )
     out = [head, "", f"**Table 1** ({name}; accuracies in %, mean ± std over seeds)", ""]
-    out.append(_markdown(["Model", *(c[0] for c in cols)],
-                         [[r.name, *(_cell(r, k, s, d) for _, k, s, d in cols)] for r in report.rows]))
+    out.append(
+        _markdown(
+            ["Model", *(c[0] for c in cols)],
+            [[r.name, *(_cell(r, k, s, d) for _, k, s, d in cols)] for r in report.rows],
+        )
+    )
     nll_rows = []
     for r in report.rows:
         if r.nll is None:
@@ -266,8 +301,12 @@ def format_tables(report: Report, layout: str = "auto") -> str:
         else:
             space = "S² (per steradian)" if r.nll_space == "sphere" else "R³ (per unit volume)"
             nll_rows.append([r.name, _fmt(r.nll.bits_per_dim, 0.0, 1, 1.0, 2), space])
-    out += ["", "**Table 2** (NLL of the true location in bits/dim, ω = "
-            f"{cfg.likelihood.omega:g}; lower is better; uniform = 1.22)", ""]
+    out += [
+        "",
+        "**Table 2** (NLL of the true location in bits/dim, ω = "
+        f"{cfg.likelihood.omega:g}; lower is better; uniform = 1.22)",
+        "",
+    ]
     out.append(_markdown(["Model", "NLL", "density"], nll_rows))
     extra_cols = [("median (km)", "median_km", 1.0, 0), ("1 km", "acc_1km", 100.0, 1)]
     if "sub-region" in report.levels:
@@ -289,8 +328,14 @@ def format_tables(report: Report, layout: str = "auto") -> str:
     headers = ["Model", "N", "failed", *(c[0] for c in extra_cols), "loc. (bits)", "ρ(loc, err)"]
     if not any_loc:
         headers, body = headers[:-2], [b[:-2] for b in body]
-    prdc_note = (f"; P/R/D/C{cfg.prdc_chunks}: precision/recall/density/coverage (k = {cfg.prdc_k}) averaged "
-                 f"over {cfg.prdc_chunks} chunks as the reference, P/R/D/C: unchunked") if cfg.prdc else ""
+    prdc_note = (
+        (
+            f"; P/R/D/C{cfg.prdc_chunks}: precision/recall/density/coverage (k = {cfg.prdc_k}) averaged "
+            f"over {cfg.prdc_chunks} chunks as the reference, P/R/D/C: unchunked"
+        )
+        if cfg.prdc
+        else ""
+    )
     fate = "dropped, as the reference does" if cfg.compat == "plonk" else "scored as misses"
     out += ["", f"**Extra** (N: items counted; failed: predictions over all seeds, {fate}{prdc_note})", ""]
     out.append(_markdown(headers, body))
@@ -348,12 +393,14 @@ def prediction_tables(report: Report) -> Iterator[pa.Table]:
             for lv in report.levels:
                 cols[f"true_{_column_name(lv)}"] = true_cols[lv]
                 cols[f"pred_{_column_name(lv)}"] = _label_array(
-                    np.where(failed, -1, sc.admin.pred_ids[lv]), report.label_keys[lv])
+                    np.where(failed, -1, sc.admin.pred_ids[lv]), report.label_keys[lv]
+                )
             if preds.log_prob is not None:
                 cols["log_prob"] = pa.array(preds.log_prob, mask=~np.isfinite(preds.log_prob))
             if preds.localizability is not None:
-                cols["localizability_bits"] = pa.array(preds.localizability,
-                                                       mask=~np.isfinite(preds.localizability))
+                cols["localizability_bits"] = pa.array(
+                    preds.localizability, mask=~np.isfinite(preds.localizability)
+                )
             yield pa.table(cols)
 
 
@@ -361,8 +408,9 @@ def _unify(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
     """Rows without NLL/localizability get null columns, so every row fits the file's one schema."""
     if schema is None:
         return table
-    cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type)
-            for f in schema]
+    cols = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema
+    ]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
@@ -391,8 +439,9 @@ def write_predictions(report: Report, path: str | Path, fmt: str = "parquet") ->
                 for t in prediction_tables(report):
                     w.write_table(_unify(t, schema))
             return
-        plain = pa.schema([pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f
-                           for f in schema])
+        plain = pa.schema(
+            [pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema]
+        )
         with pacsv.CSVWriter(tmp, plain) as w:
             for t in prediction_tables(report):
                 w.write_table(_unify(t, schema).cast(plain))
@@ -435,8 +484,16 @@ def plot_error_cdf(report: Report, path: str | Path) -> Path:
         ax.step(d, y, where="post", label=f"{r.name} (mean {r.stat('dist_km')[0]:,.0f} km)")
     for t in THRESHOLDS_KM:
         ax.axvline(t, color="0.6", linestyle="--", linewidth=0.8)
-        ax.text(t, 1.01, f"{t:g} km", ha="center", va="bottom", fontsize=8, color="0.35",
-                transform=ax.get_xaxis_transform())
+        ax.text(
+            t,
+            1.01,
+            f"{t:g} km",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="0.35",
+            transform=ax.get_xaxis_transform(),
+        )
     ax.set_xscale("log")
     ax.set_xlim(_MIN_KM, MISS_KM * 1.05)
     ax.set_ylim(0, 1)
@@ -478,7 +535,9 @@ def plot_localizability(report: Report, path: str | Path, max_points: int = 2000
         ax.set_xlabel("localizability (bits, higher = more localizable)")
         ax.set_ylabel("error (km)")
         rho = (r.localizability or {}).get("spearman_vs_dist")
-        ax.set_title(r.name + (f" (Spearman ρ = {rho:.2f})" if rho is not None and math.isfinite(rho) else ""))
+        ax.set_title(
+            r.name + (f" (Spearman ρ = {rho:.2f})" if rho is not None and math.isfinite(rho) else "")
+        )
         ax.grid(True, alpha=0.3)
     try:
         return _save(fig, Path(path))
@@ -491,7 +550,9 @@ def plot_localizability(report: Report, path: str | Path, max_points: int = 2000
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_outputs(report: Report, out_dir: str | Path, *, csv: bool = False, plots: bool = True) -> dict[str, Path]:
+def write_outputs(
+    report: Report, out_dir: str | Path, *, csv: bool = False, plots: bool = True
+) -> dict[str, Path]:
     """Write ``report.json``, ``table.md``, ``predictions.parquet`` (+ ``predictions.csv``) and the PNG plots
     into ``out_dir`` (created); returns what was written, by kind."""
     out = Path(out_dir)

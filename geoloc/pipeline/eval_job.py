@@ -43,6 +43,7 @@ __all__ = [
     "run_eval",
 ]
 
+
 class EvalStores:
     """The feature stores of one evaluation, each opened once; every check and read goes through here."""
 
@@ -81,8 +82,13 @@ class EvalStores:
         for path, st in zip(self.paths, self.opened, strict=True):
             rows = st.rows_per_split()
             if not rows.get(split):
-                have = ", ".join(f"{k} ({v:,})" for k, v in sorted(rows.items()) if v) or "none (the store is empty)"
-                raise StoreError(f"{path}: no rows in split {split!r} for the {what}; available splits: {have}")
+                have = (
+                    ", ".join(f"{k} ({v:,})" for k, v in sorted(rows.items()) if v)
+                    or "none (the store is empty)"
+                )
+                raise StoreError(
+                    f"{path}: no rows in split {split!r} for the {what}; available splits: {have}"
+                )
 
     def num_rows(self, split: str) -> int:
         return sum(st.num_rows(split) for st in self.opened)
@@ -102,8 +108,10 @@ class EvalStores:
 
     def info(self) -> list[dict[str, Any]]:
         """What ``report.json`` records about each store."""
-        return [{"path": str(p), "backbone": st.backbone.to_json(), "rows_per_split": st.rows_per_split()}
-                for p, st in zip(self.paths, self.opened, strict=True)]
+        return [
+            {"path": str(p), "backbone": st.backbone.to_json(), "rows_per_split": st.rows_per_split()}
+            for p, st in zip(self.paths, self.opened, strict=True)
+        ]
 
 
 def retrieval_from_stores(
@@ -119,7 +127,9 @@ def retrieval_from_stores(
     name, dim = stores.backbone
     builder = RetrievalBuilder(dim, index)
     stores.require_split(split, "retrieval database")
-    with progress_bar(stores.num_rows(split), f"retrieval index ({split})", enabled=progress, leave=False) as bar:
+    with progress_bar(
+        stores.num_rows(split), f"retrieval index ({split})", enabled=progress, leave=False
+    ) as bar:
         for batch in stores.batches(split, batch_size):
             builder.add(batch.cond, batch.latlon)
             bar.update(len(batch))
@@ -159,8 +169,17 @@ def evaluate_stores(
     label_cols = sorted({c for c in levels.values() if c})
     total = None if config.where else stores.num_rows(split)
     batches = stores.batches(split, config.batch_size, config.where, label_cols)
-    report = evaluate(rows, batches, config, levels=levels, label_source=source, gazetteer=gazetteer,
-                      progress=progress, total=total, desc=f"eval {split}")
+    report = evaluate(
+        rows,
+        batches,
+        config,
+        levels=levels,
+        label_source=source,
+        gazetteer=gazetteer,
+        progress=progress,
+        total=total,
+        desc=f"eval {split}",
+    )
     report.split = split
     report.stores = stores.info()
     return report
@@ -180,28 +199,36 @@ def _checkpoint_row(ckpt: str | Path, stores: EvalStores, config: EvalConfig) ->
     cfg = read_config(ckpt)
     bb = cfg.get("backbone") or {}
     # Check before loading weights: the config alone says which embeddings the model was trained on.
-    stores.check_backbone((bb.get("name") or None, int(bb.get("dim") or cfg.get("cond_dim") or 0) or None),
-                          f"checkpoint {ckpt}")
+    stores.check_backbone(
+        (bb.get("name") or None, int(bb.get("dim") or cfg.get("cond_dim") or 0) or None), f"checkpoint {ckpt}"
+    )
     geo = Geolocator.from_pretrained(ckpt, device=resolve_device(config.device))
     return GeolocatorPredictor(geo, config, source=str(ckpt))
 
 
 def _baseline_row(base: str, stores: EvalStores, config: EvalConfig, split: str, progress: bool) -> Predictor:
     if base == "uniform":
-        return GeolocatorPredictor(uniform_geolocator(stores.backbone[1]), config, kind="uniform",
-                                   source="uniform on S²")
+        return GeolocatorPredictor(
+            uniform_geolocator(stores.backbone[1]), config, kind="uniform", source="uniform on S²"
+        )
     if config.retrieval_split == split:
-        raise ConfigError(f"retrieval over split {split!r} would find every item itself; set another "
-                          "--retrieval-split (the training split)")
-    return retrieval_from_stores(stores, config.retrieval_split, index=config.retrieval_index, progress=progress)
+        raise ConfigError(
+            f"retrieval over split {split!r} would find every item itself; set another "
+            "--retrieval-split (the training split)"
+        )
+    return retrieval_from_stores(
+        stores, config.retrieval_split, index=config.retrieval_index, progress=progress
+    )
 
 
 def _check_request(checkpoints: Sequence[str | Path], baselines: Sequence[str]) -> None:
     """The request's own mistakes, found before any store is opened."""
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
-        raise ConfigError(f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)} "
-                          "(a vmf / vmf-mix model is a checkpoint: pass it with --checkpoint)")
+        raise ConfigError(
+            f"unknown baseline(s) {unknown}; choose from {', '.join(BASELINES)} "
+            "(a vmf / vmf-mix model is a checkpoint: pass it with --checkpoint)"
+        )
     if not checkpoints and not baselines:
         raise ConfigError("nothing to evaluate: pass --checkpoint DIR and/or --baseline uniform|retrieval")
 
@@ -225,7 +252,7 @@ def build_rows(
     rows: dict[str, Predictor] = {}
     for name, ckpt in zip(names, checkpoints, strict=False):
         rows[name] = _checkpoint_row(ckpt, stores, config)
-    for name, base in zip(names[len(checkpoints):], baselines, strict=True):
+    for name, base in zip(names[len(checkpoints) :], baselines, strict=True):
         rows[name] = _baseline_row(base, stores, config, split, progress)
     return rows
 
