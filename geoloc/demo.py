@@ -85,8 +85,9 @@ def _maps(rfm: Path, names: tuple[tuple[str, str], ...], out: Path, report: Demo
 
 def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> DemoReport:
     """Run the four stages (each skipped work is reused from ``config.out_dir``) and return the report."""
-    from geoloc.evaluate import EvalConfig, run_eval
+    from geoloc.config import EvalConfig
     from geoloc.pipeline.embed import EmbedConfig, run_embed
+    from geoloc.pipeline.eval_job import run_eval
 
     out = Path(config.out_dir)
     store = out / "store"
