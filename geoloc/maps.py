@@ -114,7 +114,11 @@ def _read_lines(kind: str, scale: str, box: tuple[float, float, float, float] | 
         if box is not None and (float(f[4]) < box[2] or float(f[3]) > box[3]):
             continue
         offset, nbytes = int(f[5]), int(f[6])
-        pts = np.frombuffer(data, dtype="<f4", count=nbytes // 4, offset=offset).reshape(-1, 2).astype(np.float64)
+        pts = (
+            np.frombuffer(data, dtype="<f4", count=nbytes // 4, offset=offset)
+            .reshape(-1, 2)
+            .astype(np.float64)
+        )
         lon = np.where(pts[:, 0] == 180.0, 180.0, (pts[:, 0] + 180.0) % 360.0 - 180.0)
         if box is not None and not _meets(lon, pts[:, 1], box):
             continue
@@ -203,8 +207,9 @@ def _modes(dmap: DensityMap, modes: Sequence[dict[str, Any]] | None, k: int = 3)
 
 
 # ------------------------------------------------------------------------------------------------ PNG
-def _paint(ax: Any, dmap: DensityMap, values: np.ndarray, norm: Any, cmap: Any, keep: np.ndarray | None,
-           world: bool) -> None:
+def _paint(
+    ax: Any, dmap: DensityMap, values: np.ndarray, norm: Any, cmap: Any, keep: np.ndarray | None, world: bool
+) -> None:
     """Cells coarse to fine (finer cells cover their enlarged coarse neighbours), opaque, edge = face."""
     from matplotlib.collections import PolyCollection
 
@@ -236,8 +241,15 @@ def _draw_regions(ax: Any, regions: Sequence[Region], world: bool) -> None:
         _lines(ax, segs, world, colors="#08306b", linewidths=lw, linestyles=style, zorder=4)
 
 
-def _draw_marks(ax: Any, modes: list[dict[str, Any]], truth: Any, estimate: Any, world: bool,
-                scale: float = 1.0, labels: bool = True) -> None:
+def _draw_marks(
+    ax: Any,
+    modes: list[dict[str, Any]],
+    truth: Any,
+    estimate: Any,
+    world: bool,
+    scale: float = 1.0,
+    labels: bool = True,
+) -> None:
     from matplotlib import patheffects
 
     def xy(lat: float, lon: float) -> tuple[list[float], list[float]]:
@@ -246,21 +258,53 @@ def _draw_marks(ax: Any, modes: list[dict[str, Any]], truth: Any, estimate: Any,
 
     halo = [patheffects.withStroke(linewidth=2.8, foreground="white")]
     for j, m in enumerate(modes):
-        ax.scatter(*xy(m["lat"], m["lon"]), s=120 * scale, facecolors="none", edgecolors="#0050ff",
-                   linewidths=1.8, zorder=6, path_effects=halo)
+        ax.scatter(
+            *xy(m["lat"], m["lon"]),
+            s=120 * scale,
+            facecolors="none",
+            edgecolors="#0050ff",
+            linewidths=1.8,
+            zorder=6,
+            path_effects=halo,
+        )
         if labels:
             text = f"{j + 1}"
             if m.get("mass") is not None:
                 text += f" {m['label'].split(',')[0]} {100 * m['mass']:.0f}%" if m.get("label") else ""
-            ax.annotate(text, tuple(v[0] for v in xy(m["lat"], m["lon"])), xytext=(7, 6), textcoords="offset points",
-                        fontsize=9 * scale, color="#002070", weight="bold", zorder=7, path_effects=halo,
-                        annotation_clip=True)
+            ax.annotate(
+                text,
+                tuple(v[0] for v in xy(m["lat"], m["lon"])),
+                xytext=(7, 6),
+                textcoords="offset points",
+                fontsize=9 * scale,
+                color="#002070",
+                weight="bold",
+                zorder=7,
+                path_effects=halo,
+                annotation_clip=True,
+            )
     if estimate is not None:
-        ax.scatter(*xy(estimate[0], estimate[1]), marker="X", s=90 * scale, color="#00b4d8",
-                   edgecolors="black", linewidths=0.6, zorder=8, label="estimate")
+        ax.scatter(
+            *xy(estimate[0], estimate[1]),
+            marker="X",
+            s=90 * scale,
+            color="#00b4d8",
+            edgecolors="black",
+            linewidths=0.6,
+            zorder=8,
+            label="estimate",
+        )
     if truth is not None:
-        ax.scatter(*xy(truth[0], truth[1]), marker="*", s=260 * scale, color="#2dc937",
-                   edgecolors="black", linewidths=0.7, zorder=9, label="true location")
+        ax.scatter(
+            *xy(truth[0], truth[1]),
+            marker="*",
+            s=260 * scale,
+            color="#2dc937",
+            edgecolors="black",
+            linewidths=0.7,
+            zorder=9,
+            label="true location",
+        )
 
 
 def _zoom_extent(dmap: DensityMap, peak: dict[str, Any]) -> float:
@@ -317,8 +361,12 @@ def render_png(
     fig = plt.figure(figsize=(14, 6.8), dpi=dpi)
     ax = fig.add_axes((0.01, 0.13, 0.66, 0.74))
     _paint(ax, dmap, values, norm, colormap, None, world=True)
-    graticule = [np.column_stack([np.full(61, lon), np.linspace(-90, 90, 61)]) for lon in range(-180, 181, 30)]
-    graticule += [np.column_stack([np.linspace(-180, 180, 121), np.full(121, lat)]) for lat in range(-60, 61, 30)]
+    graticule = [
+        np.column_stack([np.full(61, lon), np.linspace(-90, 90, 61)]) for lon in range(-180, 181, 30)
+    ]
+    graticule += [
+        np.column_stack([np.linspace(-180, 180, 121), np.full(121, lat)]) for lat in range(-60, 61, 30)
+    ]
     _lines(ax, graticule, True, colors="#9a9a9a", linewidths=0.3, alpha=0.6, zorder=1.5)
     _lines(ax, world_lines("borders", "c"), True, colors="#6b6b6b", linewidths=0.35, zorder=2)
     _lines(ax, world_lines("coast", "c"), True, colors="#222222", linewidths=0.55, zorder=3)
@@ -342,8 +390,10 @@ def render_png(
     cax = fig.add_axes((0.12, 0.075, 0.44, 0.022))
     sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap)
     cbar = fig.colorbar(sm, cax=cax, orientation="horizontal", extend="min")
-    cbar.set_label("predicted probability per km² (log scale; cells below the left end are drawn in its colour)",
-                   fontsize=9)
+    cbar.set_label(
+        "predicted probability per km² (log scale; cells below the left end are drawn in its colour)",
+        fontsize=9,
+    )
     cbar.ax.tick_params(labelsize=8)
 
     # Zoom on the top mode, in degrees with the local aspect (equal distances north and east).
@@ -373,15 +423,21 @@ def render_png(
 
     # What the map says, in words: the places, the regions, the normalisation.
     lines = ["Top places (share of the mass):"]
-    lines += [f"  {j + 1}. {m['label']}" + (f" — {100 * m['mass']:.0f}%" if m.get("mass") is not None else "")
-              for j, m in enumerate(mode_list)]
+    lines += [
+        f"  {j + 1}. {m['label']}" + (f" — {100 * m['mass']:.0f}%" if m.get("mass") is not None else "")
+        for j, m in enumerate(mode_list)
+    ]
     for reg in hdr:
-        lines.append(f"{100 * reg.level:.0f}% region ({'solid' if reg.level <= 0.5 else 'dashed'}): "
-                     f"{_fmt_area(reg.area_km2)}")
+        lines.append(
+            f"{100 * reg.level:.0f}% region ({'solid' if reg.level <= 0.5 else 'dashed'}): "
+            f"{_fmt_area(reg.area_km2)}"
+        )
     steps = dmap.likelihood_steps
-    lines.append(f"mass in map {dmap.total_mass:.3f} · {len(dmap):,} H3 cells (res "
-                 f"{int(dmap.resolution.min())}–{int(dmap.resolution.max())})"
-                 + (f" · {steps} ODE steps" if steps else ""))
+    lines.append(
+        f"mass in map {dmap.total_mass:.3f} · {len(dmap):,} H3 cells (res "
+        f"{int(dmap.resolution.min())}–{int(dmap.resolution.max())})"
+        + (f" · {steps} ODE steps" if steps else "")
+    )
     fig.text(0.69, 0.30, "\n".join(lines), fontsize=9, va="top", ha="left", family="DejaVu Sans")
     handles = [h for h in ax.get_legend_handles_labels()[0]]
     if handles:
@@ -455,25 +511,54 @@ def render_html(
     for f, rgba in zip(cells["features"], colormap(norm(values)), strict=True):
         # The page keeps what it shows, at a precision the eye can use (~10 m, 4 significant digits).
         p = f["properties"]
-        f["properties"] = {"cell": p["cell"], "resolution": p["resolution"], "fill": to_hex(rgba),
-                           "density_km2": float(f"{p['density_km2']:.4g}"), "mass": float(f"{p['mass']:.4g}")}
+        f["properties"] = {
+            "cell": p["cell"],
+            "resolution": p["resolution"],
+            "fill": to_hex(rgba),
+            "density_km2": float(f"{p['density_km2']:.4g}"),
+            "mass": float(f"{p['mass']:.4g}"),
+        }
         f["geometry"]["coordinates"] = _round_coords(f["geometry"]["coordinates"], 4)
     order = np.argsort(dmap.resolution, kind="stable")  # coarse first: finer cells drawn on top
     cells["features"] = [cells["features"][i] for i in order]
     mode_list = _modes(dmap, modes)
     for m in mode_list:
         m["label"] = mode_label(m)
-    region_fc = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"level": r.level, "area_km2": round(r.area_km2, 1)},
-         "geometry": {"type": "MultiPolygon", "coordinates": [
-             [_round_ring(seg) for ring in poly for seg in _split_latlon(ring, close=True)] for poly in r.outline]}}
-        for r in hdr]}
-    world = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "properties": {"kind": kind}, "geometry": {"type": "MultiLineString", "coordinates": [
-            _thin(seg) for seg in world_lines(kind, "c")]}}
-        for kind in ("coast", "borders")]}
+    region_fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"level": r.level, "area_km2": round(r.area_km2, 1)},
+                "geometry": {
+                    "type": "MultiPolygon",
+                    "coordinates": [
+                        [_round_ring(seg) for ring in poly for seg in _split_latlon(ring, close=True)]
+                        for poly in r.outline
+                    ],
+                },
+            }
+            for r in hdr
+        ],
+    }
+    world = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "properties": {"kind": kind},
+                "geometry": {
+                    "type": "MultiLineString",
+                    "coordinates": [_thin(seg) for seg in world_lines(kind, "c")],
+                },
+            }
+            for kind in ("coast", "borders")
+        ],
+    }
     marks = {
-        "modes": [{"lat": m["lat"], "lon": m["lon"], "label": m["label"], "mass": m.get("mass")} for m in mode_list],
+        "modes": [
+            {"lat": m["lat"], "lon": m["lon"], "label": m["label"], "mass": m.get("mass")} for m in mode_list
+        ],
         "estimate": None if estimate is None else [float(estimate[0]), float(estimate[1])],
         "truth": None if truth is None else [float(truth[0]), float(truth[1])],
     }
@@ -481,13 +566,20 @@ def render_html(
     info = {
         "title": title or "predicted location density",
         "localizability": format_bits(localizability_bits),
-        "mass": f"{dmap.total_mass:.3f}", "cells": len(dmap),
+        "mass": f"{dmap.total_mass:.3f}",
+        "cells": len(dmap),
         "regions": [f"{100 * r.level:.0f}% region: {_fmt_area(r.area_km2)}" for r in hdr],
-        "vmin": f"{vmin:.2g}", "vmax": f"{vmax:.2g}", "stops": stops, "tiles": _TILES,
+        "vmin": f"{vmin:.2g}",
+        "vmax": f"{vmax:.2g}",
+        "stops": stops,
+        "tiles": _TILES,
     }
     js, css = _leaflet_assets()
-    data = json.dumps({"cells": cells, "regions": region_fc, "world": world, "marks": marks, "info": info},
-                      ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    data = json.dumps(
+        {"cells": cells, "regions": region_fc, "world": world, "marks": marks, "info": info},
+        ensure_ascii=False,
+        separators=(",", ":"),
+    ).replace("</", "<\\/")
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"

@@ -61,17 +61,29 @@ def test_title_uses_the_tables_number():
 
 
 def test_png_map_has_no_holes_and_marks(tmp_path, two_modes):
-    traj = np.stack([np.linspace([-60.0, -170.0], [48.85, 2.35], 20), np.linspace([0.0, 170.0], [40.7, -74.0], 20)])
-    modes = [{"lat": 48.85, "lon": 2.35, "mass": 0.6, "label": "Paris, Île-de-France, FR"},
-             {"lat": 40.7, "lon": -74.0, "mass": 0.4}]
-    png = render_png(two_modes, tmp_path / "m.png", title=map_title("x", "two modes", 2.5), truth=(48.9, 2.4),
-                     estimate=(48.8, 2.3), trajectories=traj, modes=modes, dpi=60)
+    traj = np.stack(
+        [np.linspace([-60.0, -170.0], [48.85, 2.35], 20), np.linspace([0.0, 170.0], [40.7, -74.0], 20)]
+    )
+    modes = [
+        {"lat": 48.85, "lon": 2.35, "mass": 0.6, "label": "Paris, Île-de-France, FR"},
+        {"lat": 40.7, "lon": -74.0, "mass": 0.4},
+    ]
+    png = render_png(
+        two_modes,
+        tmp_path / "m.png",
+        title=map_title("x", "two modes", 2.5),
+        truth=(48.9, 2.4),
+        estimate=(48.8, 2.3),
+        trajectories=traj,
+        modes=modes,
+        dpi=60,
+    )
     px = _png_pixels(png)
     h, w, _ = px.shape
     assert w > 700 and h > 350
     # Inside the globe no pixel is the white background: every cell is painted, below-floor ones at the floor.
     cx, cy = int(0.01 * w + 0.33 * w), int(h - (0.13 + 0.37) * h)
-    patch = px[cy - 40:cy + 40, cx - 80:cx + 80].reshape(-1, 3)
+    patch = px[cy - 40 : cy + 40, cx - 80 : cx + 80].reshape(-1, 3)
     assert (patch.min(axis=1) < 250).mean() > 0.999
     assert not list(tmp_path.glob(".*tmp"))
 
@@ -85,8 +97,14 @@ def test_regions_nest_and_hold_their_mass(two_modes):
 
 
 def test_html_is_self_contained(tmp_path, two_modes):
-    path = render_html(two_modes, tmp_path / "m.html", title="two <modes>", truth=(48.9, 2.4), estimate=(48.8, 2.3),
-                       localizability_bits=2.5)
+    path = render_html(
+        two_modes,
+        tmp_path / "m.html",
+        title="two <modes>",
+        truth=(48.9, 2.4),
+        estimate=(48.8, 2.3),
+        localizability_bits=2.5,
+    )
     text = path.read_text()
     assert "<script src" not in text and "<link" not in text.split("<body>")[0].replace("<link/", "")
     assert "two &lt;modes&gt;" in text and "L.geoJSON" in text
@@ -95,18 +113,33 @@ def test_html_is_self_contained(tmp_path, two_modes):
     assert data["info"]["localizability"] == "2.50" and data["marks"]["truth"] == [48.9, 2.4]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium not installed (apt-get install chromium; .ci/run does)"
+)
 def test_html_map_loads_in_a_headless_browser(tmp_path, two_modes):
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (dev extra)")
-    path = render_html(two_modes, tmp_path / "m.html", title="two modes", truth=(48.9, 2.4), estimate=(48.8, 2.3))
+    path = render_html(
+        two_modes, tmp_path / "m.html", title="two modes", truth=(48.9, 2.4), estimate=(48.8, 2.3)
+    )
     errors: list[str] = []
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page()
         # Offline by construction: every request that is not the file itself fails, as it would without network.
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort())
+        page.route(
+            "**/*",
+            lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort(),
+        )
         page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
 
         def on_console(msg):
@@ -120,7 +153,9 @@ def test_html_map_loads_in_a_headless_browser(tmp_path, two_modes):
         n_cells = page.evaluate("window.geolocMap.cells.getLayers().length")
         n_regions = page.evaluate("window.geolocMap.regions.getLayers().length")
         n_marks = page.evaluate("window.geolocMap.marks.getLayers().length")
-        has_tiles = page.evaluate("Object.values(window.geolocMap.map._layers).some(l => l instanceof L.TileLayer)")
+        has_tiles = page.evaluate(
+            "Object.values(window.geolocMap.map._layers).some(l => l instanceof L.TileLayer)"
+        )
         legend = page.inner_text(".leaflet-bottom.leaflet-right")
         browser.close()
     assert errors == []
