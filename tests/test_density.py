@@ -143,3 +143,37 @@ def test_uniform_density_needs_no_refinement():
     assert m.evaluations == 842 and len(m) == 842 and set(m.resolution.tolist()) == {1}
     assert m.total_mass == pytest.approx(1.0, abs=1e-6)
     assert m.localizability_bits == pytest.approx(-math.log2(4 * math.pi), abs=1e-6)
+
+
+def test_a_map_off_normalised_is_recomputed_with_more_ode_steps():
+    """The midpoint rule with 4 steps is ~9% off on this network; the map doubles the steps until it is not."""
+    geo = untrained("rfm-s2")
+    cond = torch.randn(8, generator=torch.Generator().manual_seed(3))
+    lik = LikelihoodConfig(method="midpoint", steps=4)
+    raw = density_map(geo, cond, DensityConfig(levels=2, likelihood=lik, mass_tolerance=1.0),
+                      generator=torch.Generator().manual_seed(0))
+    assert raw.mass_error > 0.02 and raw.likelihood_steps == 4
+    fixed = density_map(geo, cond, DensityConfig(levels=2, likelihood=lik, max_steps=64),
+                        generator=torch.Generator().manual_seed(0))
+    assert fixed.mass_error < 0.01 and fixed.likelihood_steps >= 8
+    assert fixed.evaluations > len(fixed)  # the discarded coarse-step pass is counted too
+    vmf = density_map(vmf_geolocator([(0.0, 0.0)], [50.0]), torch.zeros(4))
+    assert vmf.likelihood_steps is None  # closed form: no ODE steps to add
+
+
+def test_highest_density_regions_of_a_vmf_match_the_closed_form():
+    """For a vMF, the HDR at level q is a cap of area 2π(1 − cos θ) with 1 − e^{κ(cos θ − 1)} = q."""
+    from geoloc.density import highest_density_regions
+
+    kappa = 400.0
+    m = density_map(vmf_geolocator([(10.0, 20.0)], [kappa]), torch.zeros(4), generator=torch.Generator().manual_seed(0))
+    r50, r90 = highest_density_regions(m, (0.5, 0.9))
+    for reg, q in ((r50, 0.5), (r90, 0.9)):
+        cos_t = 1 + math.log(1 - q) / kappa
+        exact = 2 * math.pi * (1 - cos_t) * 6371.0**2
+        assert reg.area_km2 == pytest.approx(exact, rel=0.1)
+        assert reg.mass >= q and len(reg.outline) == 1
+        ring = reg.outline[0][0]
+        assert haversine_km(np.array([10.0, 20.0])[None], ring).max() < 1.3 * 6371.0 * math.acos(cos_t)
+    with pytest.raises(ConfigError):
+        highest_density_regions(m, (1.5,))
