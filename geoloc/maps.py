@@ -517,6 +517,7 @@ def render_html(
             "fill": to_hex(rgba),
             "density_km2": float(f"{p['density_km2']:.4g}"),
             "mass": float(f"{p['mass']:.4g}"),
+            "floor": bool(p["density_km2"] <= vmin),
         }
         f["geometry"]["coordinates"] = _round_coords(f["geometry"]["coordinates"], 4)
     order = np.argsort(dmap.resolution, kind="stable")  # coarse first: finer cells drawn on top
@@ -638,7 +639,11 @@ _PAGE_JS = """
   }
   var tiles = L.tileLayer(I.tiles, {maxZoom: 18, attribution: '&copy; OpenStreetMap contributors'});
   var probe = new Image();
-  probe.onload = function () { tiles.addTo(map); tiles.bringToBack(); };
+  probe.onload = function () {  // online: the tiles underneath, the floor cells faint so the tiles show
+    tiles.addTo(map);
+    tiles.bringToBack();
+    cells.setStyle(function (f) { return {fillOpacity: f.properties.floor ? 0.15 : 0.6, opacity: f.properties.floor ? 0.1 : 0.6}; });
+  };
   probe.src = I.tiles.replace('{z}', '0').replace('{x}', '0').replace('{y}', '0');
   L.control.layers({}, {'density (H3 cells)': cells, 'highest-density regions': regions,
                         'coasts and borders': world, 'markers': marks, 'map tiles (online)': tiles},
