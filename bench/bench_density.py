@@ -7,7 +7,13 @@ Two models, measured side by side in one run:
   cost of one exact-likelihood evaluation (RK4, ``--steps``) on this CPU, which prices both the adaptive map
   (its evaluations) and a uniform grid at the same finest resolution (its cell count).
 
-Prints one JSON object (medians over ``--repeats``). ``--quick`` uses fewer repeats and points.
+Then, on an RFM network with a sharper (larger-weight) random field, the map's total mass against the
+likelihood solver and its steps (``mass_vs_steps``: the map is recomputed with doubled steps when it is more
+than 1% off, so this says what that costs), and the render time per item of the PNG and HTML maps
+(``geoloc.maps``) with the HTML file's size.
+
+Prints one JSON object (medians over ``--repeats``), with the CPU model and whether bf16 is native.
+``--quick`` uses fewer repeats and points.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/bench_density.py
 """
@@ -17,14 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig
 from geoloc.density import DensityConfig, density_map
+from geoloc.devices import native_bf16
 from geoloc.geolocator import Geolocator
+from geoloc.maps import map_title, render_html, render_png
 from geoloc.sphere import latlon_to_xyz, sample_uniform
 
 
@@ -47,6 +58,27 @@ def rfm_small() -> Geolocator:
     return geo
 
 
+def rfm_sharp() -> Geolocator:
+    """A random RFM field with larger weights: a peakier density, closer to a trained model's than rfm_small."""
+    torch.manual_seed(0)
+    geo = Geolocator.build(FamilyConfig(name="rfm-s2"), ModelConfig(dim=64, depth=2, expansion=2), cond_dim=8)
+    for m in geo.net.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
+            torch.nn.init.normal_(m.weight, std=0.6)
+            torch.nn.init.normal_(m.bias, std=0.6)
+    return geo
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def h3_cells(res: int) -> int:
     return 2 + 120 * 7**res
 
@@ -60,7 +92,8 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     points = 128 if args.quick else 512
     lik = LikelihoodConfig(method="rk4", steps=args.steps)
-    out: dict = {"torch_threads": torch.get_num_threads(), "likelihood": f"rk4 x {args.steps}"}
+    out: dict = {"cpu": cpu_model(), "bf16_native": native_bf16(torch.device("cpu")),
+                 "torch_threads": torch.get_num_threads(), "likelihood": f"rk4 x {args.steps}"}
 
     # Cost of one exact-likelihood evaluation for a small-preset RFM network.
     rfm = rfm_small()
@@ -102,6 +135,42 @@ def main() -> None:
     m = density_map(rfm, cond, DensityConfig(levels=2, likelihood=lik), generator=torch.Generator().manual_seed(0))
     out["rfm_small_map"] = {"evaluations": m.evaluations, "wall_s": round(time.perf_counter() - t, 1),
                             "total_mass_error": round(abs(m.total_mass - 1.0), 5)}
+
+    # Mass against solver and steps on a peakier field (escalation off, to see each setting alone).
+    sharp, scond = rfm_sharp(), torch.randn(8, generator=torch.Generator().manual_seed(3))
+    grid = [("rk4", 4), ("rk4", 8), ("midpoint", 8), ("midpoint", 16), ("midpoint", 32)]
+    if not args.quick:
+        grid += [("rk4", 16), ("euler", 16), ("euler", 32)]
+    out["mass_vs_steps"] = {}
+    for method, steps in grid:
+        cfg = DensityConfig(levels=3, mass_tolerance=1.0, likelihood=LikelihoodConfig(method=method, steps=steps))
+        t = time.perf_counter()
+        m = density_map(sharp, scond, cfg, generator=torch.Generator().manual_seed(0))
+        out["mass_vs_steps"][f"{method}x{steps}"] = {"mass": round(m.total_mass, 4),
+                                                     "wall_s": round(time.perf_counter() - t, 1)}
+    cfg = DensityConfig(levels=3, likelihood=LikelihoodConfig(method="midpoint", steps=4))
+    m = density_map(sharp, scond, cfg, generator=torch.Generator().manual_seed(0))
+    out["escalated_midpoint_from_4"] = {"mass": round(m.total_mass, 4), "steps": m.likelihood_steps,
+                                        "evaluations": m.evaluations}
+
+    # Render time per item (the map of a three-mode vMF mixture: a sharp, a medium and a broad mode).
+    geo = vmf((48.85, 2.35), 2e4)
+    m = density_map(geo, torch.zeros(4), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        render_png(m, Path(tmp) / "warm.png", title="warm-up")  # imports, basemap and gazetteer caches
+        png_s, html_s = [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            render_png(m, Path(tmp) / "m.png", title=map_title("bench", "Paris", 1.0), truth=(48.9, 2.4),
+                       estimate=(48.8, 2.3))
+            png_s.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            page = render_html(m, Path(tmp) / "m.html", title="bench", truth=(48.9, 2.4), estimate=(48.8, 2.3))
+            html_s.append(time.perf_counter() - t)
+        out["render"] = {"cells": len(m), "png_s_per_item": round(statistics.median(png_s), 2),
+                         "png_kb": round((Path(tmp) / "m.png").stat().st_size / 1024),
+                         "html_s_per_item": round(statistics.median(html_s), 2),
+                         "html_kb": round(page.stat().st_size / 1024)}
     print(json.dumps(out))
 
 

