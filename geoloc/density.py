@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from geoloc.config import LikelihoodConfig
+from geoloc.config import DensityConfig, LikelihoodConfig
 from geoloc.errors import ConfigError
 from geoloc.sphere import EARTH_RADIUS_KM, haversine_km
 
@@ -53,37 +53,6 @@ __all__ = ["DensityConfig", "DensityMap", "density_map", "density_maps", "render
 _MAX_H3_RES = 15
 _SLIVER_SCALE = 1.15  # drawn cells are enlarged by this much (see _cell_polygons)
 _SEED_SPREAD = 1.0  # nats: a cell holding a model sample is refined unless its density is this flat
-
-
-@dataclass(frozen=True)
-class DensityConfig:
-    """How finely to resolve a density map (see the module docstring for the rules).
-
-    ``start_resolution``: H3 resolution of the first, global grid (0: 122 cells, 1: 842, 2: 5,882).
-    ``levels``: refinement levels after it (the finest cells are ``start_resolution + levels``; resolution 6
-    cells are ~7 km across). ``tolerance``: at each level, refine the cells with the largest estimated
-    quadrature errors until the errors left add up to at most this fraction of the mass.
-    ``guard``: nats; neighbours of a refined cell that are at most this much less dense are refined too.
-    ``max_refine``: at most this many cells refined per item and level (the largest errors first).
-    ``seed_samples``: model draws per item whose cells are always candidates (0: none; ignored when seeds
-    are passed in). ``likelihood``: the ODE settings (None: the geolocator's own).
-    """
-
-    start_resolution: int = 1
-    levels: int = 5
-    tolerance: float = 0.01
-    guard: float = 3.0
-    max_refine: int = 256
-    seed_samples: int = 64
-    likelihood: LikelihoodConfig | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start_resolution <= _MAX_H3_RES:
-            raise ConfigError(f"start_resolution must be in 0..15, got {self.start_resolution}")
-        if self.levels < 0 or self.start_resolution + self.levels > _MAX_H3_RES:
-            raise ConfigError(f"levels must be >= 0 with start_resolution + levels <= 15, got {self.levels}")
-        if self.tolerance < 0 or self.guard < 0 or self.max_refine < 0 or self.seed_samples < 0:
-            raise ConfigError("tolerance, guard, max_refine and seed_samples must be >= 0")
 
 
 @dataclass
