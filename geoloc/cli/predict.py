@@ -18,7 +18,7 @@ from geoloc.config import EstimatorName, MapOptions, PredictOptions, choices
 from geoloc.config import MapFormat as MapFormatChoice
 
 MapFormat = choice_enum("MapFormat", MapFormatChoice)
-_ESTIMATORS = ", ".join(choices(EstimatorName))
+_ESTIMATORS = ", ".join(e for e in choices(EstimatorName) if e != "sample")
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +34,7 @@ def predict(
                                                        show_default=False)] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to locate (text backbones such as "
                                                    "minilm); repeat for several.")] = None,
-    estimator: Annotated[str, typer.Option(help="Point estimate: sample (one guided draw, the paper); one of "
+    estimator: Annotated[str, typer.Option(help="Point estimate: sample (one guided draw, the paper), "
                                                 f"{_ESTIMATORS}.")] = default(PredictOptions, "estimator"),
     top_k: Annotated[int, typer.Option(help="Distinct locations to report per item, with their mass.",
                                        min=0)] = default(PredictOptions, "top_k"),
