@@ -371,6 +371,14 @@ class MapOptions:
         return ("png", "html") if self.format == "both" else (self.format,)
 
 
+# ------------------------------------------------------------------------------------- checkpoint conversion
+PlonkFamily = Literal["rfm-s2", "flow-r3", "diffusion-r3"]
+"""Families a published PLONK checkpoint can be (``geoloc convert plonk --family``)."""
+PlonkWeights = Literal["ema", "raw"]
+"""Which weights of a Lightning ``.ckpt`` to convert: the EMA ones (published; the first value is the
+default) or the raw ones."""
+
+
 # ------------------------------------------------------------------------------------- the demo
 DEMO_NAMES: tuple[tuple[str, str], ...] = (
     ("Springfield", "ambiguous"),
