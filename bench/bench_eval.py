@@ -66,9 +66,10 @@ def main() -> None:
     args = ap.parse_args()
     n = 200_000 if args.quick else args.n
 
-    from geoloc.evaluate import EvalConfig, EvalData, RowPredictions, score_rows
+    from geoloc.config import EvalConfig
+    from geoloc.evaluate import score_rows
     from geoloc.gazetteer import Gazetteer, load_or_build_table
-    from geoloc.report import write_predictions
+    from geoloc.report import EvalData, RowPredictions, write_predictions
 
     t0 = time.perf_counter()
     gaz = Gazetteer.load(table=False)

@@ -25,15 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from itertools import chain
 
 import numpy as np
+from scipy.spatial import cKDTree
 
+from geoloc.config import COMPAT_MODES, Compat
 from geoloc.errors import InputError
-from geoloc.sphere import EARTH_RADIUS_KM, haversine_km
-
-if TYPE_CHECKING:
-    from geoloc.gazetteer import Gazetteer
+from geoloc.gazetteer import LEVELS, Gazetteer
+from geoloc.sphere import EARTH_RADIUS_KM, haversine_km, latlon_to_xyz
 
 __all__ = [
     "COMPAT_MODES",
@@ -60,9 +60,6 @@ __all__ = [
     "prdc",
     "score",
 ]
-
-Compat = Literal["fixed", "plonk"]
-COMPAT_MODES: tuple[str, ...] = ("fixed", "plonk")
 
 THRESHOLDS_KM: tuple[float, ...] = (1.0, 25.0, 200.0, 750.0, 2500.0)
 GEOSCORE_MAX = 5000.0
@@ -245,8 +242,6 @@ def gt_label_ids(
     in ``"plonk"`` mode a key with an empty field, or a key pandas reads as NaN, can never match, as in
     OSV-5M's CSV).
     """
-    from geoloc.gazetteer import LEVELS
-
     _check_compat(compat)
     for lv in levels:
         if lv not in LEVELS:
@@ -533,16 +528,8 @@ class Prdc:
         }
 
 
-def _unit_xyz(latlon: np.ndarray) -> np.ndarray:
-    rad = np.radians(latlon)
-    c = np.cos(rad[:, 0])
-    return np.stack([c * np.cos(rad[:, 1]), c * np.sin(rad[:, 1]), np.sin(rad[:, 0])], axis=1)
-
-
 def _ball_hits(tree_points, centres: np.ndarray, radii: np.ndarray, n_points: int) -> np.ndarray:
     """For each point of ``tree_points``, how many balls (centre, radius) contain it strictly (d < r)."""
-    from itertools import chain
-
     # query_ball_point keeps d ≤ r; the next float below r makes it d < r. A zero radius holds nothing.
     r = np.nextafter(radii, -np.inf)
     live = r >= 0
@@ -558,13 +545,12 @@ def _prdc_once(real: np.ndarray, fake: np.ndarray, k: int) -> Prdc:
     k-th neighbours and every ``d < r`` test are the same as on the haversine distance the reference uses
     (``sklearn`` ``pairwise_distances(metric="haversine")``), without its O(N²) matrix.
     """
-    from scipy.spatial import cKDTree
-
     if len(real) <= k or len(fake) <= k:
         raise InputError(
             f"PRDC with k={k} needs more than {k} points per chunk (got {len(real)} real, {len(fake)} fake); use fewer chunks"
         )
-    xr, xf = _unit_xyz(real), _unit_xyz(fake)
+    # float64 unit vectors: PRDC's ``d < r`` tests need every bit.
+    xr, xf = latlon_to_xyz(real, np.float64), latlon_to_xyz(fake, np.float64)
     tr, tf = cKDTree(xr), cKDTree(xf)
     # The (k+1)-th smallest distance of each row, self included (the reference's "k-th neighbour, not self").
     r_real = tr.query(xr, k=k + 1)[0][:, k]

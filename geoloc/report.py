@@ -1,8 +1,10 @@
-"""What ``geoloc eval`` writes: ``report.json``, Markdown tables laid out like the paper's, per-item
+"""What ``geoloc eval`` found and writes: the result types (:class:`Report`, :class:`RowResult`, the per-item
+arrays they hold) and their forms on disk — ``report.json``, Markdown tables laid out like the paper's, per-item
 predictions (Parquet, optionally CSV) and two PNG plots.
 
-Kept apart from :mod:`geoloc.evaluate` because it is presentation: the numbers are final by the time a
-:class:`~geoloc.evaluate.Report` reaches this module. Tables follow the paper (plonk-reference §17):
+The result types live here, with what formats them, so that :mod:`geoloc.evaluate` (which computes them)
+imports this module and never the other way round. By the time a :class:`Report` exists its numbers are
+final; this module is presentation. Tables follow the paper (plonk-reference §17):
 
 - Table 1, OSV-5M layout: GeoScore, mean distance (km), country / region / city accuracy (%);
   YFCC4k layout: GeoScore, mean distance, accuracy within 25 / 200 / 750 / 2500 km (%).
@@ -18,21 +20,27 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
-from geoloc.files import atomic_write
-from geoloc.metrics import MISS_KM, THRESHOLDS_KM
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-
-    from geoloc.evaluate import Report, RowResult
+from geoloc import __version__
+from geoloc.config import EvalConfig
+from geoloc.files import atomic_write, atomic_write_text
+from geoloc.metrics import MISS_KM, THRESHOLDS_KM, Nll, Scores
 
 __all__ = [
+    "EvalData",
+    "Report",
+    "RowPredictions",
+    "RowResult",
     "format_tables",
     "plot_error_cdf",
     "plot_localizability",
@@ -41,11 +49,194 @@ __all__ = [
     "write_predictions",
 ]
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Result types
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalData:
+    """Ground truth of the evaluated items: ids, ``latlon (N, 2)`` degrees, and the admin ground truth.
+
+    ``levels`` maps each scored level to its label column (None when ``label_source`` is ``"latlon"``);
+    ``gt_keys`` holds the column values per level (object arrays, None = missing).
+    """
+
+    ids: np.ndarray
+    latlon: np.ndarray
+    levels: dict[str, str | None] = field(default_factory=dict)
+    label_source: str | None = None
+    gt_keys: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.latlon)
+
+    def head(self, n: int) -> EvalData:
+        return EvalData(
+            self.ids[:n],
+            self.latlon[:n],
+            self.levels,
+            self.label_source,
+            {k: v[:n] for k, v in self.gt_keys.items()},
+        )
+
+
+@dataclass
+class RowPredictions:
+    """One row's per-item outputs: a ``(N, 2)`` prediction per seed, and the seed-free extras."""
+
+    name: str
+    info: dict[str, Any]
+    seeds: list[int]
+    latlon: list[np.ndarray]
+    log_prob: np.ndarray | None = None
+    nll_space: str | None = None
+    localizability: np.ndarray | None = None
+    elapsed_s: float = 0.0
+
+    def head(self, n: int) -> RowPredictions:
+        return replace(
+            self,
+            latlon=[p[:n] for p in self.latlon],
+            log_prob=None if self.log_prob is None else self.log_prob[:n],
+            localizability=None if self.localizability is None else self.localizability[:n],
+        )
+
+
+@dataclass
+class RowResult:
+    """Metrics of one row. ``metrics[key]`` lists one value per seed (keys of ``Scores.as_dict`` plus PRDC:
+    ``precision`` … ``coverage`` over ``prdc_chunks`` chunks, ``precision_unchunked`` …)."""
+
+    name: str
+    info: dict[str, Any]
+    seeds: list[int]
+    metrics: dict[str, list[float]]
+    nll: Nll | None
+    nll_space: str | None
+    localizability: dict[str, Any] | None
+    n_unmatchable: dict[str, int]
+    elapsed_s: float
+    scores: list[Scores] = field(repr=False, default_factory=list)
+    predictions: RowPredictions | None = field(repr=False, default=None)
+
+    def stat(self, key: str) -> tuple[float, float]:
+        """``(mean, std)`` of a metric over seeds (sample std, 0 for a single seed); NaN when absent."""
+        vals = [v for v in self.metrics.get(key, []) if v is not None and math.isfinite(v)]
+        if not vals:
+            return float("nan"), float("nan")
+        return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        summary = {}
+        for k, vals in self.metrics.items():
+            m, s = self.stat(k)
+            summary[k] = {"mean": m, "std": s, "values": list(vals)}
+        return {
+            "name": self.name,
+            **{k: v for k, v in self.info.items() if v is not None},
+            "seeds": self.seeds,
+            "metrics": summary,
+            "n_failed_total": int(sum(self.metrics.get("n_failed", []))),
+            "nll": None
+            if self.nll is None
+            else {
+                "bits_per_dim": self.nll.bits_per_dim,
+                "n": self.nll.n,
+                "n_failed": self.nll.n_failed,
+                "space": self.nll_space,
+            },
+            "localizability": self.localizability,
+            "admin_unmatchable": self.n_unmatchable,
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+@dataclass
+class Report:
+    """Everything one ``geoloc eval`` run measured. ``to_json()`` is ``report.json``; :meth:`write` writes
+    the tables, per-item files and plots."""
+
+    config: EvalConfig
+    n: int
+    n_read: int
+    levels: dict[str, str | None]
+    label_source: str | None
+    rows: list[RowResult]
+    data: EvalData = field(repr=False)
+    label_keys: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    split: str = ""
+    stores: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, name: str) -> RowResult:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(f"no row {name!r}; rows are {[r.name for r in self.rows]}")
+
+    def to_json(self) -> dict[str, Any]:
+        return _clean(
+            {
+                "format": "geoloc-eval",
+                "version": 1,
+                "geoloc": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "split": self.split,
+                "stores": self.stores,
+                "n": self.n,
+                "n_read": self.n_read,
+                "levels": self.levels,
+                "label_source": self.label_source,
+                "config": self.config.to_json(),
+                "rows": [r.to_json() for r in self.rows],
+                "notes": self.notes,
+                "elapsed_s": self.elapsed_s,
+            }
+        )
+
+    def table_markdown(self, layout: str | None = None) -> str:
+        return format_tables(self, layout or self.config.table)
+
+    def write(self, out_dir: str | Path, *, csv: bool = False, plots: bool = True) -> dict[str, Path]:
+        return write_outputs(self, out_dir, csv=csv, plots=plots)
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf → None, numpy scalars → Python, tuples → lists, dict keys → str."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------------------------
+
 # (header, metric key, scale, decimals)
-_OSV = [("GeoScore", "geoscore", 1.0, 0), ("dist (km)", "dist_km", 1.0, 0), ("country", "acc_country", 100.0, 1),
-        ("region", "acc_region", 100.0, 1), ("city", "acc_city", 100.0, 1)]
-_YFCC = [("GeoScore", "geoscore", 1.0, 0), ("dist (km)", "dist_km", 1.0, 0), ("25 km", "acc_25km", 100.0, 1),
-         ("200 km", "acc_200km", 100.0, 1), ("750 km", "acc_750km", 100.0, 1), ("2500 km", "acc_2500km", 100.0, 1)]
+_OSV = [
+    ("GeoScore", "geoscore", 1.0, 0),
+    ("dist (km)", "dist_km", 1.0, 0),
+    ("country", "acc_country", 100.0, 1),
+    ("region", "acc_region", 100.0, 1),
+    ("city", "acc_city", 100.0, 1),
+]
+_YFCC = [
+    ("GeoScore", "geoscore", 1.0, 0),
+    ("dist (km)", "dist_km", 1.0, 0),
+    ("25 km", "acc_25km", 100.0, 1),
+    ("200 km", "acc_200km", 100.0, 1),
+    ("750 km", "acc_750km", 100.0, 1),
+    ("2500 km", "acc_2500km", 100.0, 1),
+]
 _PRDC = ("precision", "recall", "density", "coverage")
 
 
@@ -78,7 +269,9 @@ def _layout_columns(report: Report, layout: str) -> tuple[str, list[tuple[str, s
         return "OSV-5M layout", cols
     if layout == "yfcc4k":
         return "YFCC4k layout", list(_YFCC)
-    admin = [(lv, f"acc_{lv}", 100.0, 1) for lv in ("country", "region", "sub-region", "city") if lv in levels]
+    admin = [
+        (lv, f"acc_{lv}", 100.0, 1) for lv in ("country", "region", "sub-region", "city") if lv in levels
+    ]
     thresholds = [(f"{r:g} km", f"acc_{r:g}km", 100.0, 1) for r in THRESHOLDS_KM]
     return "all columns", [*_YFCC[:2], ("median (km)", "median_km", 1.0, 0), *admin, *thresholds]
 
@@ -88,13 +281,19 @@ def format_tables(report: Report, layout: str = "auto") -> str:
     cfg = report.config
     name, cols = _layout_columns(report, layout)
     seeds = ",".join(str(s) for s in cfg.seeds)
-    head = (f"Split `{report.split or '?'}`, N = {report.n:,}"
-            + (f" (of {report.n_read:,} read)" if report.n != report.n_read else "")
-            + f"; estimator `{cfg.estimator}`, ω = {cfg.effective_omega():g}, {cfg.steps} {cfg.method} steps;"
-            f" seeds {seeds}; compat `{cfg.compat}`.")
+    head = (
+        f"Split `{report.split or '?'}`, N = {report.n:,}"
+        + (f" (of {report.n_read:,} read)" if report.n != report.n_read else "")
+        + f"; estimator `{cfg.estimator}`, ω = {cfg.effective_omega():g}, {cfg.steps} {cfg.method} steps;"
+        f" seeds {seeds}; compat `{cfg.compat}`."
+    )
     out = [head, "", f"**Table 1** ({name}; accuracies in %, mean ± std over seeds)", ""]
-    out.append(_markdown(["Model", *(c[0] for c in cols)],
-                         [[r.name, *(_cell(r, k, s, d) for _, k, s, d in cols)] for r in report.rows]))
+    out.append(
+        _markdown(
+            ["Model", *(c[0] for c in cols)],
+            [[r.name, *(_cell(r, k, s, d) for _, k, s, d in cols)] for r in report.rows],
+        )
+    )
     nll_rows = []
     for r in report.rows:
         if r.nll is None:
@@ -102,8 +301,12 @@ def format_tables(report: Report, layout: str = "auto") -> str:
         else:
             space = "S² (per steradian)" if r.nll_space == "sphere" else "R³ (per unit volume)"
             nll_rows.append([r.name, _fmt(r.nll.bits_per_dim, 0.0, 1, 1.0, 2), space])
-    out += ["", "**Table 2** (NLL of the true location in bits/dim, ω = "
-            f"{cfg.likelihood.omega:g}; lower is better; uniform = 1.22)", ""]
+    out += [
+        "",
+        "**Table 2** (NLL of the true location in bits/dim, ω = "
+        f"{cfg.likelihood.omega:g}; lower is better; uniform = 1.22)",
+        "",
+    ]
     out.append(_markdown(["Model", "NLL", "density"], nll_rows))
     extra_cols = [("median (km)", "median_km", 1.0, 0), ("1 km", "acc_1km", 100.0, 1)]
     if "sub-region" in report.levels:
@@ -125,8 +328,14 @@ def format_tables(report: Report, layout: str = "auto") -> str:
     headers = ["Model", "N", "failed", *(c[0] for c in extra_cols), "loc. (bits)", "ρ(loc, err)"]
     if not any_loc:
         headers, body = headers[:-2], [b[:-2] for b in body]
-    prdc_note = (f"; P/R/D/C{cfg.prdc_chunks}: precision/recall/density/coverage (k = {cfg.prdc_k}) averaged "
-                 f"over {cfg.prdc_chunks} chunks as the reference, P/R/D/C: unchunked") if cfg.prdc else ""
+    prdc_note = (
+        (
+            f"; P/R/D/C{cfg.prdc_chunks}: precision/recall/density/coverage (k = {cfg.prdc_k}) averaged "
+            f"over {cfg.prdc_chunks} chunks as the reference, P/R/D/C: unchunked"
+        )
+        if cfg.prdc
+        else ""
+    )
     fate = "dropped, as the reference does" if cfg.compat == "plonk" else "scored as misses"
     out += ["", f"**Extra** (N: items counted; failed: predictions over all seeds, {fate}{prdc_note})", ""]
     out.append(_markdown(headers, body))
@@ -142,8 +351,6 @@ def format_tables(report: Report, layout: str = "auto") -> str:
 
 def _label_array(ids: np.ndarray, keys: np.ndarray) -> pa.Array:
     """Label ids (-1 = none) as a dictionary-encoded string column: compact, and fast to write."""
-    import pyarrow as pa
-
     idx = pa.array(np.asarray(ids, dtype=np.int32), mask=np.asarray(ids) < 0)
     return pa.DictionaryArray.from_arrays(idx, pa.array(keys, pa.string()))
 
@@ -152,12 +359,10 @@ def _column_name(level: str) -> str:
     return level.replace("-", "_")
 
 
-def prediction_tables(report: Report):
+def prediction_tables(report: Report) -> Iterator[pa.Table]:
     """Yield one Arrow table of per-item rows per (model row, seed): id, true and predicted lat/lon,
     ``dist_km`` (null when failed), ``failed``, true/predicted admin keys, ``log_prob`` (nats) and
     ``localizability_bits`` when computed."""
-    import pyarrow as pa
-
     data = report.data
     n = report.n
     ids = pa.array(data.ids[:n].tolist(), pa.string())
@@ -188,31 +393,30 @@ def prediction_tables(report: Report):
             for lv in report.levels:
                 cols[f"true_{_column_name(lv)}"] = true_cols[lv]
                 cols[f"pred_{_column_name(lv)}"] = _label_array(
-                    np.where(failed, -1, sc.admin.pred_ids[lv]), report.label_keys[lv])
+                    np.where(failed, -1, sc.admin.pred_ids[lv]), report.label_keys[lv]
+                )
             if preds.log_prob is not None:
                 cols["log_prob"] = pa.array(preds.log_prob, mask=~np.isfinite(preds.log_prob))
             if preds.localizability is not None:
-                cols["localizability_bits"] = pa.array(preds.localizability,
-                                                       mask=~np.isfinite(preds.localizability))
+                cols["localizability_bits"] = pa.array(
+                    preds.localizability, mask=~np.isfinite(preds.localizability)
+                )
             yield pa.table(cols)
 
 
 def _unify(table: pa.Table, schema: pa.Schema | None) -> pa.Table:
     """Rows without NLL/localizability get null columns, so every row fits the file's one schema."""
-    import pyarrow as pa
-
     if schema is None:
         return table
-    cols = [table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type)
-            for f in schema]
+    cols = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(len(table), f.type) for f in schema
+    ]
     return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _schema(report: Report) -> pa.Schema:
     """One schema for the whole file: the first table's columns plus NLL / localizability when any row
     has them (rows without get nulls)."""
-    import pyarrow as pa
-
     first = next(prediction_tables(report))
     optional = ("localizability_bits", "log_prob")
     fields = [f for f in first.schema if f.name not in optional]
@@ -226,10 +430,6 @@ def _schema(report: Report) -> pa.Schema:
 
 def write_predictions(report: Report, path: str | Path, fmt: str = "parquet") -> Path:
     """Write every row's per-item predictions to one Parquet (zstd) or CSV file, atomically."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     path = Path(path)
     schema = _schema(report)
 
@@ -239,8 +439,9 @@ def write_predictions(report: Report, path: str | Path, fmt: str = "parquet") ->
                 for t in prediction_tables(report):
                     w.write_table(_unify(t, schema))
             return
-        plain = pa.schema([pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f
-                           for f in schema])
+        plain = pa.schema(
+            [pa.field(f.name, f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema]
+        )
         with pacsv.CSVWriter(tmp, plain) as w:
             for t in prediction_tables(report):
                 w.write_table(_unify(t, schema).cast(plain))
@@ -257,6 +458,7 @@ _MIN_KM = 0.1  # left edge of the log axis; smaller errors (e.g. exact retrieval
 
 
 def _pyplot():
+    # matplotlib is heavy (~0.5 s) and only needed when plots are asked for: imported here, on first use.
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -282,8 +484,16 @@ def plot_error_cdf(report: Report, path: str | Path) -> Path:
         ax.step(d, y, where="post", label=f"{r.name} (mean {r.stat('dist_km')[0]:,.0f} km)")
     for t in THRESHOLDS_KM:
         ax.axvline(t, color="0.6", linestyle="--", linewidth=0.8)
-        ax.text(t, 1.01, f"{t:g} km", ha="center", va="bottom", fontsize=8, color="0.35",
-                transform=ax.get_xaxis_transform())
+        ax.text(
+            t,
+            1.01,
+            f"{t:g} km",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="0.35",
+            transform=ax.get_xaxis_transform(),
+        )
     ax.set_xscale("log")
     ax.set_xlim(_MIN_KM, MISS_KM * 1.05)
     ax.set_ylim(0, 1)
@@ -325,7 +535,9 @@ def plot_localizability(report: Report, path: str | Path, max_points: int = 2000
         ax.set_xlabel("localizability (bits, higher = more localizable)")
         ax.set_ylabel("error (km)")
         rho = (r.localizability or {}).get("spearman_vs_dist")
-        ax.set_title(r.name + (f" (Spearman ρ = {rho:.2f})" if rho is not None and math.isfinite(rho) else ""))
+        ax.set_title(
+            r.name + (f" (Spearman ρ = {rho:.2f})" if rho is not None and math.isfinite(rho) else "")
+        )
         ax.grid(True, alpha=0.3)
     try:
         return _save(fig, Path(path))
@@ -338,17 +550,19 @@ def plot_localizability(report: Report, path: str | Path, max_points: int = 2000
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_outputs(report: Report, out_dir: str | Path, *, csv: bool = False, plots: bool = True) -> dict[str, Path]:
+def write_outputs(
+    report: Report, out_dir: str | Path, *, csv: bool = False, plots: bool = True
+) -> dict[str, Path]:
     """Write ``report.json``, ``table.md``, ``predictions.parquet`` (+ ``predictions.csv``) and the PNG plots
     into ``out_dir`` (created); returns what was written, by kind."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     body = json.dumps(report.to_json(), indent=2, allow_nan=False)
-    atomic_write(out / "report.json", lambda tmp: Path(tmp).write_text(body + "\n"))
+    atomic_write_text(out / "report.json", body + "\n")
     written["report"] = out / "report.json"
     table = report.table_markdown()
-    atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(table))
+    atomic_write_text(out / "table.md", table)
     written["table"] = out / "table.md"
     written["predictions"] = write_predictions(report, out / "predictions.parquet")
     if csv:

@@ -101,16 +101,17 @@ def normalize_latlon(latlon: torch.Tensor) -> torch.Tensor:
     return torch.stack([lat, lon], dim=-1)
 
 
-def latlon_to_xyz(latlon: Any) -> Any:
+def latlon_to_xyz(latlon: Any, dtype: Any = np.float32) -> Any:
     """Degrees ``(..., 2)`` → unit vectors ``(..., 3)`` (see the module docstring for the axes).
 
-    A numpy array gives float32 unit vectors computed in float64 numpy (the loader's thread uses this: torch's
-    shared intra-op pool makes tiny torch ops 100x slower there under contention); a tensor gives a tensor.
+    A numpy array gives unit vectors computed in float64 numpy, returned as ``dtype`` (float32 for the loader's
+    thread: torch's shared intra-op pool makes tiny torch ops 100x slower there under contention; float64 for
+    the metrics' exact distance tests); a tensor gives a tensor (``dtype`` is then unused).
     """
     if isinstance(latlon, np.ndarray):
         la, lo = np.radians(latlon[..., 0]), np.radians(latlon[..., 1])
         c = np.cos(la)
-        return np.stack([c * np.cos(lo), c * np.sin(lo), np.sin(la)], axis=-1).astype(np.float32)
+        return np.stack([c * np.cos(lo), c * np.sin(lo), np.sin(la)], axis=-1).astype(dtype, copy=False)
     rad = torch.deg2rad(latlon)
     lat, lon = rad[..., 0], rad[..., 1]
     c = torch.cos(lat)

@@ -19,18 +19,6 @@ grimp = pytest.importorskip("grimp")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Edges that exist on main until the evaluation job lands (another branch moves the store/loader work of
-# geoloc/evaluate.py into geoloc/pipeline/eval_job.py and the result types next to report.py). The lead
-# empties this set when merging; nothing else may be added to it.
-KNOWN_UNTIL_MERGE: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("geoloc.evaluate", "geoloc.pipeline.store"),
-        ("geoloc.evaluate", "geoloc.pipeline.loader"),
-        ("geoloc.evaluate", "geoloc.report"),
-        ("geoloc.report", "geoloc.evaluate"),
-    }
-)
-
 
 def _layer(module: str) -> str:
     if module == "geoloc.cli" or module.startswith("geoloc.cli."):
@@ -98,24 +86,18 @@ def test_cycle_finder_finds_cycles() -> None:
 
 
 def test_core_never_imports_pipeline_or_cli(edges: set[tuple[str, str]]) -> None:
-    bad = sorted(e for e in edges - KNOWN_UNTIL_MERGE if _layer(e[0]) == "core" and _layer(e[1]) != "core")
+    bad = sorted(e for e in edges if _layer(e[0]) == "core" and _layer(e[1]) != "core")
     assert not bad, f"core modules import the pipeline or the CLI: {bad}"
 
 
 def test_pipeline_never_imports_cli(edges: set[tuple[str, str]]) -> None:
-    bad = sorted(e for e in edges - KNOWN_UNTIL_MERGE if _layer(e[0]) == "pipeline" and _layer(e[1]) == "cli")
+    bad = sorted(e for e in edges if _layer(e[0]) == "pipeline" and _layer(e[1]) == "cli")
     assert not bad, f"pipeline modules import the CLI: {bad}"
 
 
 def test_no_import_cycles(edges: set[tuple[str, str]]) -> None:
-    cycles = _cycles(edges - KNOWN_UNTIL_MERGE)
+    cycles = _cycles(edges)
     assert not cycles, f"import cycles between geoloc modules: {cycles}"
-
-
-def test_known_edges_still_exist(edges: set[tuple[str, str]]) -> None:
-    """An allowance that is no longer needed must be removed, so the list can only shrink."""
-    gone = sorted(KNOWN_UNTIL_MERGE - edges)
-    assert not gone, f"remove these from KNOWN_UNTIL_MERGE, they are fixed: {gone}"
 
 
 def test_help_does_not_import_torch() -> None:

@@ -1,10 +1,13 @@
-"""`geoloc.evaluate`: closed-form baselines, retrieval, failures, seeds, label handling, outputs, errors."""
+"""`geoloc.evaluate` through the eval job: closed-form baselines, retrieval, failures, seeds, label handling, outputs, errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,26 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig
+from geoloc.config import EvalConfig, FamilyConfig, LikelihoodConfig, ModelConfig
 from geoloc.errors import BackboneError, ConfigError, StoreError
-from geoloc.evaluate import (
-    EvalConfig,
-    EvalData,
-    RetrievalPredictor,
-    RowPredictions,
-    evaluate,
-    run_eval,
-    score_rows,
-    uniform_geolocator,
-)
+from geoloc.evaluate import score_rows
 from geoloc.geolocator import Geolocator
 from geoloc.metrics import MISS_KM
+from geoloc.pipeline.eval_job import evaluate_stores, retrieval_from_stores, run_eval
 from geoloc.pipeline.loader import iter_eval_batches
 from geoloc.pipeline.store import BackboneInfo, FeatureStore, build_table
+from geoloc.predictors import RetrievalPredictor, uniform_geolocator
+from geoloc.report import EvalData, RowPredictions
 from geoloc.sphere import EARTH_RADIUS_KM, latlon_to_xyz, xyz_to_latlon
 from tests.helpers import make_latlon, make_store, synthetic_embeddings
 from tests.synthetic import VmfMixtureTask
 
+ROOT = Path(__file__).resolve().parents[1]
 R = EARTH_RADIUS_KM
 UNIFORM_NLL = math.log2(4 * math.pi) / 3
 FAST = EvalConfig(seeds=(0,), steps=8, prdc=False)
@@ -88,7 +86,7 @@ def gazetteer():
 
 def test_uniform_baseline_matches_closed_forms_and_reports_seed_spread(wide_store):
     cfg = EvalConfig(seeds=(0, 1, 2), prdc=False)
-    report = evaluate({"uniform": uniform_geolocator(16)}, wide_store, "test", cfg)
+    report = evaluate_stores({"uniform": uniform_geolocator(16)}, wide_store, "test", cfg)
     row = report.row("uniform")
     n = report.n
     assert n == 4000 and row.seeds == [0, 1, 2]
@@ -117,8 +115,8 @@ def test_uniform_baseline_matches_closed_forms_and_reports_seed_spread(wide_stor
 
 
 def test_retrieval_on_copies_of_train_is_exact_and_deterministic(copies_store):
-    retr = RetrievalPredictor.from_stores([copies_store], "train")
-    report = evaluate({"retrieval": retr}, copies_store, "test", dataclasses.replace(FAST, seeds=(0, 1), prdc=True))
+    retr = retrieval_from_stores([copies_store], "train")
+    report = evaluate_stores({"retrieval": retr}, copies_store, "test", dataclasses.replace(FAST, seeds=(0, 1), prdc=True))
     row = report.row("retrieval")
     assert report.n == 300 and row.seeds == [0]  # deterministic: one prediction set, not one per seed
     assert row.stat("dist_km") == (0.0, 0.0)
@@ -133,8 +131,8 @@ def test_retrieval_on_copies_of_train_is_exact_and_deterministic(copies_store):
 
 
 def test_retrieval_hnsw_index_finds_the_copies(copies_store):
-    retr = RetrievalPredictor.from_stores([copies_store], "train", index="hnsw")
-    report = evaluate({"retrieval": retr}, copies_store, "test", FAST)
+    retr = retrieval_from_stores([copies_store], "train", index="hnsw")
+    report = evaluate_stores({"retrieval": retr}, copies_store, "test", FAST)
     assert report.row("retrieval").stat("acc_1km")[0] == 1.0
 
 
@@ -169,22 +167,22 @@ class _FailEvery:
 
 
 def test_nan_predictions_are_counted_misses_or_dropped_in_plonk_mode(copies_store):
-    retr = RetrievalPredictor.from_stores([copies_store], "train")
+    retr = retrieval_from_stores([copies_store], "train")
     cfg = dataclasses.replace(FAST, batch_size=64)
-    fixed = evaluate({"bad": _FailEvery(retr, 8)}, copies_store, "test", cfg).row("bad")
+    fixed = evaluate_stores({"bad": _FailEvery(retr, 8)}, copies_store, "test", cfg).row("bad")
     n_bad = sum(len(range(0, len(range(a, min(a + 64, 300))), 8)) for a in range(0, 300, 64))
     assert fixed.metrics["n_failed"] == [n_bad] and fixed.metrics["n"] == [300]
     assert fixed.stat("dist_km")[0] == pytest.approx(n_bad * MISS_KM / 300)
     assert fixed.stat("acc_2500km")[0] == pytest.approx((300 - n_bad) / 300)
     assert fixed.stat("geoscore")[0] == pytest.approx(5000 * (300 - n_bad) / 300)
-    plonk = evaluate({"bad": _FailEvery(retr, 8)}, copies_store, "test",
+    plonk = evaluate_stores({"bad": _FailEvery(retr, 8)}, copies_store, "test",
                      dataclasses.replace(cfg, compat="plonk")).row("bad")
     assert plonk.metrics["n"] == [300 - n_bad] and plonk.metrics["n_failed"] == [n_bad]
     assert plonk.stat("dist_km")[0] == 0.0 and plonk.stat("acc_1km")[0] == 1.0
 
 
 def test_drop_tail_scores_whole_batches_only_and_says_so(copies_store):
-    report = evaluate({"u": uniform_geolocator(16)}, copies_store, "test", dataclasses.replace(FAST, drop_tail=128))
+    report = evaluate_stores({"u": uniform_geolocator(16)}, copies_store, "test", dataclasses.replace(FAST, drop_tail=128))
     assert report.n_read == 300 and report.n == 256 and report.row("u").metrics["n"] == [256]
     assert any("drop_tail=128" in note for note in report.notes)
 
@@ -206,21 +204,21 @@ def test_admin_accuracy_from_label_columns_and_from_latlon(tmp_path, gazetteer):
     for split, prefix in (("train", "a"), ("test", "b")):
         store.write_shard(build_table([f"{prefix}{i}" for i in range(120)], split, latlon[:, 0], latlon[:, 1],
                                       emb, labels, tuple(labels)), "t")
-    rows = {"retrieval": RetrievalPredictor.from_stores([root], "train")}
-    report = evaluate(rows, root, "test", FAST, gazetteer=gazetteer)
+    rows = {"retrieval": retrieval_from_stores([root], "train")}
+    report = evaluate_stores(rows, root, "test", FAST, gazetteer=gazetteer)
     assert report.levels == {"country": "unique_country", "region": "unique_region", "city": "unique_city"}
     row = report.row("retrieval")
     assert row.stat("acc_country")[0] == 1.0 and row.stat("acc_city")[0] == 1.0
     # compat plonk: pandas reads Namibia's "NA" as NaN, so that item can never be country-correct (quirk C).
-    plonk = evaluate(rows, root, "test", dataclasses.replace(FAST, compat="plonk"), gazetteer=gazetteer)
+    plonk = evaluate_stores(rows, root, "test", dataclasses.replace(FAST, compat="plonk"), gazetteer=gazetteer)
     assert plonk.row("retrieval").stat("acc_country")[0] == pytest.approx(119 / 120)
     assert plonk.row("retrieval").stat("acc_region")[0] == 1.0
     # Ground truth from the true coordinates (the same nearest-place rule) gives all four levels.
-    by_point = evaluate(rows, root, "test", dataclasses.replace(FAST, labels="latlon"), gazetteer=gazetteer)
+    by_point = evaluate_stores(rows, root, "test", dataclasses.replace(FAST, labels="latlon"), gazetteer=gazetteer)
     assert set(by_point.levels) == {"country", "region", "sub-region", "city"}
     assert by_point.row("retrieval").stat("acc_sub-region")[0] == 1.0
     # A mapping picks other columns; the table is in the OSV-5M layout.
-    mapped = evaluate(rows, root, "test", dataclasses.replace(FAST, labels={"country": "unique_country"}),
+    mapped = evaluate_stores(rows, root, "test", dataclasses.replace(FAST, labels={"country": "unique_country"}),
                       gazetteer=gazetteer)
     assert list(mapped.levels) == ["country"]
     table = report.table_markdown()
@@ -229,10 +227,10 @@ def test_admin_accuracy_from_label_columns_and_from_latlon(tmp_path, gazetteer):
 
 def test_unknown_label_level_or_column_is_a_clear_error(copies_store):
     with pytest.raises(ConfigError, match=r"unknown label column 'unique_country'.*no label columns"):
-        evaluate({"u": uniform_geolocator(16)}, copies_store, "test",
+        evaluate_stores({"u": uniform_geolocator(16)}, copies_store, "test",
                  dataclasses.replace(FAST, labels={"country": "unique_country"}))
     with pytest.raises(ConfigError, match="unknown label level 'continent'"):
-        evaluate({"u": uniform_geolocator(16)}, copies_store, "test",
+        evaluate_stores({"u": uniform_geolocator(16)}, copies_store, "test",
                  dataclasses.replace(FAST, labels={"continent": "x"}))
 
 
@@ -248,14 +246,14 @@ def test_backbone_mismatch_names_both_backbones(tmp_path, copies_store):
     wide = tiny_checkpoint(tmp_path / "wide", 32)
     with pytest.raises(BackboneError, match=r"expects 32-d embeddings but store .* holds 'test' 16-d"):
         run_eval([copies_store], "test", checkpoints=[wide], config=FAST)
-    # The same check guards a Geolocator passed to evaluate() directly.
+    # The same check guards a Geolocator passed to evaluate_stores() directly.
     with pytest.raises(BackboneError):
-        evaluate({"u": uniform_geolocator(8)}, copies_store, "test", FAST)
+        evaluate_stores({"u": uniform_geolocator(8)}, copies_store, "test", FAST)
 
 
 def test_empty_split_lists_the_available_ones(copies_store):
     with pytest.raises(StoreError, match=r"no rows in split 'tset'.*available splits: test \(300\), train \(300\)"):
-        evaluate({"u": uniform_geolocator(16)}, copies_store, "tset", FAST)
+        evaluate_stores({"u": uniform_geolocator(16)}, copies_store, "tset", FAST)
 
 
 def test_config_errors():
@@ -388,3 +386,67 @@ def test_score_rows_takes_precomputed_arrays():
     assert r.metrics["n_failed"] == [100] and r.stat("acc_1km")[0] == pytest.approx(0.8)
     assert r.stat("precision_unchunked")[0] == 1.0  # failures are left out of PRDC, the rest are exact
     assert r.nll.bits_per_dim == pytest.approx(UNIFORM_NLL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers: the core scorer never sees a store; the job opens each store once
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["geoloc.evaluate", "geoloc.predictors", "geoloc.report", "geoloc.metrics",
+                                    "geoloc.config"])
+def test_core_eval_modules_do_not_import_the_pipeline(module):
+    code = (f"import sys, {module}; bad = sorted(m for m in sys.modules if m.startswith(('geoloc.pipeline', "
+            "'geoloc.cli'))); assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_full_eval_opens_each_store_once(tmp_path, monkeypatch):
+    a, b = _copies_store(tmp_path / "a"), _copies_store(tmp_path / "b")
+    ckpt = tiny_checkpoint(tmp_path / "m", 16, {"name": "test", "dim": 16})
+    opened: list[Path] = []
+    real_open = FeatureStore.open
+
+    def counting_open(cls, root):
+        opened.append(Path(root))
+        return real_open(root)
+
+    monkeypatch.setattr(FeatureStore, "open", classmethod(counting_open))
+    cfg = dataclasses.replace(FAST, nll=False, steps=2, labels="none")
+    report = run_eval([a, b], "test", checkpoints=[ckpt], baselines=["uniform", "retrieval"], config=cfg,
+                      out_dir=tmp_path / "out", plots=False)
+    assert report.n == 600 and report.row("retrieval").info["database_rows"] == 600
+    assert sorted(opened) == sorted([a, b])  # two reads (train for retrieval, test), one open each
+
+
+@dataclasses.dataclass
+class _Batch:
+    ids: list
+    cond: torch.Tensor
+    latlon: np.ndarray
+    labels: dict = dataclasses.field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def test_core_evaluate_takes_plain_batches_and_matches_the_store_path(copies_store):
+    """The core pass on in-memory arrays gives the numbers the job gives on the store holding them."""
+    from geoloc.evaluate import evaluate
+
+    batches = list(iter_eval_batches([copies_store], "test", 64))
+    train = list(iter_eval_batches([copies_store], "train", 1000))
+    retr = RetrievalPredictor.from_arrays(torch.cat([t.cond for t in train]), np.concatenate([t.latlon for t in train]))
+    plain = [_Batch(list(b.ids), b.cond.clone(), b.latlon.copy()) for b in batches]
+    cfg = dataclasses.replace(FAST, seeds=(0, 1), batch_size=64)
+    rows = {"u": uniform_geolocator(16), "r": retr}
+    core = evaluate(rows, plain, cfg)
+    job = evaluate_stores({"u": uniform_geolocator(16), "r": retrieval_from_stores([copies_store])}, copies_store,
+                          "test", cfg)
+    assert core.n == job.n == 300
+    for name in ("u", "r"):
+        assert core.row(name).metrics == job.row(name).metrics
+    assert core.row("r").stat("dist_km") == (0.0, 0.0)
+    assert core.row("u").nll.bits_per_dim == pytest.approx(UNIFORM_NLL, abs=1e-6)

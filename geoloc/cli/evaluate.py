@@ -1,7 +1,8 @@
 """`geoloc eval`: the paper's metrics for checkpoints and baselines on a feature-store split.
 
-Thin by design: options → :class:`~geoloc.evaluate.EvalConfig` → :func:`~geoloc.evaluate.run_eval` → the
-Markdown table on the terminal. torch, faiss and matplotlib are imported inside the command body.
+Thin by design: options → :class:`~geoloc.config.EvalConfig` → :func:`~geoloc.pipeline.eval_job.run_eval` →
+the Markdown table on the terminal. Every default and choice list is read from ``EvalConfig`` and the
+choice types next to it in ``geoloc/config.py``, so a default changes in one place.
 """
 
 from __future__ import annotations
@@ -12,36 +13,33 @@ from typing import Annotated
 
 import typer
 
-
-class EstimatorOpt(StrEnum):
-    sample = "sample"
-    median = "median"
-    geoscore = "geoscore"
-    mode = "mode"
-    best_of_n = "best-of-n"
-    mean = "mean"
-
-
-class BaselineOpt(StrEnum):
-    uniform = "uniform"
-    retrieval = "retrieval"
-
-
-class CompatOpt(StrEnum):
-    fixed = "fixed"
-    plonk = "plonk"
+from geoloc.config import (
+    BASELINES,
+    COMPAT_MODES,
+    ESTIMATOR_CHOICES,
+    EVAL_CLI_DEVICE,
+    EVAL_SPLIT,
+    RETRIEVAL_INDEXES,
+    TABLE_LAYOUTS,
+    EvalConfig,
+    LikelihoodConfig,
+)
+from geoloc.errors import ConfigError
 
 
-class IndexOpt(StrEnum):
-    flat = "flat"
-    hnsw = "hnsw"
+def _choices(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """A Typer choice type over ``values`` (Typer takes enums, not Literal types, for lists of choices)."""
+    return StrEnum(name, {v: v for v in values})
 
 
-class TableOpt(StrEnum):
-    auto = "auto"
-    osv5m = "osv5m"
-    yfcc4k = "yfcc4k"
-    full = "full"
+EstimatorOpt = _choices("EstimatorOpt", ESTIMATOR_CHOICES)
+BaselineOpt = _choices("BaselineOpt", BASELINES)
+CompatOpt = _choices("CompatOpt", COMPAT_MODES)
+IndexOpt = _choices("IndexOpt", RETRIEVAL_INDEXES)
+TableOpt = _choices("TableOpt", TABLE_LAYOUTS)
+
+_DEFAULT = EvalConfig()
+_LIKELIHOOD = _DEFAULT.likelihood
 
 
 def register(app: typer.Typer) -> None:
@@ -50,8 +48,6 @@ def register(app: typer.Typer) -> None:
 
 
 def _parse_seeds(text: str) -> tuple[int, ...]:
-    from geoloc.errors import ConfigError
-
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError as e:
@@ -60,8 +56,6 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def _parse_labels(text: str) -> str | dict[str, str]:
-    from geoloc.errors import ConfigError
-
     if "=" not in text:
         return text.strip()
     out: dict[str, str] = {}
@@ -74,51 +68,109 @@ def _parse_labels(text: str) -> str | dict[str, str]:
 
 
 def eval_command(
-    store: Annotated[list[Path], typer.Option("--store", help="Feature store directory; repeat to read several "
-                                                              "(same backbone).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Output folder (report.json, table.md, predictions, plots).",
-                                      show_default=False)],
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
-    checkpoint: Annotated[list[Path] | None, typer.Option("--checkpoint", help="Checkpoint directory; repeat "
-                                                                              "for one table row each.")] = None,
-    baseline: Annotated[list[BaselineOpt] | None, typer.Option("--baseline", help="uniform, or retrieval "
-                                                               "(nearest training embedding); repeatable.")] = None,
-    estimator: Annotated[EstimatorOpt, typer.Option(help="Point estimate: sample = one guided draw (the "
-                                                         "paper's protocol).")] = EstimatorOpt.sample,
-    samples: Annotated[int, typer.Option("--samples", help="Draws per item for the other estimators.",
-                                         min=1)] = 256,
-    omega: Annotated[float | None, typer.Option(help="Guidance ω (default: 2 for sample, 0 otherwise).",
-                                                show_default=False)] = None,
-    steps: Annotated[int, typer.Option(help="Sampler steps.", min=1)] = 250,
-    method: Annotated[str, typer.Option(help="Sampler: euler, heun, midpoint, rk4, ddim.")] = "euler",
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; metrics are mean ± std over them.")] = "0,1,2",
-    batch_size: Annotated[int, typer.Option(help="Items per batch.", min=1)] = 4096,
-    where: Annotated[str | None, typer.Option(help="SQL filter on the split's rows.")] = None,
-    drop_tail: Annotated[int, typer.Option(help="Score only whole batches of this size (PLONK's quirk E); "
-                                                "0 scores every item.", min=0)] = 0,
-    compat: Annotated[CompatOpt, typer.Option(help="fixed: every item counts, failures are misses; plonk: the "
-                                                   "published code's quirks.")] = CompatOpt.fixed,
-    labels: Annotated[str, typer.Option(help="Admin ground truth: auto (OSV-5M unique_* columns), none, latlon, "
-                                             "or LEVEL=COLUMN pairs (country,region,sub-region,city).")] = "auto",
-    nll: Annotated[bool, typer.Option("--nll/--no-nll", help="Exact NLL of the true location (Table 2).")] = True,
-    nll_method: Annotated[str, typer.Option(help="Likelihood ODE solver: rk4, heun, midpoint, euler, "
-                                                 "dopri5 (the paper, with --nll-tol 1e-6).")] = "rk4",
-    nll_steps: Annotated[int, typer.Option(help="Steps of a fixed-step likelihood solver.", min=1)] = 32,
+    store: Annotated[
+        list[Path],
+        typer.Option(
+            "--store",
+            help="Feature store directory; repeat to read several (same backbone).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Output folder (report.json, table.md, predictions, plots).", show_default=False
+        ),
+    ],
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = EVAL_SPLIT,
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option("--checkpoint", help="Checkpoint directory; repeat for one table row each."),
+    ] = None,
+    baseline: Annotated[
+        list[BaselineOpt] | None,
+        typer.Option("--baseline", help="uniform, or retrieval (nearest training embedding); repeatable."),
+    ] = None,
+    estimator: Annotated[
+        EstimatorOpt, typer.Option(help="Point estimate: sample = one guided draw (the paper's protocol).")
+    ] = EstimatorOpt(_DEFAULT.estimator),
+    samples: Annotated[
+        int, typer.Option("--samples", help="Draws per item for the other estimators.", min=1)
+    ] = _DEFAULT.n,
+    omega: Annotated[
+        float | None,
+        typer.Option(help="Guidance ω (default: 2 for sample, 0 otherwise).", show_default=False),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Sampler steps.", min=1)] = _DEFAULT.steps,
+    method: Annotated[str, typer.Option(help="Sampler: euler, heun, midpoint, rk4, ddim.")] = _DEFAULT.method,
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds; metrics are mean ± std over them.")
+    ] = ",".join(str(s) for s in _DEFAULT.seeds),
+    batch_size: Annotated[int, typer.Option(help="Items per batch.", min=1)] = _DEFAULT.batch_size,
+    where: Annotated[str | None, typer.Option(help="SQL filter on the split's rows.")] = _DEFAULT.where,
+    drop_tail: Annotated[
+        int,
+        typer.Option(
+            help="Score only whole batches of this size (PLONK's quirk E); 0 scores every item.", min=0
+        ),
+    ] = _DEFAULT.drop_tail,
+    compat: Annotated[
+        CompatOpt,
+        typer.Option(
+            help="fixed: every item counts, failures are misses; plonk: the published code's quirks."
+        ),
+    ] = CompatOpt(_DEFAULT.compat),
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="Admin ground truth: auto (OSV-5M unique_* columns), none, latlon, "
+            "or LEVEL=COLUMN pairs (country,region,sub-region,city)."
+        ),
+    ] = str(_DEFAULT.labels),
+    nll: Annotated[
+        bool, typer.Option("--nll/--no-nll", help="Exact NLL of the true location (Table 2).")
+    ] = _DEFAULT.nll,
+    nll_method: Annotated[
+        str,
+        typer.Option(
+            help="Likelihood ODE solver: rk4, heun, midpoint, euler, dopri5 (the paper, with --nll-tol 1e-6)."
+        ),
+    ] = _LIKELIHOOD.method,
+    nll_steps: Annotated[
+        int, typer.Option(help="Steps of a fixed-step likelihood solver.", min=1)
+    ] = _LIKELIHOOD.steps,
     nll_tol: Annotated[float | None, typer.Option(help="rtol = atol of dopri5.", show_default=False)] = None,
-    localizability: Annotated[bool, typer.Option("--localizability", help="Per-item localizability (costly: "
-                                                                          "--loc-samples exact draws each).")] = False,
-    loc_samples: Annotated[int, typer.Option(help="Draws per item for the localizability.", min=1)] = 64,
-    prdc: Annotated[bool, typer.Option("--prdc/--no-prdc", help="Precision/recall/density/coverage.")] = True,
-    retrieval_split: Annotated[str, typer.Option(help="Split the retrieval baseline searches.")] = "train",
-    retrieval_index: Annotated[IndexOpt, typer.Option(help="flat (exact) or hnsw (approximate, big "
-                                                           "stores).")] = IndexOpt.flat,
-    table: Annotated[TableOpt, typer.Option(help="Table 1 layout: auto (osv5m with admin labels, else "
-                                                 "yfcc4k), osv5m, yfcc4k, full.")] = TableOpt.auto,
+    localizability: Annotated[
+        bool,
+        typer.Option(
+            "--localizability", help="Per-item localizability (costly: --loc-samples exact draws each)."
+        ),
+    ] = _DEFAULT.localizability,
+    loc_samples: Annotated[
+        int, typer.Option(help="Draws per item for the localizability.", min=1)
+    ] = _DEFAULT.localizability_n,
+    prdc: Annotated[
+        bool, typer.Option("--prdc/--no-prdc", help="Precision/recall/density/coverage.")
+    ] = _DEFAULT.prdc,
+    retrieval_split: Annotated[str, typer.Option(help="Split the retrieval baseline searches.")] = (
+        _DEFAULT.retrieval_split
+    ),
+    retrieval_index: Annotated[
+        IndexOpt, typer.Option(help="flat (exact) or hnsw (approximate, big stores).")
+    ] = IndexOpt(_DEFAULT.retrieval_index),
+    table: Annotated[
+        TableOpt,
+        typer.Option(
+            help="Table 1 layout: auto (osv5m with admin labels, else yfcc4k), osv5m, yfcc4k, full."
+        ),
+    ] = TableOpt(_DEFAULT.table),
     csv: Annotated[bool, typer.Option("--csv", help="Also write predictions.csv.")] = False,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG plots.")] = True,
-    gazetteer_cache: Annotated[Path | None, typer.Option(help="Folder of the cached label table (default: "
-                                                              "~/.cache/geoloc).", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    gazetteer_cache: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the cached label table (default: ~/.cache/geoloc).", show_default=False),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = EVAL_CLI_DEVICE,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Evaluate checkpoints and baselines on a store split: the paper's Tables 1 and 2, plus per-item files.
@@ -132,27 +184,54 @@ def eval_command(
         geoloc eval --store features/yfcc --split test --checkpoint runs/a --checkpoint runs/b --baseline retrieval --seeds 0 --out eval/yfcc
         geoloc eval --store features/osv5m --checkpoint runs/rfm --compat plonk --nll-method dopri5 --nll-tol 1e-6 --out eval/plonk
     """
-    from geoloc.config import LikelihoodConfig
-    from geoloc.evaluate import EvalConfig, run_eval
+    # The job (torch, faiss, duckdb) is imported when the command runs, so that `geoloc --help` stays fast.
+    from geoloc.pipeline.eval_job import run_eval
 
     tol = {} if nll_tol is None else {"rtol": nll_tol, "atol": nll_tol}
     config = EvalConfig(
-        estimator=estimator.value, n=samples, omega=omega, steps=steps, method=method, seeds=_parse_seeds(seeds),
-        batch_size=batch_size, where=where, drop_tail=drop_tail, compat=compat.value, labels=_parse_labels(labels),
-        nll=nll, likelihood=LikelihoodConfig(method=nll_method, steps=nll_steps, **tol),
-        localizability=localizability, localizability_n=loc_samples, prdc=prdc, retrieval_split=retrieval_split,
-        retrieval_index=retrieval_index.value, device=device, table=table.value,
+        estimator=estimator.value,
+        n=samples,
+        omega=omega,
+        steps=steps,
+        method=method,
+        seeds=_parse_seeds(seeds),
+        batch_size=batch_size,
+        where=where,
+        drop_tail=drop_tail,
+        compat=compat.value,
+        labels=_parse_labels(labels),
+        nll=nll,
+        likelihood=LikelihoodConfig(method=nll_method, steps=nll_steps, **tol),
+        localizability=localizability,
+        localizability_n=loc_samples,
+        prdc=prdc,
+        retrieval_split=retrieval_split,
+        retrieval_index=retrieval_index.value,
+        device=device,
+        table=table.value,
         gazetteer_cache=str(gazetteer_cache) if gazetteer_cache else None,
     )
     report = run_eval(
-        store, split, checkpoints=checkpoint or [], baselines=[b.value for b in baseline or []], config=config,
-        out_dir=out, csv=csv, plots=plots, progress=progress, log=lambda m: typer.echo(m, err=True),
+        store,
+        split,
+        checkpoints=checkpoint or [],
+        baselines=[b.value for b in baseline or []],
+        config=config,
+        out_dir=out,
+        csv=csv,
+        plots=plots,
+        progress=progress,
+        log=lambda m: typer.echo(m, err=True),
     )
     typer.echo(report.table_markdown())
     failed = {r.name: int(sum(r.metrics.get("n_failed", []))) for r in report.rows}
     if any(failed.values()):
-        fate = "dropped (compat plonk)" if compat is CompatOpt.plonk else "scored as misses"
-        typer.echo(f"failed predictions ({fate}): "
-                   + ", ".join(f"{k} {v:,}" for k, v in failed.items() if v), err=True)
-    typer.echo(f"evaluated {report.n:,} items × {len(report.rows)} row(s) in {report.elapsed_s:.1f} s → {out}",
-               err=True)
+        fate = "dropped (compat plonk)" if compat == "plonk" else "scored as misses"
+        typer.echo(
+            f"failed predictions ({fate}): " + ", ".join(f"{k} {v:,}" for k, v in failed.items() if v),
+            err=True,
+        )
+    typer.echo(
+        f"evaluated {report.n:,} items × {len(report.rows)} row(s) in {report.elapsed_s:.1f} s → {out}",
+        err=True,
+    )

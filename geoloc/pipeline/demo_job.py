@@ -23,9 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from geoloc.config import DEMO_NAMES, DemoConfig, EmbedConfig, PredictOptions
-from geoloc.evaluate import EvalConfig, run_eval
+from geoloc.config import DEMO_NAMES, DemoConfig, EmbedConfig, EvalConfig, PredictOptions
 from geoloc.pipeline.embed import run_embed
+from geoloc.pipeline.eval_job import run_eval
 from geoloc.pipeline.predict_job import Predictor, write_maps
 from geoloc.pipeline.train_job import run_train
 from geoloc.presets import resolve_config

@@ -207,18 +207,20 @@ def _connect() -> duckdb.DuckDBPyConnection:
 
 # ---------------------------------------------------------------------------------------------- selection
 def _select(
-    stores: Sequence[str | Path | StoreSpec],
+    stores: Sequence[str | Path | StoreSpec | FeatureStore],
     split: str | None,
     where: str | None,
     expected_dim: int | None,
     expected_backbone: str | None,
 ) -> _Selection:
     """Open every store, check they agree (and match the model), count the selected rows of every shard."""
-    specs = tuple(StoreSpec.parse(s) for s in stores)
+    # An already opened FeatureStore is used as is (the eval job opens each store once and reads it twice).
+    specs = tuple(StoreSpec(s.root) if isinstance(s, FeatureStore) else StoreSpec.parse(s) for s in stores)
     if not specs:
         raise ConfigError("no feature store given; pass at least one --store PATH[:WEIGHT]")
     where = where.strip() if where and where.strip() else None
-    opened = tuple(FeatureStore.open(s.path) for s in specs)
+    opened = tuple(s if isinstance(s, FeatureStore) else FeatureStore.open(p.path)
+                   for s, p in zip(stores, specs, strict=True))
     first = opened[0]
     for spec, st in zip(specs[1:], opened[1:], strict=True):
         if (st.backbone.name, st.dim) != (first.backbone.name, first.dim):
@@ -983,7 +985,7 @@ class EvalBatch:
 
 
 def iter_eval_batches(
-    stores: Sequence[str | Path | StoreSpec] | str | Path,
+    stores: Sequence[str | Path | StoreSpec | FeatureStore] | str | Path,
     split: str | None,
     batch_size: int,
     where: str | None = None,

@@ -77,3 +77,22 @@ def test_eval_errors_are_one_line_and_typed(tmp_path, store):
 def test_eval_help_has_examples():
     r = runner.invoke(app, ["eval", "--help"])
     assert r.exit_code == 0 and "Example" in r.stdout and "--baseline" in r.stdout
+
+
+def test_eval_defaults_and_choices_come_from_evalconfig():
+    import typer.main
+
+    from geoloc.config import BASELINES, ESTIMATOR_CHOICES, TABLE_LAYOUTS, EvalConfig
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["eval"].params}
+    cfg = EvalConfig()
+    defaults = {k: str(getattr(p.default, "value", p.default)) for k, p in params.items()}
+    assert defaults["samples"] == str(cfg.n) and defaults["steps"] == str(cfg.steps)
+    assert defaults["batch_size"] == str(cfg.batch_size) and defaults["seeds"] == ",".join(map(str, cfg.seeds))
+    assert defaults["estimator"] == cfg.estimator and defaults["nll_steps"] == str(cfg.likelihood.steps)
+    # Choice lists: a wrong value is refused with exactly the config's choices offered.
+    for flag, choices in (("--estimator", ESTIMATOR_CHOICES), ("--baseline", BASELINES), ("--table", TABLE_LAYOUTS)):
+        r = runner.invoke(app, ["eval", "--store", "s", "--out", "o", flag, "nope"])
+        assert r.exit_code == 2
+        text = " ".join(r.output.split())
+        assert all(f"'{c}'" in text for c in choices), text
