@@ -1,15 +1,20 @@
 """Every knob of geoloc as frozen dataclasses, and the one function that applies overrides to them.
 
-Each default lives once, here. Presets (``presets.py``) are values of :class:`TrainConfig` built with
-``dataclasses.replace``; ``resolve_config`` applies a TOML file and ``--set key=value`` overrides with type
-checks and "did you mean" suggestions, so a typo is an error and never a silently ignored key.
+Each default lives once, here: training (:class:`TrainConfig` and its parts), density maps, feature-store
+imports, embedding, prediction and the demo. Choices are ``Literal`` fields, so the CLI reads its choice
+lists from here too. Torch-free on purpose: ``geoloc --help`` imports this module.
+
+Presets (``presets.py``) are values of :class:`TrainConfig` built with ``dataclasses.replace``;
+:func:`apply_overrides` applies dotted ``key=value`` overrides with type checks and "did you mean"
+suggestions, so a typo is an error and never a silently ignored key. ``presets.resolve_config`` layers a
+preset, a TOML file and overrides (it lives there so that config never imports presets: no cycle).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import tomllib
+import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,19 +22,28 @@ from pathlib import Path
 from typing import Any, Literal
 
 from geoloc.errors import ConfigError
+from geoloc.suggest import did_you_mean
 
 __all__ = [
+    "DEMO_NAMES",
     "DataConfig",
+    "DemoConfig",
+    "DensityConfig",
+    "EmbedConfig",
     "FamilyConfig",
+    "ImportConfig",
     "LikelihoodConfig",
+    "MapOptions",
     "ModelConfig",
     "OptimConfig",
+    "PredictOptions",
     "SampleConfig",
     "TrainConfig",
     "apply_overrides",
+    "choices",
     "config_from_dict",
     "config_to_dict",
-    "resolve_config",
+    "use_family",
 ]
 
 
@@ -138,6 +152,268 @@ class TrainConfig:
     val_samples: int = 2048
 
 
+def use_family(family: FamilyConfig, name: str) -> FamilyConfig:
+    """``family`` switched to the family ``name``: the one home of the rule that vMF families train without
+    condition dropout (they are never guided, so dropping the condition only wastes signal; reference §11.1).
+    Other families keep ``family.cond_drop``."""
+    return dataclasses.replace(
+        family, name=name, cond_drop=0.0 if name.startswith("vmf") else family.cond_drop
+    )
+
+
+# ------------------------------------------------------------------------------------- density maps
+H3_MAX_RESOLUTION = 15
+
+
+@dataclass(frozen=True)
+class DensityConfig:
+    """How finely to resolve a density map (see :mod:`geoloc.density` for the rules).
+
+    ``start_resolution``: H3 resolution of the first, global grid (0: 122 cells, 1: 842, 2: 5,882).
+    ``levels``: refinement levels after it (the finest cells are ``start_resolution + levels``; resolution 6
+    cells are ~7 km across). ``tolerance``: at each level, refine the cells with the largest estimated
+    quadrature errors until the errors left add up to at most this fraction of the mass.
+    ``guard``: nats; neighbours of a refined cell that are at most this much less dense are refined too.
+    ``max_refine``: at most this many cells refined per item and level (the largest errors first).
+    ``seed_samples``: model draws per item whose cells are always candidates (0: none; ignored when seeds
+    are passed in). ``likelihood``: the ODE settings (None: the geolocator's own). ``mass_tolerance``: a map
+    whose Σ p·area is further than this from 1 is recomputed with twice the ODE steps, up to ``max_steps``
+    (fixed-step solvers of ODE families only).
+    """
+
+    start_resolution: int = 1
+    levels: int = 5
+    tolerance: float = 0.01
+    guard: float = 3.0
+    max_refine: int = 256
+    seed_samples: int = 64
+    likelihood: LikelihoodConfig | None = None
+    mass_tolerance: float = 0.01
+    max_steps: int = 64
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start_resolution <= H3_MAX_RESOLUTION:
+            raise ConfigError(f"start_resolution must be in 0..15, got {self.start_resolution}")
+        if self.levels < 0 or self.start_resolution + self.levels > H3_MAX_RESOLUTION:
+            raise ConfigError(f"levels must be >= 0 with start_resolution + levels <= 15, got {self.levels}")
+        if min(self.tolerance, self.guard, self.max_refine, self.seed_samples, self.mass_tolerance) < 0:
+            raise ConfigError("tolerance, guard, max_refine, seed_samples and mass_tolerance must be >= 0")
+
+
+# ------------------------------------------------------------------------------------- feature stores
+SourceKind = Literal["auto", "wds", "parquet", "numpy"]
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """One import of precomputed embeddings. Column options name Parquet/CSV columns or JSON keys; ``None``
+    means auto-detect.
+
+    Attributes:
+        source: a file, a directory or a glob (``shards/*.tar``, ``feats/*.parquet``, ``emb.npy``).
+        store: the feature store directory (created if missing).
+        backbone: backbone name recorded in (or checked against) the store.
+        split: split for every row; ``None`` uses the source's ``split`` column/key, else ``"train"``.
+        emb_col: Parquet embedding column (fixed-size list or list), or a glob such as ``emb_*`` for one
+            column per dimension (ordered by the number in the name).
+        emb_key: the webdataset member extension that holds the embedding (``street_clip.npy``).
+        metadata: the CSV/Parquet that pairs with an ``.npy`` (default: same stem next to it).
+        labels: extra label columns/keys to keep besides every ``unique_*`` one.
+        chunk_rows: rows per processing chunk; shard_rows: target rows per written shard.
+        max_failure_rate: above this fraction of failed rows the import "fails" (the CLI exits 1); good
+            rows are stored either way.
+    """
+
+    source: str
+    store: str | os.PathLike
+    backbone: str
+    revision: str = ""
+    split: str | None = None
+    kind: SourceKind = "auto"
+    id_col: str | None = None
+    lat_col: str | None = None
+    lon_col: str | None = None
+    emb_col: str | None = None
+    emb_key: str = "street_clip.npy"
+    metadata: str | os.PathLike | None = None
+    labels: tuple[str, ...] = ()
+    chunk_rows: int = 8_192
+    shard_rows: int = 32_768
+    max_failure_rate: float = 0.05
+    task: str | None = None
+    progress: bool = True
+
+
+EmbedDtype = Literal["auto", "fp32", "bf16"]
+EngineName = Literal["local", "ray"]
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Everything ``geoloc embed`` can be told; CLI flags mirror these fields.
+
+    Attributes:
+        manifest: dataset manifest (a ``.toml`` path or a shipped name such as ``demo-geonames``).
+        store: feature-store directory (created, or grown if it exists).
+        root: dataset root, overriding the manifest's ``root``.
+        splits: splits to embed (None = all).
+        backbone: registry name or ``open_clip:ARCH/TAG``; None = the store's backbone if the store exists,
+            else ``minilm`` for text datasets and ``dinov2-l-reg`` for images.
+        weights: local weights (file or directory) instead of the offline Hugging Face cache.
+        backbone_config: architecture override with random weights (tests and benchmarks only).
+        batch_size: items per model batch.
+        num_workers: decode/preprocess worker processes (None = min(4, CPU count); 0 = in-process).
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ...
+        dtype: ``auto`` (bf16 where the device supports it), ``fp32`` or ``bf16``.
+        shard_size: rows per shard file.
+        flush_interval_s: also write a (smaller) shard when this much time passed since the last one, so a
+            kill loses little on slow backbones.
+        limit: embed a deterministic subsample of this many dataset rows (the manifest's ``limit``).
+        engine: ``local`` or ``ray``.
+        max_failure_rate: the run counts as failed (non-zero exit) above this fraction of failed items.
+        progress: show a progress bar.
+        replicas, ray_address: ray engine only (model replicas; cluster address).
+    """
+
+    manifest: str | Path
+    store: str | Path
+    root: str | Path | None = None
+    splits: tuple[str, ...] | None = None
+    backbone: str | None = None
+    weights: str | Path | None = None
+    backbone_config: Any = None
+    batch_size: int = 64
+    num_workers: int | None = None
+    device: str = "auto"
+    dtype: EmbedDtype = "auto"
+    shard_size: int = 50_000
+    flush_interval_s: float = 300.0
+    limit: int | None = None
+    engine: EngineName = "local"
+    max_failure_rate: float = 0.05
+    progress: bool = True
+    replicas: int | None = None
+    ray_address: str | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.shard_size < 1:
+            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ConfigError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        if self.flush_interval_s <= 0:
+            raise ConfigError(f"flush_interval_s must be > 0, got {self.flush_interval_s}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.engine not in typing.get_args(EngineName):
+            raise ConfigError(
+                f"unknown engine {self.engine!r}; choose one of {sorted(typing.get_args(EngineName))}"
+            )
+        if self.dtype not in typing.get_args(EmbedDtype):
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose auto, fp32 or bf16")
+
+
+# ------------------------------------------------------------------------------------- prediction
+EstimatorName = Literal["sample", "median", "geoscore", "mode", "mean", "best-of-n"]
+MapFormat = Literal["png", "html", "both"]
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What to compute per item.
+
+    ``estimator``: ``sample`` (one guided draw, ω = 2: the paper's protocol; vMF: the mean direction),
+    ``median``, ``geoscore``, ``mode``, ``mean`` or ``best-of-n`` (see ``geoloc.estimators``). ``top_k``:
+    distinct locations to report (0: none). ``samples``: model draws behind the top-k and the sample-based
+    estimators. ``omega``: guidance for the estimator (None: the estimator's default). ``localizability``:
+    also estimate E_p[log₂ p] from ``localizability_samples`` exact likelihoods (costly: an ODE per sample).
+    ``steps``: sampler steps (None: the checkpoint's, 250 as in the paper; fewer is faster on a CPU).
+    ``batch_size``: inputs per backbone batch. ``seed``: makes the draws reproducible. ``places``: look up
+    the nearest GeoNames place of the estimate and of each mode. ``keep_embeddings`` / ``keep_samples``:
+    keep them on each result (for density maps).
+    """
+
+    estimator: EstimatorName = "sample"
+    top_k: int = 3
+    samples: int = 256
+    omega: float | None = None
+    localizability: bool = False
+    localizability_samples: int = 256
+    steps: int | None = None
+    batch_size: int = 32
+    seed: int | None = 0
+    places: bool = True
+    keep_embeddings: bool = False
+    keep_samples: bool = False
+
+
+@dataclass(frozen=True)
+class MapOptions:
+    """Density maps written by ``geoloc predict --maps``: at most ``max_maps`` items, as ``format``.
+
+    ``steps``: RK4 steps of the likelihood ODE; ``levels`` / ``start_resolution``: the H3 grid (see
+    :class:`DensityConfig`); ``trajectories``: overlay the denoising paths of that many samples per item
+    (flow families); ``chunk``: items mapped together in one batched likelihood call.
+    """
+
+    max_maps: int = 10
+    format: MapFormat = "png"
+    steps: int = 16
+    levels: int = 5
+    start_resolution: int = 1
+    trajectories: int = 0
+    seed: int | None = 0
+    chunk: int = 4
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The file kinds to write: ``("png",)``, ``("html",)`` or both."""
+        return ("png", "html") if self.format == "both" else (self.format,)
+
+
+# ------------------------------------------------------------------------------------- checkpoint conversion
+PlonkFamily = Literal["rfm-s2", "flow-r3", "diffusion-r3"]
+"""Families a published PLONK checkpoint can be (``geoloc convert plonk --family``)."""
+PlonkWeights = Literal["ema", "raw"]
+"""Which weights of a Lightning ``.ckpt`` to convert: the EMA ones (published; the first value is the
+default) or the raw ones."""
+
+
+# ------------------------------------------------------------------------------------- the demo
+DEMO_NAMES: tuple[tuple[str, str], ...] = (
+    ("Springfield", "ambiguous"),
+    ("Paris", "ambiguous"),
+    ("San Jose", "ambiguous"),
+    ("Reykjavik", "unambiguous"),
+    ("Ouagadougou", "unambiguous"),
+    ("Vladivostok", "unambiguous"),
+)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Knobs of the demo (``geoloc demo``); the defaults finish in a few minutes on a 2-core CPU."""
+
+    out_dir: Path = Path("demo_out")
+    limit: int = 30_000
+    steps: int = 3000
+    vmf_steps: int = 1500
+    seeds: tuple[int, ...] = (0, 1, 2)
+    names: tuple[tuple[str, str], ...] = DEMO_NAMES
+    maps: bool = True
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------------- helpers
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a ``Literal[...]`` alias (or of a dataclass field annotated with one)."""
+    return tuple(typing.get_args(literal))
+
+
 def config_to_dict(cfg: Any) -> dict:
     """A JSON-ready dict of a (nested) config dataclass."""
     return dataclasses.asdict(cfg)
@@ -180,8 +456,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, a, key) for v, a in zip(items, args or [str] * len(items), strict=True))
     if origin is dict or tp is dict:
         if isinstance(value, str):
-            import json
-
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
@@ -196,8 +470,11 @@ def _replace_path(cfg: Any, path: list[str], value: Any, full_key: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     name = path[0]
     if name not in fields:
-        close = difflib.get_close_matches(name, list(fields), n=1)
-        hint = f" (did you mean `{'.'.join([*full_key.split('.')[:-len(path)], close[0]])}`?)" if close else ""
+        prefix = full_key.split(".")[: -len(path)]
+        # config keys are quoted with backticks in messages (they are typed as `--set key=value`)
+        hint = did_you_mean(".".join([*prefix, name]), [".".join([*prefix, f]) for f in fields]).replace(
+            "'", "`"
+        )
         raise ConfigError(f"unknown config key `{full_key}`{hint}")
     hints = typing.get_type_hints(type(cfg))
     current = getattr(cfg, name)
@@ -224,28 +501,6 @@ def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
 def config_from_dict(cls: type, data: dict) -> Any:
     """Rebuild a config dataclass from :func:`config_to_dict` output (unknown keys are errors)."""
     return apply_overrides(cls(), {k: v for k, v in data.items()}) if data else cls()
-
-
-def resolve_config(
-    preset: str | None = None, toml_path: str | Path | None = None, overrides: list[str] | None = None
-) -> TrainConfig:
-    """Preset → TOML file (same dotted keys, as tables) → ``key=value`` overrides, in that order."""
-    from geoloc.presets import get_preset
-
-    cfg = get_preset(preset) if preset else TrainConfig()
-    if toml_path:
-        try:
-            data = tomllib.loads(Path(toml_path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{toml_path}: cannot read config: {e}") from e
-        cfg = apply_overrides(cfg, data)
-    parsed: dict[str, Any] = {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
-        k, v = item.split("=", 1)
-        parsed[k.strip()] = v.strip()
-    return apply_overrides(cfg, parsed)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from geoloc.config import LikelihoodConfig
+from geoloc.config import DensityConfig, LikelihoodConfig
 from geoloc.errors import ConfigError
 from geoloc.sphere import EARTH_RADIUS_KM, haversine_km
 
@@ -55,41 +55,6 @@ __all__ = ["DensityConfig", "DensityMap", "Region", "density_map", "density_maps
 
 _MAX_H3_RES = 15
 _SEED_SPREAD = 1.0  # nats: a cell holding a model sample is refined unless its density is this flat
-
-
-@dataclass(frozen=True)
-class DensityConfig:
-    """How finely to resolve a density map (see the module docstring for the rules).
-
-    ``start_resolution``: H3 resolution of the first, global grid (0: 122 cells, 1: 842, 2: 5,882).
-    ``levels``: refinement levels after it (the finest cells are ``start_resolution + levels``; resolution 6
-    cells are ~7 km across). ``tolerance``: at each level, refine the cells with the largest estimated
-    quadrature errors until the errors left add up to at most this fraction of the mass.
-    ``guard``: nats; neighbours of a refined cell that are at most this much less dense are refined too.
-    ``max_refine``: at most this many cells refined per item and level (the largest errors first).
-    ``seed_samples``: model draws per item whose cells are always candidates (0: none; ignored when seeds
-    are passed in). ``likelihood``: the ODE settings (None: the geolocator's own). ``mass_tolerance``: a map
-    whose Σ p·area is further than this from 1 is recomputed with twice the ODE steps, up to ``max_steps``
-    (fixed-step solvers of ODE families only).
-    """
-
-    start_resolution: int = 1
-    levels: int = 5
-    tolerance: float = 0.01
-    guard: float = 3.0
-    max_refine: int = 256
-    seed_samples: int = 64
-    likelihood: LikelihoodConfig | None = None
-    mass_tolerance: float = 0.01
-    max_steps: int = 64
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start_resolution <= _MAX_H3_RES:
-            raise ConfigError(f"start_resolution must be in 0..15, got {self.start_resolution}")
-        if self.levels < 0 or self.start_resolution + self.levels > _MAX_H3_RES:
-            raise ConfigError(f"levels must be >= 0 with start_resolution + levels <= 15, got {self.levels}")
-        if min(self.tolerance, self.guard, self.max_refine, self.seed_samples, self.mass_tolerance) < 0:
-            raise ConfigError("tolerance, guard, max_refine, seed_samples and mass_tolerance must be >= 0")
 
 
 @dataclass

@@ -13,12 +13,24 @@ biases and norms (§16.16).
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
-from geoloc.config import DataConfig, FamilyConfig, ModelConfig, OptimConfig, TrainConfig
+from geoloc.config import (
+    DataConfig,
+    FamilyConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    use_family,
+)
 from geoloc.errors import ConfigError
+from geoloc.suggest import did_you_mean
 
-__all__ = ["PRESETS", "get_preset"]
+__all__ = ["PRESETS", "get_preset", "resolve_config"]
 
 _FAMILIES = ("rfm-s2", "flow-r3", "diffusion-r3", "vmf", "vmf-mix")
 
@@ -53,15 +65,17 @@ def _paper(dataset: str, family: str) -> TrainConfig:
         return replace(
             cfg,
             model=replace(cfg.model, depth=11),
-            family=FamilyConfig(name=family, cond_drop=0.0),
+            family=use_family(FamilyConfig(), family),
             optim=replace(cfg.optim, lr=lr, grad_clip=clip),
         )
-    return replace(cfg, family=FamilyConfig(name=family))
+    return replace(cfg, family=use_family(FamilyConfig(), family))
 
 
 _SMALL = TrainConfig(
     model=ModelConfig(dim=256, depth=4, expansion=4),
-    optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.01, warmup_steps=100, ema_decay=0.995, grad_clip=1.0),
+    optim=OptimConfig(
+        name="adamw", lr=1e-3, weight_decay=0.01, warmup_steps=100, ema_decay=0.995, grad_clip=1.0
+    ),
     data=DataConfig(batch_size=512),
     steps=3000,
     log_every=25,
@@ -72,8 +86,7 @@ _SMALL = TrainConfig(
 
 
 def _small(family: str) -> TrainConfig:
-    cond_drop = 0.0 if family.startswith("vmf") else 0.1
-    return replace(_SMALL, family=FamilyConfig(name=family, cond_drop=cond_drop))
+    return replace(_SMALL, family=use_family(FamilyConfig(), family))
 
 
 PRESETS: dict[str, TrainConfig] = {}
@@ -89,9 +102,38 @@ PRESETS["small"] = PRESETS["small-rfm-s2"]
 def get_preset(name: str) -> TrainConfig:
     """The preset called ``name`` (ConfigError listing the choices otherwise)."""
     if name not in PRESETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown preset {name!r}{hint}; choose one of: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(
+            f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; "
+            f"choose one of: {', '.join(sorted(PRESETS))}"
+        )
     return PRESETS[name]
+
+
+def resolve_config(
+    preset: str | None = None,
+    toml_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    family: str | None = None,
+) -> TrainConfig:
+    """Preset → TOML file (same dotted keys, as tables) → ``key=value`` overrides → ``family``, in that order.
+
+    ``family`` switches the family last through :func:`geoloc.config.use_family` (so ``--family vmf`` also
+    turns condition dropout off).
+    """
+    cfg = get_preset(preset) if preset else TrainConfig()
+    if toml_path:
+        try:
+            data = tomllib.loads(Path(toml_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{toml_path}: cannot read config: {e}") from e
+        cfg = apply_overrides(cfg, data)
+    parsed: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+        k, v = item.split("=", 1)
+        parsed[k.strip()] = v.strip()
+    cfg = apply_overrides(cfg, parsed)
+    if family is not None:
+        cfg = replace(cfg, family=use_family(cfg.family, family))
+    return cfg

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import sys
-from enum import StrEnum
+import typing
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from geoloc.cli.options import choice_enum
+from geoloc.config import PlonkFamily as PlonkFamilyChoice
+from geoloc.config import PlonkWeights
+
 convert_app = typer.Typer(help="Convert checkpoints from other code bases into geoloc checkpoints.",
                           no_args_is_help=True)
 
 
-class PlonkFamily(StrEnum):
-    rfm_s2 = "rfm-s2"
-    flow_r3 = "flow-r3"
-    diffusion_r3 = "diffusion-r3"
-
-
-class Weights(StrEnum):
-    ema = "ema"
-    raw = "raw"
+PlonkFamily = choice_enum("PlonkFamily", PlonkFamilyChoice)
+Weights = choice_enum("Weights", PlonkWeights)
 
 
 def register(app: typer.Typer) -> None:
@@ -41,7 +38,7 @@ def plonk(
                                                       "in the name (OSV-5M → streetclip, YFCC / iNat21 → "
                                                       "dinov2-l-reg).")] = None,
     weights: Annotated[Weights, typer.Option(help="For a Lightning .ckpt: ema (the published weights) or "
-                                                  "raw.")] = Weights.ema,
+                                                  "raw.")] = Weights(typing.get_args(PlonkWeights)[0]),
     force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint in OUT.")] = False,
 ) -> None:
     """Convert a published PLONK checkpoint (Hugging Face hub layout) into a geoloc checkpoint.

@@ -7,12 +7,16 @@ from typing import Annotated
 
 import typer
 
+from geoloc.cli.options import default
+from geoloc.config import DemoConfig
+
 
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (reused by a second run).")] = Path("demo_out"),
-    limit: Annotated[int, typer.Option(help="GeoNames places to embed.")] = 30_000,
-    steps: Annotated[int, typer.Option(help="Training steps of the RFM model.")] = 3000,
-    maps: Annotated[bool, typer.Option(help="Draw density maps.")] = True,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (reused by a second run).")] = default(
+        DemoConfig, "out_dir"),
+    limit: Annotated[int, typer.Option(help="GeoNames places to embed.")] = default(DemoConfig, "limit"),
+    steps: Annotated[int, typer.Option(help="Training steps of the RFM model.")] = default(DemoConfig, "steps"),
+    maps: Annotated[bool, typer.Option(help="Draw density maps.")] = default(DemoConfig, "maps"),
 ) -> None:
     """Run embed → train → eval → density maps offline on GeoNames place names with MiniLM.
 
@@ -20,7 +24,7 @@ def demo_command(
 
         geoloc demo --out demo_out
     """
-    from geoloc.demo import DemoConfig, run_demo
+    from geoloc.pipeline.demo_job import run_demo  # torch, the backbones and training: not for --help
 
     report = run_demo(DemoConfig(out_dir=out, limit=limit, steps=steps, maps=maps))
     typer.echo("\n" + report.table)

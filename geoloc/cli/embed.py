@@ -6,22 +6,16 @@ Thin by design: options → :class:`~geoloc.pipeline.embed.EmbedConfig` → :fun
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from geoloc.cli.options import DeviceOpt, ProgressOpt, choice_enum, default
+from geoloc.config import EmbedConfig, EmbedDtype, EngineName
 
-class DtypeOpt(StrEnum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class EngineOpt(StrEnum):
-    local = "local"
-    ray = "ray"
+DtypeOpt = choice_enum("DtypeOpt", EmbedDtype)
+EngineOpt = choice_enum("EngineOpt", EngineName)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,22 +36,28 @@ def embed(
                                                       "text and dinov2-l-reg for images).")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local weights (file or folder) instead of the offline "
                                                       "Hugging Face cache.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Items per model batch.", min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(help="Items per model batch.", min=1)] = default(EmbedConfig,
+                                                                                             "batch_size"),
     num_workers: Annotated[int | None, typer.Option(help="Decode worker processes (default min(4, CPUs); "
-                                                         "0 = in the main process).", min=0)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[DtypeOpt, typer.Option(help="auto: bf16 where the device supports it.")] = DtypeOpt.auto,
-    shard_size: Annotated[int, typer.Option(help="Rows per shard file.", min=1)] = 50_000,
+                                                         "0 = in the main process).", min=0)] = default(
+        EmbedConfig, "num_workers"),
+    device: DeviceOpt = default(EmbedConfig, "device"),
+    dtype: Annotated[DtypeOpt, typer.Option(help="auto: bf16 where the device supports it.")] = DtypeOpt(
+        default(EmbedConfig, "dtype")),
+    shard_size: Annotated[int, typer.Option(help="Rows per shard file.", min=1)] = default(EmbedConfig,
+                                                                                           "shard_size"),
     flush_minutes: Annotated[float, typer.Option(help="Also write a shard after this many minutes, so a kill "
-                                                      "loses little.", min=0.01)] = 5.0,
+                                                      "loses little.", min=0.01)] = default(
+        EmbedConfig, "flush_interval_s") / 60.0,
     limit: Annotated[int | None, typer.Option(help="Embed a deterministic subsample of N dataset rows.",
-                                              min=1)] = None,
-    engine: Annotated[EngineOpt, typer.Option(help="local, or ray (needs the `ray` extra).")] = EngineOpt.local,
+                                              min=1)] = default(EmbedConfig, "limit"),
+    engine: Annotated[EngineOpt, typer.Option(help="local, or ray (needs the `ray` extra).")] = EngineOpt(
+        default(EmbedConfig, "engine")),
     replicas: Annotated[int | None, typer.Option(help="Ray: model replicas (default: one per GPU).",
-                                                 min=1)] = None,
+                                                 min=1)] = default(EmbedConfig, "replicas"),
     max_failure_rate: Annotated[float, typer.Option(help="Exit 1 if more than this fraction of items fail.",
-                                                    min=0.0, max=1.0)] = 0.05,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+                                                    min=0.0, max=1.0)] = default(EmbedConfig, "max_failure_rate"),
+    progress: ProgressOpt = default(EmbedConfig, "progress"),
 ) -> None:
     """Embed a dataset with a frozen backbone into a feature store (incremental and resumable).
 
@@ -70,7 +70,7 @@ def embed(
         geoloc embed data_manifests/osv5m.toml --root /data/osv5m --split test --backbone streetclip --store features/osv5m
         geoloc embed my-photos.toml --store features/mine --backbone open_clip:ViT-B-32/openai --weights vitb32.safetensors
     """
-    from geoloc.pipeline.embed import EmbedConfig, run_embed
+    from geoloc.pipeline.embed import run_embed  # torch, transformers, open_clip: not for --help
 
     config = EmbedConfig(
         manifest=manifest, store=store, root=root, splits=tuple(split) if split else None, backbone=backbone,

@@ -17,6 +17,9 @@ from typing import Annotated, Any
 
 import typer
 
+from geoloc.cli.options import ProgressOpt, choice_enum, default
+from geoloc.config import ImportConfig, SourceKind
+
 store_app = typer.Typer(
     name="store",
     help="Inspect, query, verify feature stores and import existing embeddings into them.",
@@ -179,11 +182,7 @@ def failures(
     typer.echo(format_rows(table.column_names, rows, fmt))
 
 
-class SourceKindOpt(StrEnum):
-    auto = "auto"
-    wds = "wds"
-    parquet = "parquet"
-    numpy = "numpy"
+SourceKindOpt = choice_enum("SourceKindOpt", SourceKind)
 
 
 @store_app.command("import")
@@ -192,24 +191,27 @@ def import_(
     store: Annotated[Path, typer.Option("--store", help="Feature store directory (created if missing).")],
     backbone: Annotated[str, typer.Option(help="Backbone that produced the embeddings (recorded/checked).")],
     split: Annotated[str | None, typer.Option(help="Split for every row (default: the source's `split` "
-                                                   "column, else train).")] = None,
-    kind: Annotated[SourceKindOpt, typer.Option(help="Source kind (auto: by file extension).")] = SourceKindOpt.auto,
+                                                   "column, else train).")] = default(ImportConfig, "split"),
+    kind: Annotated[SourceKindOpt, typer.Option(help="Source kind (auto: by file extension).")] = SourceKindOpt(
+        default(ImportConfig, "kind")),
     id_col: Annotated[str | None, typer.Option(help="Id column / JSON key (auto: id, __key__, key).")] = None,
     lat_col: Annotated[str | None, typer.Option(help="Latitude column / JSON key (auto: lat, latitude).")] = None,
     lon_col: Annotated[str | None, typer.Option(help="Longitude column / JSON key (auto: lon, lng, "
                                                      "longitude).")] = None,
     emb_col: Annotated[str | None, typer.Option(help="Parquet embedding column, or a glob like 'emb_*' for one "
                                                      "column per dimension (auto: emb, embedding).")] = None,
-    emb_key: Annotated[str, typer.Option(help="Webdataset member holding the embedding.")] = "street_clip.npy",
+    emb_key: Annotated[str, typer.Option(help="Webdataset member holding the embedding.")] = default(ImportConfig,
+                                                                                                    "emb_key"),
     metadata: Annotated[Path | None, typer.Option(help="CSV/Parquet paired with an .npy source (default: same "
                                                        "stem next to it).")] = None,
     labels: Annotated[str, typer.Option(help="Extra label columns to keep, comma-separated (unique_* are "
                                              "always kept).")] = "",
-    revision: Annotated[str, typer.Option(help="Backbone revision to record.")] = "",
+    revision: Annotated[str, typer.Option(help="Backbone revision to record.")] = default(ImportConfig, "revision"),
     max_failure_rate: Annotated[float, typer.Option(help="Exit 1 if more than this fraction of rows fail.",
-                                                    min=0.0, max=1.0)] = 0.05,
-    chunk_rows: Annotated[int, typer.Option(help="Rows per processing chunk (bounds memory).", min=1)] = 8_192,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+                                                    min=0.0, max=1.0)] = default(ImportConfig, "max_failure_rate"),
+    chunk_rows: Annotated[int, typer.Option(help="Rows per processing chunk (bounds memory).", min=1)] = default(
+        ImportConfig, "chunk_rows"),
+    progress: ProgressOpt = default(ImportConfig, "progress"),
 ) -> None:
     """Import precomputed embeddings (webdataset tars, Parquet, or .npy + metadata) into a feature store.
 
@@ -220,7 +222,7 @@ def import_(
         geoloc store import feats.parquet --store features/mine --backbone vit-b-32 --emb-col 'emb_*'
         geoloc store import emb.npy --metadata meta.csv --store features/mine --backbone vit-b-32
     """
-    from geoloc.pipeline.importers import ImportConfig, import_embeddings
+    from geoloc.pipeline.importers import import_embeddings  # pyarrow and numpy: not for --help
 
     cfg = ImportConfig(
         source=source, store=store, backbone=backbone, revision=revision, split=split, kind=kind.value,

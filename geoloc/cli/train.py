@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+from geoloc.config import config_to_dict
+from geoloc.presets import resolve_config
+
 EXAMPLES = """
 Examples:
 
@@ -45,22 +48,17 @@ def train_command(
     The resolved configuration is printed and saved in OUT/config.json next to model.safetensors (EMA
     weights), model_raw.safetensors, train_state.pt (for resuming) and metrics.jsonl.
     """
-    from geoloc.config import config_to_dict, resolve_config
-    from geoloc.pipeline.train_job import run_train
+    from geoloc.pipeline.train_job import run_train  # torch: not for --help
 
     overrides = list(set_ or [])
     for key, value in (
-        ("family.name", family), ("steps", steps), ("data.batch_size", batch_size), ("data.split", split),
+        ("steps", steps), ("data.batch_size", batch_size), ("data.split", split),
         ("data.val_split", val_split), ("data.where", where), ("device", device), ("dtype", dtype), ("seed", seed),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")
     overrides.append("data.stores=" + ",".join(store))
-    cfg = resolve_config(preset, config, overrides)
-    if family is not None and family.startswith("vmf"):
-        from dataclasses import replace
-
-        cfg = replace(cfg, family=replace(cfg.family, cond_drop=0.0))
+    cfg = resolve_config(preset, config, overrides, family=family)
     typer.echo(f"config: {config_to_dict(cfg)}")
     result = run_train(cfg, out, init_from=init_from, resume=resume)
     last = result.history[-1] if result.history else {}

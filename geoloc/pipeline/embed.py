@@ -31,12 +31,13 @@ import zlib
 from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from geoloc.config import EmbedConfig
 from geoloc.errors import ConfigError, StoreError
 from geoloc.pipeline.backbones import Backbone, load_backbone
 from geoloc.pipeline.engines import ENGINES, EngineOptions
@@ -57,73 +58,6 @@ _SET_LIMIT = 2_000_000  # above this many stored ids, skip lookups use the store
 
 
 # ---------------------------------------------------------------------------------------------- config/report
-@dataclass(frozen=True)
-class EmbedConfig:
-    """Everything ``geoloc embed`` can be told; CLI flags mirror these fields.
-
-    Attributes:
-        manifest: dataset manifest (a ``.toml`` path or a shipped name such as ``demo-geonames``).
-        store: feature-store directory (created, or grown if it exists).
-        root: dataset root, overriding the manifest's ``root``.
-        splits: splits to embed (None = all).
-        backbone: registry name or ``open_clip:ARCH/TAG``; None = the store's backbone if the store exists,
-            else ``minilm`` for text datasets and ``dinov2-l-reg`` for images.
-        weights: local weights (file or directory) instead of the offline Hugging Face cache.
-        backbone_config: architecture override with random weights (tests and benchmarks only).
-        batch_size: items per model batch.
-        num_workers: decode/preprocess worker processes (None = min(4, CPU count); 0 = in-process).
-        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ...
-        dtype: ``auto`` (bf16 where the device supports it), ``fp32`` or ``bf16``.
-        shard_size: rows per shard file.
-        flush_interval_s: also write a (smaller) shard when this much time passed since the last one, so a
-            kill loses little on slow backbones.
-        limit: embed a deterministic subsample of this many dataset rows (the manifest's ``limit``).
-        engine: ``local`` or ``ray``.
-        max_failure_rate: the run counts as failed (non-zero exit) above this fraction of failed items.
-        progress: show a progress bar.
-        replicas, ray_address: ray engine only (model replicas; cluster address).
-    """
-
-    manifest: str | Path
-    store: str | Path
-    root: str | Path | None = None
-    splits: tuple[str, ...] | None = None
-    backbone: str | None = None
-    weights: str | Path | None = None
-    backbone_config: Any = None
-    batch_size: int = 64
-    num_workers: int | None = None
-    device: str = "auto"
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    shard_size: int = 50_000
-    flush_interval_s: float = 300.0
-    limit: int | None = None
-    engine: Literal["local", "ray"] = "local"
-    max_failure_rate: float = 0.05
-    progress: bool = True
-    replicas: int | None = None
-    ray_address: str | None = None
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid field."""
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size must be >= 1, got {self.shard_size}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not 0.0 <= self.max_failure_rate <= 1.0:
-            raise ConfigError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
-        if self.flush_interval_s <= 0:
-            raise ConfigError(f"flush_interval_s must be > 0, got {self.flush_interval_s}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"unknown engine {self.engine!r}; choose one of {sorted(ENGINES)}")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose auto, fp32 or bf16")
-
-
 @dataclass
 class EmbedReport:
     """What a run did. ``ok`` is false when the failure rate exceeds ``max_failure_rate``."""

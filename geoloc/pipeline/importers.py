@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import queue
 import re
 import sys
@@ -40,13 +39,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from geoloc.config import ImportConfig
 from geoloc.errors import InputError, StoreError
 from geoloc.pipeline.items import Failure
 from geoloc.pipeline.store import (
@@ -61,51 +60,11 @@ from geoloc.pipeline.store import (
 
 __all__ = ["Chunk", "ImportConfig", "ImportReport", "import_embeddings", "open_source"]
 
-SourceKind = Literal["auto", "wds", "parquet", "numpy"]
 ID_NAMES = ("id", "__key__", "key", "image_id")
 LAT_NAMES = ("lat", "latitude")
 LON_NAMES = ("lon", "lng", "longitude")
 EMB_NAMES = ("emb", "embedding", "embeddings", "features", "vector")
 FP16_MAX = 65504.0
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    """One import. Column options name Parquet/CSV columns or JSON keys; ``None`` means auto-detect.
-
-    Attributes:
-        source: a file, a directory or a glob (``shards/*.tar``, ``feats/*.parquet``, ``emb.npy``).
-        store: the feature store directory (created if missing).
-        backbone: backbone name recorded in (or checked against) the store.
-        split: split for every row; ``None`` uses the source's ``split`` column/key, else ``"train"``.
-        emb_col: Parquet embedding column (fixed-size list or list), or a glob such as ``emb_*`` for one
-            column per dimension (ordered by the number in the name).
-        emb_key: the webdataset member extension that holds the embedding (``street_clip.npy``).
-        metadata: the CSV/Parquet that pairs with an ``.npy`` (default: same stem next to it).
-        labels: extra label columns/keys to keep besides every ``unique_*`` one.
-        chunk_rows: rows per processing chunk; shard_rows: target rows per written shard.
-        max_failure_rate: above this fraction of failed rows the import "fails" (the CLI exits 1); good
-            rows are stored either way.
-    """
-
-    source: str
-    store: str | os.PathLike
-    backbone: str
-    revision: str = ""
-    split: str | None = None
-    kind: SourceKind = "auto"
-    id_col: str | None = None
-    lat_col: str | None = None
-    lon_col: str | None = None
-    emb_col: str | None = None
-    emb_key: str = "street_clip.npy"
-    metadata: str | os.PathLike | None = None
-    labels: tuple[str, ...] = ()
-    chunk_rows: int = 8_192
-    shard_rows: int = 32_768
-    max_failure_rate: float = 0.05
-    task: str | None = None
-    progress: bool = True
 
 
 @dataclass

@@ -21,7 +21,7 @@ from geoloc.cli import app
 from geoloc.config import FamilyConfig, ModelConfig, config_to_dict
 from geoloc.errors import InputError
 from geoloc.geolocator import Geolocator
-from geoloc.predict import PredictOptions, Predictor
+from geoloc.pipeline.predict_job import PredictOptions, Predictor
 from geoloc.sphere import haversine_km, latlon_to_xyz
 
 runner = CliRunner()

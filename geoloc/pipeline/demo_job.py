@@ -12,7 +12,8 @@ paper's distributions are made for. The run:
    country / region / city accuracy with the published label rule, GeoScore, distance and NLL;
 4. draws density maps for ambiguous names next to unambiguous ones into ``out/maps``.
 
-It is one library call (:func:`run_demo`) so that the CLI stays a thin wrapper.
+It is one library call (:func:`run_demo`) so that the CLI stays a thin wrapper; its knobs are
+:class:`geoloc.config.DemoConfig`.
 """
 
 from __future__ import annotations
@@ -22,30 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from geoloc.config import DEMO_NAMES, DemoConfig, EmbedConfig, EvalConfig, PredictOptions
+from geoloc.pipeline.embed import run_embed
+from geoloc.pipeline.eval_job import run_eval
+from geoloc.pipeline.predict_job import Predictor, write_maps
+from geoloc.pipeline.train_job import run_train
+from geoloc.presets import resolve_config
+
 __all__ = ["DEMO_NAMES", "DemoConfig", "DemoReport", "run_demo"]
-
-DEMO_NAMES: tuple[tuple[str, str], ...] = (
-    ("Springfield", "ambiguous"),
-    ("Paris", "ambiguous"),
-    ("San Jose", "ambiguous"),
-    ("Reykjavik", "unambiguous"),
-    ("Ouagadougou", "unambiguous"),
-    ("Vladivostok", "unambiguous"),
-)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Knobs of the demo; the defaults finish in a few minutes on a 2-core CPU."""
-
-    out_dir: Path = Path("demo_out")
-    limit: int = 30_000
-    steps: int = 3000
-    vmf_steps: int = 1500
-    seeds: tuple[int, ...] = (0, 1, 2)
-    names: tuple[tuple[str, str], ...] = DEMO_NAMES
-    maps: bool = True
-    progress: bool = True
 
 
 @dataclass
@@ -60,9 +45,6 @@ class DemoReport:
 
 
 def _train(store: Path, out: Path, preset: str, steps: int, progress: bool) -> Path:
-    from geoloc.config import resolve_config
-    from geoloc.pipeline.train_job import run_train
-
     cfg = resolve_config(preset, None, [f"data.stores={store}", f"steps={steps}", "data.val_split=test"])
     run_train(cfg, out, progress=progress)
     return out
@@ -70,8 +52,6 @@ def _train(store: Path, out: Path, preset: str, steps: int, progress: bool) -> P
 
 def _maps(rfm: Path, names: tuple[tuple[str, str], ...], out: Path, report: DemoReport) -> None:
     """Top places and density maps for the demo names, through the same API as ``geoloc predict``."""
-    from geoloc.predict import PredictOptions, Predictor, write_maps
-
     predictor = Predictor.from_pretrained(rfm)
     options = PredictOptions(top_k=3, samples=256, steps=64, keep_embeddings=True, keep_samples=True)
     results = predictor.predict([n for n, _ in names], options)
@@ -80,23 +60,28 @@ def _maps(rfm: Path, names: tuple[tuple[str, str], ...], out: Path, report: Demo
             (m.lat, m.lon, m.mass, m.place.label if m.place else "") for m in res.modes
         ]
     # 8 RK4 steps and a start at H3 resolution 0 keep a map to about a thousand likelihood evaluations.
-    report.maps.extend(write_maps(predictor, results, out, max_maps=len(results), steps=8, start_resolution=0))
+    report.maps.extend(
+        write_maps(predictor, results, out, max_maps=len(results), steps=8, start_resolution=0)
+    )
 
 
 def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = print) -> DemoReport:
     """Run the four stages (each skipped work is reused from ``config.out_dir``) and return the report."""
-    from geoloc.config import EvalConfig
-    from geoloc.pipeline.embed import EmbedConfig, run_embed
-    from geoloc.pipeline.eval_job import run_eval
-
     out = Path(config.out_dir)
     store = out / "store"
     report = DemoReport(out_dir=out, table="")
 
     t0 = time.perf_counter()
     log(f"[1/4] embedding {config.limit:,} GeoNames place names with MiniLM → {store}")
-    emb = run_embed(EmbedConfig(manifest="demo-geonames", store=store, limit=config.limit, backbone="minilm",
-                                progress=config.progress))
+    emb = run_embed(
+        EmbedConfig(
+            manifest="demo-geonames",
+            store=store,
+            limit=config.limit,
+            backbone="minilm",
+            progress=config.progress,
+        )
+    )
     log("      " + emb.summary().replace("\n", "\n      "))
     report.timings_s["embed"] = time.perf_counter() - t0
 
@@ -109,8 +94,15 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     t0 = time.perf_counter()
     log("[3/4] evaluating on the held-out places (test split)")
     eval_cfg = replace(EvalConfig(), seeds=config.seeds, labels="auto")
-    result = run_eval([store], "test", checkpoints=[rfm, vmf], baselines=["uniform", "retrieval"], config=eval_cfg,
-                      out_dir=out / "eval", progress=config.progress)
+    result = run_eval(
+        [store],
+        "test",
+        checkpoints=[rfm, vmf],
+        baselines=["uniform", "retrieval"],
+        config=eval_cfg,
+        out_dir=out / "eval",
+        progress=config.progress,
+    )
     report.table = result.table_markdown()
     report.timings_s["eval"] = time.perf_counter() - t0
 
