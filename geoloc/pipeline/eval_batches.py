@@ -30,6 +30,7 @@ from geoloc.sphere import latlon_to_xyz
 
 __all__ = ["EvalBatch", "iter_eval_batches", "read_tensors"]
 
+
 @dataclass
 class EvalBatch:
     """One evaluation batch: ids, the condition, ground-truth degrees and the requested label columns."""
@@ -64,8 +65,10 @@ def iter_eval_batches(
     for spec, st in zip(sel.specs, sel.stores, strict=True):
         missing = [c for c in label_columns if c not in st.label_columns]
         if missing:
-            raise StoreError(f"{spec.path}: no label column(s) {missing} (the store has "
-                             f"{list(st.label_columns)}); evaluate without them or use another store")
+            raise StoreError(
+                f"{spec.path}: no label column(s) {missing} (the store has "
+                f"{list(st.label_columns)}); evaluate without them or use another store"
+            )
     return _eval_batches(sel, int(batch_size), label_columns)
 
 
@@ -76,8 +79,10 @@ def _eval_batches(sel: Selection, batch_size: int, label_columns: tuple[str, ...
     pending_rows = 0
     try:
         for sh in sel.shards:
-            q = (f"SELECT id, lat, lon{labels_sql}, emb::FLOAT[{sel.dim}] AS emb "
-                 f"FROM read_parquet({files_sql([sh.path])}){where_sql(sel.split, sel.where)}")
+            q = (
+                f"SELECT id, lat, lon{labels_sql}, emb::FLOAT[{sel.dim}] AS emb "
+                f"FROM read_parquet({files_sql([sh.path])}){where_sql(sel.split, sel.where)}"
+            )
             try:
                 reader = con.sql(q).to_arrow_reader(READ_ROWS)
             except Exception as e:
@@ -104,14 +109,20 @@ def _eval_batches(sel: Selection, batch_size: int, label_columns: tuple[str, ...
 
 def _eval_batch(table: pa.Table, dim: int, label_columns: tuple[str, ...]) -> EvalBatch:
     # One copy of the embeddings (Arrow chunks → one contiguous, writable array); labels via Arrow's C++.
-    cond = np.concatenate([c.flatten().to_numpy(zero_copy_only=False).reshape(len(c), dim)
-                           for c in table.column("emb").chunks]).astype(np.float32, copy=False)
+    cond = np.concatenate(
+        [c.flatten().to_numpy(zero_copy_only=False).reshape(len(c), dim) for c in table.column("emb").chunks]
+    ).astype(np.float32, copy=False)
     lat = table.column("lat").to_numpy()
     lon = table.column("lon").to_numpy()
-    labels = {c: table.column(c).to_numpy(zero_copy_only=False).astype(object, copy=False)
-              for c in label_columns}
-    return EvalBatch(ids=table.column("id").to_pylist(), cond=torch.from_numpy(cond),
-                     latlon=np.stack([lat, lon], axis=1).astype(np.float64), labels=labels)
+    labels = {
+        c: table.column(c).to_numpy(zero_copy_only=False).astype(object, copy=False) for c in label_columns
+    }
+    return EvalBatch(
+        ids=table.column("id").to_pylist(),
+        cond=torch.from_numpy(cond),
+        latlon=np.stack([lat, lon], axis=1).astype(np.float64),
+        labels=labels,
+    )
 
 
 def read_tensors(
@@ -127,8 +138,9 @@ def read_tensors(
     For small stores and for benchmarks that compare training from memory with training from the loader.
     """
     conds, xyzs = [], []
-    for batch in iter_eval_batches(stores, split, 65536, where, expected_dim=expected_dim,
-                                   expected_backbone=expected_backbone):
+    for batch in iter_eval_batches(
+        stores, split, 65536, where, expected_dim=expected_dim, expected_backbone=expected_backbone
+    ):
         conds.append(batch.cond)
         xyzs.append(latlon_to_xyz(torch.from_numpy(batch.latlon)).to(torch.float32))
     return torch.cat(conds), torch.cat(xyzs)

@@ -109,7 +109,12 @@ class FeatureLoader:
         expected_backbone: str | None = None,
         pin_memory: bool = False,
     ) -> None:
-        batch_size, partitions, world_size, rank = int(batch_size), int(partitions), int(world_size), int(rank)
+        batch_size, partitions, world_size, rank = (
+            int(batch_size),
+            int(partitions),
+            int(world_size),
+            int(rank),
+        )
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
         if partitions <= 0:
@@ -117,11 +122,15 @@ class FeatureLoader:
         if world_size <= 0 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size % partitions:
-            raise ConfigError(f"batch_size {batch_size} is not divisible by partitions {partitions}; use a batch "
-                              f"size that is a multiple of {partitions} (or fewer partitions)")
+            raise ConfigError(
+                f"batch_size {batch_size} is not divisible by partitions {partitions}; use a batch "
+                f"size that is a multiple of {partitions} (or fewer partitions)"
+            )
         if partitions % world_size:
-            raise ConfigError(f"partitions {partitions} is not divisible by world_size {world_size}; set "
-                              f"partitions to a multiple of the number of processes (e.g. {world_size})")
+            raise ConfigError(
+                f"partitions {partitions} is not divisible by world_size {world_size}; set "
+                f"partitions to a multiple of the number of processes (e.g. {world_size})"
+            )
         if prefetch < 0 or shuffle_buffer < 0:
             raise ConfigError("prefetch and shuffle_buffer must be >= 0")
         self.batch_size = batch_size
@@ -218,7 +227,8 @@ class FeatureLoader:
         """sha256 of what defines the data order: shards (file, checksum, selected rows), weights, filters."""
         doc = {
             "shards": [[sh.store, sh.file, sh.sha256, sh.rows, sh.weight] for sh in self._sel.shards],
-            "split": self._sel.split, "where": self._sel.where,
+            "split": self._sel.split,
+            "where": self._sel.where,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
@@ -226,30 +236,51 @@ class FeatureLoader:
         """JSON-able data provenance for a checkpoint's config.json."""
         return {
             "stores": [
-                {"path": str(spec.path.resolve()), "weight": spec.weight, "backbone": st.backbone.to_json(),
-                 "shards": sum(1 for sh in self._sel.shards if sh.store == i), "rows": rows,
-                 "sources": st.sources}
-                for i, (spec, st, rows) in enumerate(zip(self._sel.specs, self._sel.stores,
-                                                         self._sel.rows_per_store, strict=True))
+                {
+                    "path": str(spec.path.resolve()),
+                    "weight": spec.weight,
+                    "backbone": st.backbone.to_json(),
+                    "shards": sum(1 for sh in self._sel.shards if sh.store == i),
+                    "rows": rows,
+                    "sources": st.sources,
+                }
+                for i, (spec, st, rows) in enumerate(
+                    zip(self._sel.specs, self._sel.stores, self._sel.rows_per_store, strict=True)
+                )
             ],
-            "split": self.split, "where": self.where, "rows": self.num_rows,
-            "batch_size": self.batch_size, "partitions": self.partitions, "seed": self.seed,
-            "shuffle_buffer": self.shuffle_buffer, "drop_last": self.drop_last,
-            "batches_per_epoch": self.batches_per_epoch, "fingerprint": self.fingerprint(),
+            "split": self.split,
+            "where": self.where,
+            "rows": self.num_rows,
+            "batch_size": self.batch_size,
+            "partitions": self.partitions,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "drop_last": self.drop_last,
+            "batches_per_epoch": self.batches_per_epoch,
+            "fingerprint": self.fingerprint(),
         }
 
     def __repr__(self) -> str:
-        return (f"FeatureLoader({', '.join(map(str, self.stores))}, batch_size={self.batch_size}, "
-                f"rows={self.num_rows}, dim={self.dim}, partitions={self.partitions}, "
-                f"rank={self.rank}/{self.world_size})")
+        return (
+            f"FeatureLoader({', '.join(map(str, self.stores))}, batch_size={self.batch_size}, "
+            f"rows={self.num_rows}, dim={self.dim}, partitions={self.partitions}, "
+            f"rank={self.rank}/{self.world_size})"
+        )
 
     # ------------------------------------------------------------------ plan
     def _plan(self, epoch: int) -> EpochPlan:
         with self._lock:
             plan = self._plans.get(epoch)
             if plan is None:
-                plan = plan_epoch(self._sel, self._groups, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
-                                  sub_batch=self.sub_batch, drop_last=self.drop_last)
+                plan = plan_epoch(
+                    self._sel,
+                    self._groups,
+                    seed=self.seed,
+                    epoch=epoch,
+                    shuffle=self.shuffle,
+                    sub_batch=self.sub_batch,
+                    drop_last=self.drop_last,
+                )
                 if len(self._plans) > 8:
                     self._plans.clear()
                 self._plans[epoch] = plan
@@ -261,9 +292,16 @@ class FeatureLoader:
         with self._lock:
             epoch, batch, total = self._epoch, self._batch, self._batches_total
         return {
-            "version": STATE_VERSION, "epoch": epoch, "batch_in_epoch": batch, "batches_total": total,
-            "seed": self.seed, "batch_size": self.batch_size, "partitions": self.partitions,
-            "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer, "drop_last": self.drop_last,
+            "version": STATE_VERSION,
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            "batches_total": total,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "partitions": self.partitions,
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer,
+            "drop_last": self.drop_last,
             "fingerprint": self.fingerprint(),
         }
 
@@ -272,8 +310,9 @@ class FeatureLoader:
         come next. ``strict`` (default) refuses a state from different settings or different data, which
         could not reproduce the order; ``strict=False`` takes only the position."""
         if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"loader state version {state.get('version')!r} is not supported "
-                              f"(expected {STATE_VERSION})")
+            raise ConfigError(
+                f"loader state version {state.get('version')!r} is not supported (expected {STATE_VERSION})"
+            )
         if strict:
             for key in ("seed", "batch_size", "partitions", "shuffle", "shuffle_buffer", "drop_last"):
                 if state.get(key) != getattr(self, key):
@@ -321,9 +360,17 @@ class FeatureLoader:
                         return
                     continue
                 readers = [
-                    PartitionReader(con.cursor(), self._sel, plan.pieces[p], seed=self.seed, epoch=epoch,
-                                     partition=p, window=self._window, shuffle=self.shuffle,
-                                     start=skip * self.sub_batch)
+                    PartitionReader(
+                        con.cursor(),
+                        self._sel,
+                        plan.pieces[p],
+                        seed=self.seed,
+                        epoch=epoch,
+                        partition=p,
+                        window=self._window,
+                        shuffle=self.shuffle,
+                        start=skip * self.sub_batch,
+                    )
                     for p in self.local_partitions
                 ]
                 try:
@@ -344,7 +391,10 @@ class FeatureLoader:
         cond = torch.empty((n, self.dim), dtype=torch.float32, pin_memory=self.pin_memory)
         xyz = torch.empty((n, 3), dtype=torch.float32, pin_memory=self.pin_memory)
         cond_np, xyz_np = cond.numpy(), xyz.numpy()
-        filled = [r.take(b, cond_np[i * b:(i + 1) * b], xyz_np[i * b:(i + 1) * b]) for i, r in enumerate(readers)]
+        filled = [
+            r.take(b, cond_np[i * b : (i + 1) * b], xyz_np[i * b : (i + 1) * b])
+            for i, r in enumerate(readers)
+        ]
         if all(f == b for f in filled):
             return cond, xyz
         keep = np.concatenate([np.arange(i * b, i * b + f) for i, f in enumerate(filled)]).astype(np.int64)
@@ -355,8 +405,13 @@ class FeatureLoader:
 class LoaderIterator:
     """The iterator ``iter(FeatureLoader)`` returns; ``close()`` (or dropping it) stops its thread."""
 
-    def __init__(self, loader: FeatureLoader, generation: int,
-                 items: Iterator[tuple[torch.Tensor, torch.Tensor, int, int, int]], prefetch: int) -> None:
+    def __init__(
+        self,
+        loader: FeatureLoader,
+        generation: int,
+        items: Iterator[tuple[torch.Tensor, torch.Tensor, int, int, int]],
+        prefetch: int,
+    ) -> None:
         self._loader = loader
         self._generation = generation
         self._items = Prefetcher(items, prefetch, name="geoloc-loader")

@@ -71,7 +71,9 @@ def _shutdown(stop: threading.Event, q: queue.Queue, thread: threading.Thread, j
 class Prefetcher(Generic[T]):
     """Iterate ``items`` with up to ``depth`` of them produced ahead on a daemon thread named ``name``."""
 
-    def __init__(self, items: Iterator[T], depth: int, name: str = "geoloc-prefetch", join_s: float = 10.0) -> None:
+    def __init__(
+        self, items: Iterator[T], depth: int, name: str = "geoloc-prefetch", join_s: float = 10.0
+    ) -> None:
         if depth < 0:
             raise ValueError(f"prefetch depth must be >= 0, got {depth}")
         self._done = False

@@ -112,6 +112,8 @@ class Selection:
     @property
     def backbone_name(self) -> str:
         return self.stores[0].backbone.name
+
+
 # ---------------------------------------------------------------------------------------------- selection
 def select_stores(
     stores: Sequence[str | Path | StoreSpec],
@@ -136,8 +138,14 @@ def select_stores(
     if (expected_dim is not None and int(expected_dim) != first.dim) or (
         expected_backbone is not None and expected_backbone != first.backbone.name
     ):
-        want = " ".join(x for x in (repr(expected_backbone) if expected_backbone is not None else "",
-                                    f"{expected_dim}-d" if expected_dim is not None else "") if x)
+        want = " ".join(
+            x
+            for x in (
+                repr(expected_backbone) if expected_backbone is not None else "",
+                f"{expected_dim}-d" if expected_dim is not None else "",
+            )
+            if x
+        )
         raise StoreError(
             f"{specs[0].path} holds {first.backbone.name!r} {first.dim}-d embeddings but the model expects "
             f"{want} embeddings; use a store embedded with the model's backbone, or train a new model on it"
@@ -153,8 +161,10 @@ def select_stores(
         paths = [p.resolve() for p in listed]
         counts: dict[str, int] = {}
         if paths:
-            q = (f"SELECT filename, count(*) FROM read_parquet({files_sql(paths)}, filename = true)"
-                 f"{where_sql(split, where)} GROUP BY filename")
+            q = (
+                f"SELECT filename, count(*) FROM read_parquet({files_sql(paths)}, filename = true)"
+                f"{where_sql(split, where)} GROUP BY filename"
+            )
             try:
                 counts = {str(f): int(n) for f, n in con.sql(q).fetchall()}
             except Exception as e:  # duckdb.Error: a bad --where, or an unreadable shard
@@ -163,7 +173,9 @@ def select_stores(
         for r, p in zip(records, paths, strict=True):
             n = counts.get(str(p), 0)
             if n:
-                shards.append(Shard(len(shards), si, p, str(r["file"]), str(r.get("sha256", "")), n, spec.weight))
+                shards.append(
+                    Shard(len(shards), si, p, str(r["file"]), str(r.get("sha256", "")), n, spec.weight)
+                )
                 total += n
         if total == 0:
             have = st.rows_per_split()
@@ -180,7 +192,9 @@ def select_stores(
 def query_error(e: Exception, store: Path, where: str | None) -> Exception:
     if where and isinstance(e, duckdb.Error) and not isinstance(e, duckdb.IOException):
         return ConfigError(f"--where {where!r} does not work on store {store}: {first_line(e)}")
-    return StoreError(f"{store}: reading the shards failed: {first_line(e)}; run `geoloc store verify {store}`")
+    return StoreError(
+        f"{store}: reading the shards failed: {first_line(e)}; run `geoloc store verify {store}`"
+    )
 
 
 def shard_changed(sel: Selection, sh: Shard, now: str) -> None:
@@ -194,16 +208,19 @@ def batch_arrays(batch: pa.RecordBatch, sel: Selection, sh: Shard, dim: int) -> 
     """Arrow columns → numpy without copying (lat/lon copy only if they hold nulls, which then read as NaN)."""
     col = batch.column(2)
     if col.null_count:
-        raise StoreError(f"{sel.specs[sh.store].path}: shard {sh.file}: {col.null_count} row(s) without an "
-                         "embedding; re-import or re-embed the store")
+        raise StoreError(
+            f"{sel.specs[sh.store].path}: shard {sh.file}: {col.null_count} row(s) without an "
+            "embedding; re-import or re-embed the store"
+        )
     emb = col.flatten().to_numpy(zero_copy_only=True).reshape(len(col), dim)
     lat = batch.column(0).to_numpy(zero_copy_only=False)
     lon = batch.column(1).to_numpy(zero_copy_only=False)
     return lat, lon, emb
 
 
-def check_coordinates(lat: np.ndarray, lon: np.ndarray, sel: Selection, sh: Shard,
-                       positions: np.ndarray | int) -> None:
+def check_coordinates(
+    lat: np.ndarray, lon: np.ndarray, sel: Selection, sh: Shard, positions: np.ndarray | int
+) -> None:
     """StoreError naming the store, shard and row id of the first NaN/out-of-range coordinate.
 
     ``positions``: each row's position in the shard's selected rows (or the position of the first row).
@@ -229,8 +246,10 @@ def _row_id(sh: Shard, sel: Selection, position: int) -> str | None:
     ``abs(lat) <= 90`` true for a NaN row (it seems to fold such tests with the Parquet min/max statistics,
     which leave NaN out).
     """
-    q = (f"SELECT id FROM read_parquet({files_sql([sh.path])}){where_sql(sel.split, sel.where)} "
-         f"LIMIT 1 OFFSET {int(position)}")
+    q = (
+        f"SELECT id FROM read_parquet({files_sql([sh.path])}){where_sql(sel.split, sel.where)} "
+        f"LIMIT 1 OFFSET {int(position)}"
+    )
     with contextlib.suppress(Exception):
         rows = connect().sql(q).fetchall()
         if rows:

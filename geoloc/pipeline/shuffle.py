@@ -72,13 +72,22 @@ def assign_partitions(shards: Sequence[Shard], count: int) -> tuple[tuple[Shard,
         load[p] += sh.rows * sh.weight
     return tuple(tuple(sorted(g, key=lambda s: s.index)) for g in groups)
 
+
 def seeded_rng(*key: int) -> np.random.Generator:
     """A generator seeded by a tuple of integers (each reduced to 64 bits): independent streams per key."""
     return np.random.default_rng([k & _U64 for k in key])
 
 
-def plan_epoch(sel: Selection, groups: Sequence[Sequence[Shard]], *, seed: int, epoch: int, shuffle: bool,
-               sub_batch: int, drop_last: bool) -> EpochPlan:
+def plan_epoch(
+    sel: Selection,
+    groups: Sequence[Sequence[Shard]],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    sub_batch: int,
+    drop_last: bool,
+) -> EpochPlan:
     """The epoch's pieces for ALL partitions (every rank computes the same plan: it is tiny).
 
     Integer weights repeat a shard; a fractional weight draws a seeded subset of the store's rows, spread
@@ -121,8 +130,10 @@ def read_piece(
     """Stream one shard as (emb float32 (n, dim), xyz float32 (n, 3)) chunks; checks every coordinate."""
     sh = piece.shard
     dim = sel.dim
-    q = (f"SELECT lat, lon, emb::FLOAT[{dim}] AS emb FROM read_parquet({files_sql([sh.path])})"
-         f"{where_sql(sel.split, sel.where)}")
+    q = (
+        f"SELECT lat, lon, emb::FLOAT[{dim}] AS emb FROM read_parquet({files_sql([sh.path])})"
+        f"{where_sql(sel.split, sel.where)}"
+    )
     chosen = None
     if piece.take is not None:
         assert subset_rng is not None
@@ -153,8 +164,10 @@ def read_piece(
     except Exception as e:
         if isinstance(e, (StoreError, ConfigError)):
             raise
-        raise StoreError(f"{sel.specs[sh.store].path}: shard {sh.file}: read failed: {first_line(e)}; "
-                         f"run `geoloc store verify {sel.specs[sh.store].path}`") from e
+        raise StoreError(
+            f"{sel.specs[sh.store].path}: shard {sh.file}: read failed: {first_line(e)}; "
+            f"run `geoloc store verify {sel.specs[sh.store].path}`"
+        ) from e
     finally:
         reader.close()
     if offset != sh.rows:
@@ -182,11 +195,11 @@ class _Window:
         A batch's rows are grouped by source chunk (random within each group), so each chunk is one
         ``np.take`` straight into the output; batches are sets to the loss, so that order is immaterial.
         """
-        idx = self.order[self.pos:self.pos + k]
+        idx = self.order[self.pos : self.pos + k]
         self.pos += len(idx)
         if len(self.embs) == 1:
-            np.take(self.embs[0], idx, axis=0, out=out_emb[:len(idx)])
-            np.take(self.xyzs[0], idx, axis=0, out=out_xyz[:len(idx)])
+            np.take(self.embs[0], idx, axis=0, out=out_emb[: len(idx)])
+            np.take(self.xyzs[0], idx, axis=0, out=out_xyz[: len(idx)])
             return len(idx)
         chunk = np.searchsorted(self.starts, idx, side="right") - 1
         by_chunk = np.argsort(chunk, kind="stable")
@@ -210,8 +223,19 @@ class PartitionReader:
     (resume) reads only from the window that holds it: earlier pieces are not even opened.
     """
 
-    def __init__(self, con: duckdb.DuckDBPyConnection, sel: Selection, pieces: Sequence[Piece], *, seed: int,
-                 epoch: int, partition: int, window: int, shuffle: bool, start: int = 0) -> None:
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        sel: Selection,
+        pieces: Sequence[Piece],
+        *,
+        seed: int,
+        epoch: int,
+        partition: int,
+        window: int,
+        shuffle: bool,
+        start: int = 0,
+    ) -> None:
         self._con, self._sel, self._pieces = con, sel, list(pieces)
         self._key = (seed, epoch, partition)
         self._shuffle = shuffle
@@ -255,8 +279,11 @@ class PartitionReader:
         if not got:
             return False
         seed, epoch, partition = self._key
-        order = (seeded_rng(seed, epoch, partition, self._w, _TAG_BUFFER).permutation(got) if self._shuffle
-                 else np.arange(got))
+        order = (
+            seeded_rng(seed, epoch, partition, self._w, _TAG_BUFFER).permutation(got)
+            if self._shuffle
+            else np.arange(got)
+        )
         self._cur = _Window(embs, xyzs, order)
         self._w += 1
         return True

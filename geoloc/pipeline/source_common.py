@@ -72,7 +72,6 @@ class Chunk:
         return len(self.ids)
 
 
-
 def expand_source(source: str, suffixes: tuple[str, ...]) -> list[Path]:
     """A file, a directory (its files with one of ``suffixes``, sorted) or a glob pattern."""
     p = Path(source)
@@ -145,7 +144,9 @@ class ParquetLike:
         self.split_col = "split" if cfg.split is None and "split" in names else None
         missing = [x for x in cfg.labels if x not in names]
         if missing:
-            raise InputError(f"{where}: label column(s) {missing} not found (columns: {', '.join(names[:20])})")
+            raise InputError(
+                f"{where}: label column(s) {missing} not found (columns: {', '.join(names[:20])})"
+            )
         self.label_candidates = label_names(names, cfg.labels)
         self.emb_cols: list[str] = []
         if with_emb:
@@ -162,7 +163,11 @@ class ParquetLike:
 
     def _all_known(self, ids: pa.Array | pa.ChunkedArray) -> bool:
         """True when every id of this block is already in the store: its embeddings need not be decoded."""
-        return self.skip_index is not None and len(ids) > 0 and bool(self.skip_index.contains(string_column(ids)).all())
+        return (
+            self.skip_index is not None
+            and len(ids) > 0
+            and bool(self.skip_index.contains(string_column(ids)).all())
+        )
 
     def _stored_chunk(self, ids: pa.Array | pa.ChunkedArray, path: Path, offset: int) -> Chunk:
         """A block whose ids are all stored: only the ids matter (they are skipped, or are duplicates), so
@@ -172,12 +177,20 @@ class ParquetLike:
         def where(rows: np.ndarray, _p: str = str(path), _o: int = offset) -> list[str]:
             return [f"{_p}:row {_o + int(i)}" for i in rows]
 
-        return Chunk(ids=string_column(ids), lat=np.zeros(n), lon=np.zeros(n),
-                     emb=np.broadcast_to(np.zeros((1, 1), np.float32), (n, self.dim or 1)),
-                     bad=np.full(n, None, dtype=object), labels={}, split=None, where=where)
+        return Chunk(
+            ids=string_column(ids),
+            lat=np.zeros(n),
+            lon=np.zeros(n),
+            emb=np.broadcast_to(np.zeros((1, 1), np.float32), (n, self.dim or 1)),
+            bad=np.full(n, None, dtype=object),
+            labels={},
+            split=None,
+            where=where,
+        )
 
-    def _chunk(self, batch: pa.RecordBatch | pa.Table, emb: np.ndarray, bad: np.ndarray, path: Path,
-               offset: int) -> Chunk:
+    def _chunk(
+        self, batch: pa.RecordBatch | pa.Table, emb: np.ndarray, bad: np.ndarray, path: Path, offset: int
+    ) -> Chunk:
         cols = {name: batch.column(name) for name in batch.schema.names}
 
         def where(rows: np.ndarray, _p: str = str(path), _o: int = offset) -> list[str]:

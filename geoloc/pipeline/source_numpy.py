@@ -42,8 +42,9 @@ class NumpySource(ParquetLike):
         except (OSError, ValueError, EOFError) as e:
             raise InputError(f"{self.npy}: corrupt or truncated .npy ({e}); re-export the embeddings") from e
         if self.emb.ndim != 2 or not np.issubdtype(self.emb.dtype, np.number):
-            raise InputError(f"{self.npy}: expected a 2-D (N, D) numeric array, got {self.emb.dtype} "
-                             f"{self.emb.shape}")
+            raise InputError(
+                f"{self.npy}: expected a 2-D (N, D) numeric array, got {self.emb.dtype} {self.emb.shape}"
+            )
         self.dim: int | None = None
         self.files = [self.npy, self.meta]
         self.is_csv = self.meta.suffix.lower() in (".csv", ".tsv", ".txt")
@@ -51,14 +52,22 @@ class NumpySource(ParquetLike):
         self._columns(names, str(self.meta), with_emb=False)
         self.total = self._count_rows()
         if self.total != self.emb.shape[0]:
-            raise InputError(f"{self.npy} has {self.emb.shape[0]} rows but {self.meta} has {self.total}; "
-                             "row i of each must describe the same item")
+            raise InputError(
+                f"{self.npy} has {self.emb.shape[0]} rows but {self.meta} has {self.total}; "
+                "row i of each must describe the same item"
+            )
 
     @staticmethod
     def _find_metadata(npy: Path) -> Path:
         stem = npy.name[: -len(".npy")]
-        for cand in (f"{stem}.parquet", f"{stem}.csv", f"{stem}.meta.parquet", f"{stem}.meta.csv",
-                     "metadata.parquet", "metadata.csv"):
+        for cand in (
+            f"{stem}.parquet",
+            f"{stem}.csv",
+            f"{stem}.meta.parquet",
+            f"{stem}.meta.csv",
+            "metadata.parquet",
+            "metadata.csv",
+        ):
             if (npy.parent / cand).is_file():
                 return npy.parent / cand
         raise InputError(f"{npy}: no metadata next to it ({stem}.parquet/.csv); pass --metadata FILE")
@@ -74,8 +83,9 @@ class NumpySource(ParquetLike):
             self.meta,
             read_options=pacsv.ReadOptions(block_size=1 << 23),
             parse_options=pacsv.ParseOptions(delimiter="\t" if self.meta.suffix == ".tsv" else ","),
-            convert_options=pacsv.ConvertOptions(include_columns=columns, column_types=types,
-                                                 strings_can_be_null=True),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns, column_types=types, strings_can_be_null=True
+            ),
         )
 
     def _count_rows(self) -> int:
@@ -89,8 +99,9 @@ class NumpySource(ParquetLike):
                 for start in range(0, b.num_rows, self.cfg.chunk_rows):
                     yield b.slice(start, self.cfg.chunk_rows)
         else:
-            yield from open_parquet(self.meta).iter_batches(batch_size=self.cfg.chunk_rows,
-                                                             columns=self.read_cols)
+            yield from open_parquet(self.meta).iter_batches(
+                batch_size=self.cfg.chunk_rows, columns=self.read_cols
+            )
 
     def chunks(self) -> Iterator[Chunk]:
         d = int(self.emb.shape[1])
@@ -108,6 +119,6 @@ class NumpySource(ParquetLike):
                 bad[:] = f"embedding has {d} values, store dimension is {self.dim}"
                 emb = np.zeros((n, self.dim), np.float32)
             else:
-                emb = np.asarray(self.emb[offset: offset + n])  # copies just this chunk from the mmap
+                emb = np.asarray(self.emb[offset : offset + n])  # copies just this chunk from the mmap
             yield self._chunk(batch, emb, bad, self.meta, offset)
             offset += n

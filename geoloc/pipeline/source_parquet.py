@@ -39,12 +39,17 @@ class ParquetSource(ParquetLike):
         self._columns(schema.names, str(self.files[0]), with_emb=True)
         for c in self.emb_cols:
             t = schema.field(c).type
-            inner = t.value_type if (pa.types.is_list(t) or pa.types.is_large_list(t)
-                                     or pa.types.is_fixed_size_list(t)) else t
+            inner = (
+                t.value_type
+                if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+                else t
+            )
             numeric = pa.types.is_floating(inner) or pa.types.is_integer(inner)
             if not numeric or (len(self.emb_cols) > 1 and inner is not t):
-                raise InputError(f"{self.files[0]}: column {c!r} has type {t}; expected a list of numbers, or "
-                                 "--emb-col 'prefix_*' naming one numeric column per dimension")
+                raise InputError(
+                    f"{self.files[0]}: column {c!r} has type {t}; expected a list of numbers, or "
+                    "--emb-col 'prefix_*' naming one numeric column per dimension"
+                )
         self.total = 0
         for f in self.files:
             with contextlib.suppress(InputError):  # an unreadable file is reported when it is reached
@@ -64,17 +69,30 @@ class ParquetSource(ParquetLike):
                         yield self._stored_chunk(ids, path, offset)
                         offset += len(ids)
                         continue
-                    for batch in pf.iter_batches(batch_size=self.cfg.chunk_rows, row_groups=[rg],
-                                                 columns=self.read_cols, use_threads=True):
+                    for batch in pf.iter_batches(
+                        batch_size=self.cfg.chunk_rows,
+                        row_groups=[rg],
+                        columns=self.read_cols,
+                        use_threads=True,
+                    ):
                         emb, bad = self._embeddings(batch)
                         yield self._chunk(batch, emb, bad, path, offset)
                         offset += batch.num_rows
             except (InputError, OSError, pa.ArrowException) as e:
                 # One bad file of many: record it and go on with the next file.
-                what = (str(e).split(": ", 1)[-1] if isinstance(e, InputError)
-                        else f"unreadable Parquet data ({type(e).__name__}: {e})")
-                yield _empty_chunk(Failure(id="", source=f"{path}:row {offset}", split=self.cfg.split or "",
-                                           reason=f"{what}; rest of file skipped"))
+                what = (
+                    str(e).split(": ", 1)[-1]
+                    if isinstance(e, InputError)
+                    else f"unreadable Parquet data ({type(e).__name__}: {e})"
+                )
+                yield _empty_chunk(
+                    Failure(
+                        id="",
+                        source=f"{path}:row {offset}",
+                        split=self.cfg.split or "",
+                        reason=f"{what}; rest of file skipped",
+                    )
+                )
 
     def _embeddings(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         n = batch.num_rows
@@ -119,7 +137,9 @@ class ParquetSource(ParquetLike):
             wrong = ~null & (lengths != self.dim)
             bad[null] = "missing embedding"
             if wrong.any():
-                bad[wrong] = [f"embedding has {k} values, store dimension is {self.dim}" for k in lengths[wrong]]
+                bad[wrong] = [
+                    f"embedding has {k} values, store dimension is {self.dim}" for k in lengths[wrong]
+                ]
             ok = ~null & ~wrong
             emb = np.zeros((n, self.dim), np.float32)
             if ok.all():
@@ -132,8 +152,17 @@ class ParquetSource(ParquetLike):
 
 def _empty_chunk(failure: Failure) -> Chunk:
     """A chunk with no rows that only carries a failure without a row (an unreadable file)."""
-    return Chunk(ids=pa.array([], pa.string()), lat=np.empty(0), lon=np.empty(0), emb=np.empty((0, 1), np.float32),
-                 bad=np.empty(0, object), labels={}, split=None, where=lambda idx: [], failures=[failure])
+    return Chunk(
+        ids=pa.array([], pa.string()),
+        lat=np.empty(0),
+        lon=np.empty(0),
+        emb=np.empty((0, 1), np.float32),
+        bad=np.empty(0, object),
+        labels={},
+        split=None,
+        where=lambda idx: [],
+        failures=[failure],
+    )
 
 
 def _float_values(values: pa.Array) -> np.ndarray:

@@ -71,8 +71,14 @@ class WdsSource:
         except TarSampleError as e:
             if e.partial is not None:
                 buf.add(path, e.partial, truncated=f"tar ended inside this sample ({e})")
-            buf.failures.append(Failure(id="", source=f"{path}: after {e.last}", split=self.cfg.split or "",
-                                        reason=f"unreadable tar data ({e.kind}: {e}); rest of shard skipped"))
+            buf.failures.append(
+                Failure(
+                    id="",
+                    source=f"{path}: after {e.last}",
+                    split=self.cfg.split or "",
+                    reason=f"unreadable tar data ({e.kind}: {e}); rest of shard skipped",
+                )
+            )
 
 
 class _SampleBuffer:
@@ -174,10 +180,13 @@ class _SampleBuffer:
             lon=np.asarray(self.lon, np.float64),
             emb=emb,
             bad=bad,
-            labels={c: pa.array([lab.get(c) for lab in self.labels], type=pa.string())
-                    for c in src.label_candidates},
-            split=(pa.array(self.splits, type=pa.string()) if any(s is not None for s in self.splits)
-                   else None),
+            labels={
+                c: pa.array([lab.get(c) for lab in self.labels], type=pa.string())
+                for c in src.label_candidates
+            },
+            split=(
+                pa.array(self.splits, type=pa.string()) if any(s is not None for s in self.splits) else None
+            ),
             where=lambda idx, _w=where: [_w[int(i)] for i in idx],
             failures=self.failures,
         )
@@ -203,7 +212,9 @@ def _load_npy(raw: bytes) -> np.ndarray:
             dtype, shape = layout
             count = math.prod(shape)
             if len(raw) - end != count * dtype.itemsize:
-                raise ValueError(f"{len(raw) - end} data bytes, expected {count * dtype.itemsize} (truncated?)")
+                raise ValueError(
+                    f"{len(raw) - end} data bytes, expected {count * dtype.itemsize} (truncated?)"
+                )
             return np.frombuffer(raw, dtype=dtype, count=count, offset=end).reshape(shape)
         arr = np.load(io.BytesIO(raw), allow_pickle=False)
         if arr.dtype.kind in "fiu" and (arr.flags.c_contiguous or arr.ndim <= 1) and len(_NPY_LAYOUTS) < 64:

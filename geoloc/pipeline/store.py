@@ -248,6 +248,17 @@ def _write_parquet_atomic(table: pa.Table, final: Path) -> str:
     return sha256_file(final)
 
 
+def _listed_file_ok(path: Path, record: dict, checksums: bool, report: VerifyReport) -> bool:
+    """A file listed in store.json exists (and, with ``checksums``, matches its sha256); else a problem."""
+    if not path.is_file():
+        report.problems.append(f"{record['file']}: listed but missing")
+        return False
+    if checksums and sha256_file(path) != record.get("sha256"):
+        report.problems.append(f"{record['file']}: sha256 mismatch (file changed or truncated)")
+        return False
+    return True
+
+
 @dataclass
 class VerifyReport:
     """What ``verify`` found. ``ok`` is false iff ``problems`` is non-empty (orphans are problems too)."""
@@ -796,11 +807,7 @@ class FeatureStore:
         for r in self._manifest["shards"]:
             path = self.root / r["file"]
             report.shards += 1
-            if not path.is_file():
-                report.problems.append(f"{r['file']}: listed but missing")
-                continue
-            if checksums and sha256_file(path) != r.get("sha256"):
-                report.problems.append(f"{r['file']}: sha256 mismatch (file changed or truncated)")
+            if not _listed_file_ok(path, r, checksums, report):
                 continue
             try:
                 pf = pq.ParquetFile(path)
@@ -838,11 +845,7 @@ class FeatureStore:
             index.add_hashes(h1, h2)
         for r in self._manifest["failures"]:
             path = self.root / r["file"]
-            if not path.is_file():
-                report.problems.append(f"{r['file']}: listed but missing")
-                continue
-            if checksums and sha256_file(path) != r.get("sha256"):
-                report.problems.append(f"{r['file']}: sha256 mismatch (file changed or truncated)")
+            if not _listed_file_ok(path, r, checksums, report):
                 continue
             n = pq.ParquetFile(path).metadata.num_rows
             report.failures += n

@@ -59,7 +59,9 @@ def tar_ends_cleanly(path: str | Path, offset: int) -> bool:
     return len(block) == 512 and not block.strip(b"\0")
 
 
-def iter_tar_samples(path: str | Path, read: Collection[str] = (), *, lower: bool = False) -> Iterator[TarSample]:
+def iter_tar_samples(
+    path: str | Path, read: Collection[str] = (), *, lower: bool = False
+) -> Iterator[TarSample]:
     """The samples of one tar shard, in order; hidden members and members without an extension are skipped.
 
     ``read``: extensions whose bytes are read into ``TarSample.data``. ``lower``: extensions lower-cased.
