@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from geoloc.batches import InMemoryBatches  # noqa: E402
-from geoloc.pipeline.loader import FeatureLoader, read_tensors  # noqa: E402
+from geoloc.pipeline.eval_batches import read_tensors  # noqa: E402
+from geoloc.pipeline.loader import FeatureLoader  # noqa: E402
 from geoloc.pipeline.train_job import run_train  # noqa: E402
 from geoloc.presets import get_preset  # noqa: E402
 from geoloc.train import train  # noqa: E402

@@ -19,7 +19,6 @@ this against an independent re-implementation of the reference forward pass and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,8 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
+from geoloc.checkpoint import save_checkpoint
+from geoloc.config import FamilyConfig, config_to_dict
 from geoloc.errors import CheckpointError, ConfigError
+from geoloc.files import sha256_file
+from geoloc.network import GeoAdaLNMLP, NetworkConfig, count_parameters
 
 __all__ = [
     "DATASET_BACKBONES",
@@ -115,17 +119,7 @@ def infer_from_name(path: str | Path) -> tuple[str | None, str | None]:
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -215,7 +209,7 @@ def read_plonk(src: str | Path, weights: str = "ema") -> tuple[dict[str, torch.T
     provenance = {
         "layout": layout,
         "source": str(src_file.resolve()),
-        "sha256": _sha256(src_file),
+        "sha256": sha256_file(src_file),
         "weights": weights if layout == "lightning-ckpt" else "ema (as published)",
         "config": hub_config,
     }
@@ -225,8 +219,6 @@ def read_plonk(src: str | Path, weights: str = "ema") -> tuple[dict[str, torch.T
 # ------------------------------------------------------------------------------------------- converting
 def _to_ours(state: dict[str, torch.Tensor], net_cfg: dict[str, int], where: str) -> tuple[dict, int]:
     """Load the reference tensors into our network (strict names and shapes); returns its state dict."""
-    from geoloc.network import GeoAdaLNMLP, NetworkConfig, count_parameters
-
     net = GeoAdaLNMLP(NetworkConfig(net_cfg["dim"], net_cfg["depth"], net_cfg["expansion"],
                                     net_cfg["cond_dim"], net_cfg["input_dim"]))
     ours = net.state_dict()
@@ -280,9 +272,6 @@ def convert_plonk(
         CheckpointError: unreadable or non-PLONK weights, inconsistent config, existing output.
         ConfigError: unknown family, or no backbone given and none inferable.
     """
-    from geoloc.checkpoint import save_checkpoint
-    from geoloc.config import FamilyConfig, config_to_dict
-
     out = Path(out)
     if (out / "config.json").exists() and not force:
         raise CheckpointError(f"{out}: already holds a checkpoint; pass --force to overwrite it")

@@ -20,8 +20,8 @@ from geoloc.errors import BackboneError, ConfigError, StoreError
 from geoloc.evaluate import score_rows
 from geoloc.geolocator import Geolocator
 from geoloc.metrics import MISS_KM
+from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.eval_job import evaluate_stores, retrieval_from_stores, run_eval
-from geoloc.pipeline.loader import iter_eval_batches
 from geoloc.pipeline.store import BackboneInfo, FeatureStore, build_table
 from geoloc.predictors import RetrievalPredictor, uniform_geolocator
 from geoloc.report import EvalData, RowPredictions

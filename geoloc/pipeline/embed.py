@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import math
 import os
 import re
@@ -38,10 +39,13 @@ import pyarrow as pa
 import torch
 
 from geoloc.config import EmbedConfig
+from geoloc.devices import resolve_device
 from geoloc.errors import ConfigError, StoreError
+from geoloc.pipeline import readers
 from geoloc.pipeline.backbones import Backbone, load_backbone
 from geoloc.pipeline.engines import ENGINES, EngineOptions
 from geoloc.pipeline.items import Failure, Item
+from geoloc.pipeline.manifests import load_manifest
 from geoloc.pipeline.store import BackboneInfo, FeatureStore, build_table
 
 __all__ = [
@@ -162,14 +166,10 @@ class ManifestSource:
         return self.manifest.licence
 
     def iter_items(self, skip_ids: Container[str] = ()) -> Iterator[Item | Failure]:
-        from geoloc.pipeline.readers import iter_items
-
-        return iter_items(self.manifest, self.splits, skip_ids=skip_ids)
+        return readers.iter_items(self.manifest, self.splits, skip_ids=skip_ids)
 
     def count(self) -> int | None:
-        from geoloc.pipeline.readers import count_items
-
-        return count_items(self.manifest, self.splits)
+        return readers.count_items(self.manifest, self.splits)
 
 
 def _owner(key: str, parts: int) -> int:
@@ -472,7 +472,7 @@ class EmbedJob:
         backbone = self._backbone
         if backbone is None:
             backbone = load_backbone(self.backbone_name, self.weights, config=self.backbone_config)
-            backbone.to(_resolve_device(self.device), self.dtype)
+            backbone.to(resolve_device(self.device), self.dtype)
         self._mapper = _Mapper(backbone)
         return self._mapper
 
@@ -490,18 +490,6 @@ class EmbedJob:
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
-
-
 def _choose_backbone(config: EmbedConfig, source: Any) -> str:
     if config.backbone:
         return config.backbone
@@ -538,8 +526,6 @@ def _exclusive_job(store_root: Path) -> Iterator[None]:
 
     An ``flock`` on ``STORE/.embed-lock``, released by the kernel even on SIGKILL.
     """
-    import fcntl
-
     store_root.mkdir(parents=True, exist_ok=True)
     fd = os.open(store_root / ".embed-lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -567,8 +553,6 @@ def run_embed(config: EmbedConfig, source: ItemSource | None = None) -> EmbedRep
     config.validate()
     started = time.monotonic()
     if source is None:
-        from geoloc.pipeline.manifests import load_manifest
-
         manifest = load_manifest(config.manifest, root=config.root, limit=config.limit)
         source = ManifestSource(manifest, tuple(config.splits) if config.splits else None)
     name = _choose_backbone(config, source)
@@ -577,7 +561,7 @@ def run_embed(config: EmbedConfig, source: ItemSource | None = None) -> EmbedRep
         want = source.kind_of_item
         raise ConfigError(f"backbone {name!r} encodes {backbone.kind} but {source.name!r} holds {want} items; "
                           f"pick {'an image' if want == 'image' else 'a text'} backbone with --backbone")
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     info = backbone.info()
     store_root = Path(config.store)
     _check_same_weights(store_root, info)

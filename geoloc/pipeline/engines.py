@@ -20,8 +20,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from geoloc.errors import ConfigError
+from geoloc.progress import progress_bar
 
 __all__ = ["ENGINES", "EngineOptions", "Job", "run_local", "run_ray"]
 
@@ -114,8 +118,6 @@ def run_local(job: Job, opts: EngineOptions) -> None:
     On Ctrl-C the rows embedded so far are flushed and committed before the interrupt propagates; on
     SIGKILL only the unflushed buffer is lost (the store never shows a partial shard).
     """
-    from tqdm.auto import tqdm
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside forked workers: no warning
     loader = DataLoader(
         _Records(job),
@@ -134,8 +136,7 @@ def run_local(job: Job, opts: EngineOptions) -> None:
     try:
         mapper = job.build_mapper()
         writer = job.open_writer(opts.task)
-        with tqdm(total=opts.total, unit="item", dynamic_ncols=True, disable=not opts.progress,
-                  desc="embed", smoothing=0.05) as bar:
+        with progress_bar(opts.total, "embed", enabled=opts.progress, smoothing=0.05) as bar:
             try:
                 tick = time.perf_counter()
                 for batch in loader:
@@ -192,8 +193,6 @@ class _ThreadBalance:
 
 # ---------------------------------------------------------------------------------------------- ray
 def _objects(values: Sequence[Any]) -> Any:
-    import numpy as np
-
     out = np.empty(len(values), dtype=object)
     out[:] = list(values) if values else []
     return out
@@ -251,16 +250,12 @@ def run_ray(job: Job, opts: EngineOptions) -> None:
     commits each shard as soon as it arrives, so a killed driver loses only uncommitted shards (orphans,
     which the next run deletes and redoes). Needs the optional extra: ``pip install 'geoloc[ray]'``.
     """
-    try:
+    try:  # lazy: ray is an optional extra, heavy to import
         import ray
         import ray.data
         from ray.data import ActorPoolStrategy
     except ImportError as e:
-        from geoloc.errors import ConfigError
-
         raise ConfigError("--engine ray needs Ray Data: pip install 'geoloc[ray]' (or 'ray[data]')") from e
-    from tqdm.auto import tqdm
-
     started_here = False
     if not ray.is_initialized():
         ray.init(address=opts.ray_address, include_dashboard=False, ignore_reinit_error=True,
@@ -286,8 +281,7 @@ def run_ray(job: Job, opts: EngineOptions) -> None:
         ds = ds.map_batches(_RayWrite, fn_constructor_args=(job, opts.task),
                             batch_size=max(1, math.ceil(opts.shard_rows / opts.batch_size)),
                             compute=ActorPoolStrategy(size=1), num_cpus=0.1)
-        with tqdm(total=opts.total, unit="item", dynamic_ncols=True, disable=not opts.progress,
-                  desc="embed (ray)") as bar:
+        with progress_bar(opts.total, "embed (ray)", enabled=opts.progress) as bar:
             for row in ds.iter_rows():
                 commits = row["obj"]
                 job.commit(commits)

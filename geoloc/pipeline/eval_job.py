@@ -23,7 +23,7 @@ from geoloc.errors import BackboneError, ConfigError, StoreError
 from geoloc.evaluate import as_rows, evaluate, resolve_labels
 from geoloc.gazetteer import Gazetteer
 from geoloc.geolocator import Geolocator
-from geoloc.pipeline.loader import EvalBatch, iter_eval_batches
+from geoloc.pipeline.eval_batches import EvalBatch, iter_eval_batches
 from geoloc.pipeline.store import FeatureStore
 from geoloc.predictors import (
     GeolocatorPredictor,

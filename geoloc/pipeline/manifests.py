@@ -17,7 +17,6 @@ in ``<sys.prefix>/share/geoloc/data_manifests`` (an installed wheel).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib.util
 import re
@@ -27,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from geoloc.errors import ManifestError
+from geoloc.suggest import did_you_mean
 
 try:  # Python >= 3.11
     import tomllib
@@ -271,8 +271,7 @@ def _find(path_or_name: str | Path) -> Path:
         if cand.is_file():
             return cand
     names = list_manifests()
-    hint = difflib.get_close_matches(str(path_or_name), names, n=1)
-    did = f" (did you mean '{hint[0]}'?)" if hint else ""
+    did = did_you_mean(str(path_or_name), names)
     raise ManifestError(
         f"unknown manifest '{path_or_name}'{did}; known: {', '.join(names) or 'none'}, or pass a .toml path"
     )
@@ -281,8 +280,7 @@ def _find(path_or_name: str | Path) -> Path:
 def _unknown_keys(d: dict, allowed: set[str], where: str) -> None:
     for k in d:
         if k not in allowed:
-            hint = difflib.get_close_matches(k, sorted(allowed), n=1, cutoff=0.6)
-            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            did = did_you_mean(k, sorted(allowed), cutoff=0.6)
             raise ManifestError(f"{where}: unknown key '{k}'{did}; allowed: {', '.join(sorted(allowed))}")
 
 
@@ -342,8 +340,7 @@ def _table_spec(d: dict, path: str, where: str) -> TableSpec:
                 f"{where}: cannot tell the format of table {path!r} from its extension; set format = one of {', '.join(TABLE_FORMATS)}"
             )
     if fmt not in TABLE_FORMATS:
-        hint = difflib.get_close_matches(fmt, TABLE_FORMATS, n=1)
-        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        did = did_you_mean(fmt, TABLE_FORMATS)
         raise ManifestError(
             f"{where}: unknown table format '{fmt}'{did}; use one of {', '.join(TABLE_FORMATS)}"
         )
@@ -481,13 +478,11 @@ def load_manifest(
     name = _get(raw, "name", str, where, required=True)
     kind = _get(raw, "kind", str, where, required=True)
     if kind not in KINDS:
-        hint = difflib.get_close_matches(kind, KINDS, n=1)
-        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        did = did_you_mean(kind, KINDS)
         raise ManifestError(f"{where}: unknown kind '{kind}'{did}; use one of {', '.join(KINDS)}")
     fmt = _get(raw, "format", str, where, required=True)
     if fmt not in FORMATS:
-        hint = difflib.get_close_matches(fmt, FORMATS, n=1)
-        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        did = did_you_mean(fmt, FORMATS)
         raise ManifestError(f"{where}: unknown format '{fmt}'{did}; use one of {', '.join(FORMATS)}")
     root_value = str(root) if root is not None else _get(raw, "root", str, where, required=True)
     root_path = _resolve_root(root_value, f"{where}: root")

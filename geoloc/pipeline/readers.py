@@ -24,7 +24,6 @@ Formats (``format`` in the manifest):
 
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import heapq
@@ -45,6 +44,8 @@ import polars as pl
 from geoloc.errors import ManifestError
 from geoloc.pipeline.items import Failure, Item
 from geoloc.pipeline.manifests import Manifest, SplitSpec, TableSpec, Template
+from geoloc.pipeline.tars import iter_tar_samples
+from geoloc.suggest import did_you_mean
 
 __all__ = ["IMAGE_EXTENSIONS", "count_items", "iter_items", "unit_hash"]
 
@@ -116,8 +117,7 @@ def _choose_splits(m: Manifest, splits: Sequence[str] | None) -> list[SplitSpec]
     out = []
     for s in splits:
         if s not in m.splits:
-            hint = difflib.get_close_matches(s, list(m.splits), n=1)
-            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            did = did_you_mean(s, list(m.splits))
             raise ManifestError(f"{m.path}: no split '{s}'{did}; splits: {', '.join(m.splits)}")
         out.append(m.splits[s])
     return out
@@ -323,8 +323,7 @@ def _needed_columns(m: Manifest, roles: Iterable[str], split: SplitSpec) -> dict
 
 
 def _missing_column(m: Manifest, table: str, col: str, why: str, have: Sequence[str]) -> ManifestError:
-    hint = difflib.get_close_matches(col, list(have), n=1, cutoff=0.5)
-    did = f" (did you mean '{hint[0]}'?)" if hint else ""
+    did = did_you_mean(col, list(have), cutoff=0.5)
     shown = ", ".join(list(have)[:40]) + (" ..." if len(have) > 40 else "")
     return ManifestError(f"{m.path.name}: {table}: column '{col}' ({why}) not found{did}; columns: {shown}")
 
@@ -680,28 +679,6 @@ def _iter_zip(m: Manifest, split: SplitSpec, guard: _Guard) -> Iterator[Item | F
 
 
 # --------------------------------------------------------------------------------------------- webdataset
-def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, tarfile.TarInfo], tarfile.TarFile]]:
-    """(key, {extension: member}, tar) per sample: consecutive members sharing a key (webdataset rule)."""
-    with tarfile.open(path, "r:*") as tf:
-        key: str | None = None
-        members: dict[str, tarfile.TarInfo] = {}
-        for info in tf:
-            if not info.isfile():
-                continue
-            d, base = posixpath.split(info.name)
-            if "." not in base or base.startswith("."):
-                continue
-            stem, ext = base.split(".", 1)
-            k = posixpath.join(d, stem) if d else stem
-            if k != key:
-                if key is not None:
-                    yield key, members, tf
-                key, members = k, {}
-            members[ext.lower()] = info
-        if key is not None:
-            yield key, members, tf
-
-
 def _wds_sample(
     m: Manifest,
     split: SplitSpec,
@@ -764,7 +741,8 @@ def _iter_wds(m: Manifest, split: SplitSpec, guard: _Guard) -> Iterator[Item | F
         sname = _rel(m, shard)
         n = 0
         try:
-            for key, members, tf in _tar_samples(shard):
+            for sample in iter_tar_samples(shard, lower=True):
+                key, members, tf = sample.key, sample.infos, sample.tar
                 n += 1
                 got = _wds_sample(m, split, guard, (key, n, members, tf), f"{sname}:{key}")
                 if got is not None:
@@ -794,7 +772,7 @@ def _count_wds(m: Manifest, split: SplitSpec) -> int | None:
                 total += n
                 continue
         try:
-            total += sum(1 for _ in _tar_samples(shard))
+            total += sum(1 for _ in iter_tar_samples(shard))
         except (tarfile.TarError, OSError, EOFError):
             return None
     return total

@@ -24,25 +24,24 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
-import hashlib
 import json
 import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geoloc.errors import InputError, StoreError
+from geoloc.files import atomic_write, atomic_write_bytes, fsync_dir, sha256_file
 from geoloc.pipeline.items import Failure
-
-if TYPE_CHECKING:
-    import duckdb
+from geoloc.pipeline.sql import sql_str
 
 __all__ = [
     "FAILURE_SCHEMA",
@@ -52,7 +51,6 @@ __all__ = [
     "FeatureStore",
     "IdIndex",
     "VerifyReport",
-    "atomic_write_bytes",
     "build_table",
     "failure_table",
     "finite_rows_f16",
@@ -237,57 +235,28 @@ def failure_table(failures: Sequence[Failure], task: str, time: str | None = Non
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a torn one."""
-    final = Path(path)
-    tmp = _tmp_name(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_parquet_atomic(table: pa.Table, final: Path) -> str:
-    """zstd Parquet, dictionary encoding only for strings (never emb), tmp + fsync + rename; returns sha256."""
-    tmp = _tmp_name(final)
+    """zstd Parquet, dictionary encoding only for strings (never emb), written atomically; returns sha256."""
     strings = [f.name for f in table.schema if pa.types.is_string(f.type)]
-    try:
-        with open(tmp, "wb") as f:
-            # No statistics for emb: min/max of float16 values cost half the write time and serve nobody.
-            pq.write_table(table, f, compression="zstd", row_group_size=ROW_GROUP_SIZE,
-                           use_dictionary=strings, write_statistics=[n for n in table.column_names if n != "emb"])
-            f.flush()
-            os.fsync(f.fileno())
-        digest = _sha256_file(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(final.parent)
-    return digest
+
+    def write(tmp: str) -> None:
+        # No statistics for emb: min/max of float16 values cost half the write time and serve nobody.
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE,
+                       use_dictionary=strings, write_statistics=[n for n in table.column_names if n != "emb"])
+
+    atomic_write(final, write)
+    return sha256_file(final)
+
+
+def _listed_file_ok(path: Path, record: dict, checksums: bool, report: VerifyReport) -> bool:
+    """A file listed in store.json exists (and, with ``checksums``, matches its sha256); else a problem."""
+    if not path.is_file():
+        report.problems.append(f"{record['file']}: listed but missing")
+        return False
+    if checksums and sha256_file(path) != record.get("sha256"):
+        report.problems.append(f"{record['file']}: sha256 mismatch (file changed or truncated)")
+        return False
+    return True
 
 
 @dataclass
@@ -802,12 +771,13 @@ class FeatureStore:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
                 removed = True
-        for p in self.root.glob(f".{MANIFEST}.tmp-*"):
+        # geoloc.files temporaries (.store.json.XXXX.tmp) and older .store.json.tmp-PID ones
+        for p in self.root.glob(f".{MANIFEST}.*tmp*"):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         if removed:
             for folder in ("shards", "failures"):
-                _fsync_dir(self.root / folder)
+                fsync_dir(self.root / folder)
 
     # ------------------------------------------------------------------ reading
     def failures_table(self) -> pa.Table:
@@ -821,8 +791,6 @@ class FeatureStore:
         ``features.emb`` is cast to ``FLOAT[dim]`` (DuckDB would otherwise read the float16 fixed-size list
         as a variable ``FLOAT[]``, which is also slower). Paths are absolute, so the views work from any cwd.
         """
-        import duckdb
-
         con = duckdb.connect(":memory:")
         con.execute(_view_sql("features", self.shard_paths(), self.schema, emb_dim=self.dim))
         con.execute(_view_sql("failures", self.failure_paths(), FAILURE_SCHEMA))
@@ -839,11 +807,7 @@ class FeatureStore:
         for r in self._manifest["shards"]:
             path = self.root / r["file"]
             report.shards += 1
-            if not path.is_file():
-                report.problems.append(f"{r['file']}: listed but missing")
-                continue
-            if checksums and _sha256_file(path) != r.get("sha256"):
-                report.problems.append(f"{r['file']}: sha256 mismatch (file changed or truncated)")
+            if not _listed_file_ok(path, r, checksums, report):
                 continue
             try:
                 pf = pq.ParquetFile(path)
@@ -881,11 +845,7 @@ class FeatureStore:
             index.add_hashes(h1, h2)
         for r in self._manifest["failures"]:
             path = self.root / r["file"]
-            if not path.is_file():
-                report.problems.append(f"{r['file']}: listed but missing")
-                continue
-            if checksums and _sha256_file(path) != r.get("sha256"):
-                report.problems.append(f"{r['file']}: sha256 mismatch (file changed or truncated)")
+            if not _listed_file_ok(path, r, checksums, report):
                 continue
             n = pq.ParquetFile(path).metadata.num_rows
             report.failures += n
@@ -908,10 +868,6 @@ def _leaf_index(pf: pq.ParquetFile, field_index: int) -> int:
     return leaves.index(names[field_index])
 
 
-def _sql_str(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
-
-
 _DUCK_TYPES = {pa.string(): "VARCHAR", pa.float64(): "DOUBLE"}
 
 
@@ -925,5 +881,5 @@ def _view_sql(name: str, paths: Sequence[Path], schema: pa.Schema, emb_dim: int 
             cols.append((q, f"NULL::{_DUCK_TYPES[f.type]} AS {q}"))
     if not paths:
         return f"CREATE VIEW {name} AS SELECT {', '.join(c[1] for c in cols)} WHERE false"
-    files = ", ".join(_sql_str(str(p.resolve())) for p in paths)
+    files = ", ".join(sql_str(str(p.resolve())) for p in paths)
     return f"CREATE VIEW {name} AS SELECT {', '.join(c[0] for c in cols)} FROM read_parquet([{files}])"

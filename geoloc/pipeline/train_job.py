@@ -16,6 +16,10 @@ import torch
 from geoloc.checkpoint import read_config
 from geoloc.config import TrainConfig
 from geoloc.errors import ConfigError, StoreError
+from geoloc.pipeline.eval_batches import iter_eval_batches
+from geoloc.pipeline.loader import FeatureLoader
+from geoloc.pipeline.selection import StoreSpec
+from geoloc.sphere import latlon_to_xyz
 from geoloc.train import TrainResult, train
 
 __all__ = ["run_train"]
@@ -23,8 +27,6 @@ __all__ = ["run_train"]
 
 def _validation_pairs(config: TrainConfig, stores: list[str], dim: int, backbone: str):
     """Up to ``config.val_samples`` held-out pairs from ``data.val_split`` (none if unset)."""
-    from geoloc.pipeline.loader import iter_eval_batches
-    from geoloc.sphere import latlon_to_xyz
 
     if not config.data.val_split or config.val_samples <= 0:
         return None
@@ -51,7 +53,6 @@ def run_train(
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train ``config`` on ``config.data.stores`` into ``out_dir`` (resuming a run found there)."""
-    from geoloc.pipeline.loader import FeatureLoader, StoreSpec
 
     if not config.data.stores:
         raise ConfigError("no feature store given; pass --store DIR (repeat for several, DIR:WEIGHT to mix)")

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from geoloc.errors import ConfigError, StoreError
-from geoloc.pipeline.loader import FeatureLoader, StoreSpec, iter_eval_batches, read_tensors
+from geoloc.pipeline.eval_batches import iter_eval_batches, read_tensors
+from geoloc.pipeline.loader import FeatureLoader
+from geoloc.pipeline.selection import StoreSpec
 from geoloc.pipeline.store import BackboneInfo, FeatureStore, build_table
 from geoloc.sphere import latlon_to_xyz
 from tests.helpers import make_store

@@ -226,9 +226,9 @@ def test_verify_detects_dictionary_encoded_emb(tmp_path):
     path = root / rec["file"]
     pq.write_table(pq.read_table(path), path, use_dictionary=True)
     m = json.loads((root / "store.json").read_text())
-    from geoloc.pipeline.store import _sha256_file
+    from geoloc.files import sha256_file
 
-    m["shards"][0]["sha256"] = _sha256_file(path)
+    m["shards"][0]["sha256"] = sha256_file(path)
     (root / "store.json").write_text(json.dumps(m))
     assert any("dictionary" in p for p in FeatureStore.open(root).verify().problems)
 
