@@ -158,13 +158,20 @@ def main() -> None:
 
     t = time.perf_counter()
     gaz = Gazetteer.load(table=False)
-    out: dict = {"points_per_set": n, "places": len(gaz.places), "places_load_s": round(time.perf_counter() - t, 2)}
+    out: dict = {
+        "points_per_set": n,
+        "places": len(gaz.places),
+        "places_load_s": round(time.perf_counter() - t, 2),
+    }
     sets = _point_sets(gaz, n)
     exact = {k: gaz.resolve(v, (*LEVELS, "place"), use_table=False).ids for k, v in sets.items()}
     out["kd_only_points_per_s"] = {
-        k: _rate(lambda v=v: gaz.resolve(v, LEVELS, use_table=False), n, args.repeats) for k, v in sets.items()
+        k: _rate(lambda v=v: gaz.resolve(v, LEVELS, use_table=False), n, args.repeats)
+        for k, v in sets.items()
     }
-    out["h3_cells_points_per_s"] = {k: _rate(lambda v=v: h3_cells(v, 6), n, args.repeats) for k, v in sets.items()}
+    out["h3_cells_points_per_s"] = {
+        k: _rate(lambda v=v: h3_cells(v, 6), n, args.repeats) for k, v in sets.items()
+    }
     out["resolutions"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for res in resolutions:
@@ -175,15 +182,27 @@ def main() -> None:
             gaz.table = table
             for name, pts in sets.items():
                 row = {}
-                for label, levels in (("country_region", ("country", "region")), ("all_levels", LEVELS), ("place", ("place",))):
+                for label, levels in (
+                    ("country_region", ("country", "region")),
+                    ("all_levels", LEVELS),
+                    ("place", ("place",)),
+                ):
                     r = gaz.resolve(pts, levels)
                     row[f"kd_fallback_{label}"] = round(r.n_exact / n, 4)
-                    row[f"points_per_s_{label}"] = _rate(lambda pts=pts, lv=levels: gaz.resolve(pts, lv), n, args.repeats)
-                    row[f"agreement_{label}"] = float(np.mean([np.mean(r.ids[lv] == exact[name][lv]) for lv in levels]))
+                    row[f"points_per_s_{label}"] = _rate(
+                        lambda pts=pts, lv=levels: gaz.resolve(pts, lv), n, args.repeats
+                    )
+                    row[f"agreement_{label}"] = float(
+                        np.mean([np.mean(r.ids[lv] == exact[name][lv]) for lv in levels])
+                    )
                 per_level = gaz.resolve(pts, (*LEVELS, "place"))
                 # Share of points each level could not answer from the table alone (one call per level).
-                row["kd_fallback_per_level"] = {lv: round(gaz.resolve(pts, (lv,)).n_exact / n, 4) for lv in (*LEVELS, "place")}
-                assert all((per_level.ids[lv] == exact[name][lv]).all() for lv in (*LEVELS, "place")), "table disagrees"
+                row["kd_fallback_per_level"] = {
+                    lv: round(gaz.resolve(pts, (lv,)).n_exact / n, 4) for lv in (*LEVELS, "place")
+                }
+                assert all((per_level.ids[lv] == exact[name][lv]).all() for lv in (*LEVELS, "place")), (
+                    "table disagrees"
+                )
                 entry[name] = row
             out["resolutions"][res] = entry
             gaz.table = None
