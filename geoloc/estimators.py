@@ -10,7 +10,9 @@ minimiser of one risk, computed from ``n`` samples per item:
 - ``geoscore``: the point maximising the expected GeoScore 5000·exp(−d_km/1492.7) (reference §10).
 - ``mode``: the highest mode of a von Mises–Fisher kernel density estimate (accuracy within small radii).
 - ``best-of-n``: the sample with the highest exact model likelihood (reference §8.2, the "swarm" mode).
-- :func:`top_k_modes`: distinct modes with the fraction of samples in each mode's basin of attraction.
+- :func:`top_k_modes`: distinct modes with the fraction of samples in each mode's basin of attraction
+  (every sample counted once, in a mode or in "other"); :func:`basin_of` says which mode a point estimate
+  falls in, so an estimate between modes can be labelled as such.
 
 The reference has no top-k and a KDE in (lat, lon) radians with a batch-global bandwidth (§9.6, §16.14); the
 KDE here is a sum of von Mises–Fisher kernels on S², so it has no seams at the antimeridian or the poles, with
