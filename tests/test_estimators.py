@@ -15,6 +15,8 @@ import torch
 from geoloc.errors import ConfigError, InputError
 from geoloc.estimators import (
     ESTIMATORS,
+    MAX_BANDWIDTH_KM,
+    basin_of,
     best_by_likelihood,
     density_mode,
     expected_geoscore,
@@ -137,6 +139,96 @@ def test_top_k_modes_reports_small_modes_as_other() -> None:
     assert float((top.assignment[0] == -1).float().mean()) == pytest.approx(float(top.other_mass[0]))
 
 
+US, GULF, ATLANTIC = (40.0, -100.0), (30.0, -85.0), (40.0, -40.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_modes_reports_a_distant_ten_percent_mode(seed: int) -> None:
+    # 60% / 30% / 10%, broad (σ ≈ 640 / 370 / 640 km); the 10% mode lies 5,000 km from the main one.
+    assert float(haversine_km(torch.tensor(US), torch.tensor(ATLANTIC))) == pytest.approx(5000.0, abs=100.0)
+    x = mixture([(US, 100.0, 1200), (GULF, 300.0, 600), (ATLANTIC, 100.0, 200)], seed=seed)
+    top = top_k_modes(x, k=3)
+    assert top.valid[0].all()
+    assert float(top.mass[0, 2]) == pytest.approx(0.1, abs=0.03)
+    assert km_to(top.xyz[0, 2], ATLANTIC) < 400.0
+    # The two near modes (1,760 km apart) overlap: a few % of the US component's tail lies in the Gulf's
+    # basin, so basin masses differ from the component weights there; together they hold the rest.
+    assert top.mass[0, :2].tolist() == pytest.approx([0.6, 0.3], abs=0.06)
+    assert float(top.mass[0, :2].sum()) == pytest.approx(0.9, abs=0.03)
+    assert float(top.mass[0].sum() + top.other_mass[0]) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_modes_keeps_a_few_far_samples_out_of_the_main_mode(seed: int) -> None:
+    # Issue 14's "Springfield": 232 of 256 samples in the US, 14 spread over Europe, 10 in south-east
+    # Australia. Before the bandwidth ceiling the sparse groups' k-NN radii spanned oceans and the answer
+    # was one mode at 100% ("other" 0). Now no sample 3,000 km from the top mode is counted in it.
+    x = mixture([((39.0, -90.0), 60.0, 232), ((50.0, 10.0), 30.0, 14), ((-35.0, 145.0), 100.0, 10)], seed=seed)
+    top = top_k_modes(x, k=3)
+    far = haversine_km(xyz_to_latlon(top.xyz[0, 0].double())[None], xyz_to_latlon(x[0].double())) > 3000.0
+    assert int(far.sum()) == 24
+    assert not bool((top.assignment[0][far] == 0).any())
+    assert float(top.mass[0, 0]) == pytest.approx(232 / 256, abs=0.01)
+    assert float(top.mass[0, 1:].sum() + top.other_mass[0]) == pytest.approx(24 / 256, abs=0.01)
+    assert km_to(top.xyz[0, 2], (-35.0, 145.0)) < 800.0  # Australia's 10 samples are the third mode
+    for i in range(3):
+        assert float((top.assignment[0] == i).float().mean()) == pytest.approx(float(top.mass[0, i]))
+    assert float((top.assignment[0] == -1).float().mean()) == pytest.approx(float(top.other_mass[0]))
+
+
+@pytest.mark.parametrize("kappa", [50.0, 1e3, 1e5])
+def test_top_k_modes_of_one_vmf_is_one_mode(kappa: float) -> None:
+    x = mixture([(US, kappa, 1000)], seed=3)
+    top = top_k_modes(x, k=3)
+    assert float(top.mass[0, 0]) >= 0.98
+    assert float(top.mass[0].sum() + top.other_mass[0]) == pytest.approx(1.0, abs=1e-6)
+    assert km_to(top.xyz[0, 0], US) < 0.3 * EARTH_RADIUS_KM / math.sqrt(kappa) + 5.0
+
+
+@pytest.mark.parametrize("kappa", [200.0, 1e3, 1e4, 1e5])
+def test_two_modes_300_km_apart_follow_the_bandwidth_rule(kappa: float) -> None:
+    # The rule (top_k_modes docstring): separate iff D ≳ 2·√(σ² + h²) and D > 2h. σ = 450, 201, 64, 20 km:
+    # the first two mixtures are unimodal even before smoothing (D < 2σ), the last two clearly bimodal.
+    a, b = (40.0, 10.0), (40.0, 13.52)
+    d = float(haversine_km(torch.tensor(a), torch.tensor(b)))
+    assert d == pytest.approx(300.0, abs=2.0)
+    x = mixture([(a, kappa, 500), (b, kappa, 500)], seed=4)
+    sigma = EARTH_RADIUS_KM / math.sqrt(kappa)
+    h = float(kde_bandwidth_km(x).median())
+    separate = d > 2.0 * math.sqrt(sigma**2 + h**2) and d > 2.0 * h
+    top = top_k_modes(x, k=3)
+    if separate:
+        assert top.valid[0].tolist() == [True, True, False]
+        assert sorted(top.mass[0, :2].tolist()) == pytest.approx([0.5, 0.5], abs=0.03)
+    else:
+        assert top.valid[0].tolist() == [True, False, False]
+        assert float(top.mass[0, 0]) == pytest.approx(1.0)
+    assert separate == (kappa >= 1e4)
+
+
+def test_bandwidth_ceiling() -> None:
+    x = mixture([(US, 1e4, 200), (SYDNEY, 1e4, 5)], seed=6)  # 5 samples: their 16-NN lie 13,000 km away
+    h = kde_bandwidth_km(x)
+    assert float(h.max()) == pytest.approx(MAX_BANDWIDTH_KM)
+    assert float(kde_bandwidth_km(x, max_km=20_000.0).max()) > 10_000.0
+    with pytest.raises(ConfigError, match="max_km"):
+        kde_bandwidth_km(x, max_km=0.0)
+
+
+def test_basin_of_places_estimates_in_the_reported_modes(bimodal: torch.Tensor) -> None:
+    top = top_k_modes(bimodal, k=1)  # Paris kept, Sydney in "other"
+    points = torch.stack(
+        [
+            max_expected_geoscore(bimodal)[0],
+            latlon_to_xyz(torch.tensor([49.5, 3.0])),  # ~100 km from Paris: in its basin
+            latlon_to_xyz(torch.tensor([-33.0, 150.0])),  # Sydney's basin: not among the top 1
+        ]
+    )[None].float()
+    assert basin_of(points, bimodal, top)[0].tolist() == [0, 0, -1]
+    top2 = top_k_modes(bimodal, k=2)
+    assert basin_of(points, bimodal, top2)[0].tolist() == [0, 0, 1]
+
+
 # ------------------------------------------------------------------------------------ point estimates
 
 
@@ -213,6 +305,36 @@ def test_max_expected_geoscore_refines_coarse_candidates(bimodal: torch.Tensor) 
     assert km_to(from_coarse, xyz_to_latlon(free.double()).tolist()) < 5.0
     unrefined = max_expected_geoscore(bimodal, candidates=coarse, refine_iters=0)
     assert torch.allclose(unrefined[0], coarse[0, 0], atol=1e-6)  # (45°N, 0°E) is the best of the three
+
+
+def test_max_expected_geoscore_tries_extra_candidates(bimodal: torch.Tensor) -> None:
+    # An extra candidate better than every sample (the refined optimum, e.g. from a retrieval neighbour) is
+    # taken as it is without refinement; the samples stay candidates too (a bad extra point changes nothing).
+    paris = max_expected_geoscore(bimodal)[:, None]
+    far = latlon_to_xyz(torch.tensor([[[0.0, -150.0]]]))
+    got = max_expected_geoscore(bimodal, extra_candidates=paris, refine_iters=0)[0]
+    assert torch.equal(got, paris[0, 0])
+    assert geoscore(got, bimodal[0]) > max(geoscore(s, bimodal[0]) for s in bimodal[0, ::5])
+    alone = max_expected_geoscore(bimodal, refine_iters=0)
+    assert torch.equal(max_expected_geoscore(bimodal, extra_candidates=far, refine_iters=0), alone)
+    with pytest.raises(InputError, match="extra_candidates"):
+        max_expected_geoscore(bimodal, extra_candidates=paris.expand(2, 1, 3))
+
+
+def test_expected_geoscore_uses_importance_weights(bimodal: torch.Tensor) -> None:
+    # Integer weights equal repeating samples; weights that make Sydney the heavier mode move the optimum.
+    cand = bimodal[:, :7]
+    w = torch.randint(1, 4, bimodal.shape[:2], generator=torch.Generator().manual_seed(0)).float()
+    repeated = bimodal[0].repeat_interleave(w[0].long(), dim=0)[None]
+    assert torch.allclose(expected_geoscore(cand, bimodal, weights=w), expected_geoscore(cand, repeated), rtol=1e-5)
+    sydney = xyz_to_latlon(bimodal[0].double())[:, 1] > 100.0
+    w = torch.where(sydney, 6.0, 1.0)[None]  # Sydney: 1800 / 2500 = 72% of the weight
+    assert km_to(max_expected_geoscore(bimodal, weights=w)[0], SYDNEY) < 50.0
+    assert km_to(max_expected_geoscore(bimodal)[0], PARIS) < 50.0
+    with pytest.raises(InputError, match="weights"):
+        max_expected_geoscore(bimodal, weights=-w)
+    with pytest.raises(InputError, match="weights"):
+        expected_geoscore(cand, bimodal, weights=w[:, :10])
 
 
 def test_best_by_likelihood_takes_the_argmax_and_skips_nan() -> None:
@@ -361,6 +483,13 @@ def test_degenerate_sample_sets_give_unit_vectors() -> None:
             if x is not poles:
                 assert km_to(out[0], (12.0, -70.0)) < 0.01, name
         top = top_k_modes(x, k=2)
+        if x is poles:
+            # Changed with issue 14's bandwidth ceiling: this pair used to be one mode at 100% (its kernels
+            # were 20,000 km wide), with half the samples at the other pole. Two 50% modes is the honest answer.
+            assert top.valid[0].tolist() == [True, True]
+            assert top.mass[0].tolist() == pytest.approx([0.5, 0.5])
+            assert float(top.other_mass[0]) == pytest.approx(0.0)
+            continue
         assert top.valid[:, 0].all() and not top.valid[:, 1].any()
         assert torch.allclose(top.mass[:, 0] + top.other_mass, torch.ones(len(x)))
     empty = torch.zeros(0, 4, 3)

@@ -122,6 +122,82 @@ def test_exact_rule_matches_reverse_geocoder_search(gaz):
         assert [(p.name[i], p.admin1[i], p.admin2[i], p.cc[i]) for i in idx] == theirs
 
 
+_RG_MODE1 = """
+import sys, json, reverse_geocoder as rg
+pts = json.load(sys.stdin)
+out = rg.search([tuple(p) for p in pts], mode=1, verbose=False)
+json.dump([[r[k] for k in ("name", "admin1", "admin2", "cc")] for r in out], sys.stdout)
+"""
+
+
+def _rg_search(pts: np.ndarray, mode: int) -> list[tuple[str, ...]]:
+    """reverse_geocoder.search's (name, admin1, admin2, cc) per point in ``mode``. Its RGeocoder is a
+    process-wide singleton (the first call's mode sticks), so mode 1 runs in a child process."""
+    if mode == 2:
+        rg = pytest.importorskip("reverse_geocoder")
+        found = rg.search([tuple(p) for p in pts.tolist()], mode=2, verbose=False)
+        return [(r["name"], r["admin1"], r["admin2"], r["cc"]) for r in found]
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("reverse_geocoder")
+    run = subprocess.run(
+        [sys.executable, "-c", _RG_MODE1],
+        input=json.dumps(pts.tolist()),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [tuple(r) for r in json.loads(run.stdout)]
+
+
+def _tie_points(gaz: Gazetteer, n: int) -> np.ndarray:
+    """Points decided by tie-breaks: every duplicated place coordinate, midpoints of near place pairs with
+    different city labels, and points moved along those pairs' bisectors (exact ties where the float
+    arithmetic is exact, which is often for GeoNames' 5-decimal coordinates)."""
+    rng = np.random.default_rng(13)
+    coords = gaz.places.latlon
+    _, inv, counts = np.unique(coords, axis=0, return_inverse=True, return_counts=True)
+    _, nb = gaz.tree.query(coords, k=4)
+    a, b = nb[:, 0].repeat(3), nb[:, 1:].ravel()
+    keep = np.flatnonzero((gaz.ids["city"][a] != gaz.ids["city"][b]) & (a < b))
+    pick = rng.choice(keep, n, replace=False)
+    a, b = a[pick], b[pick]
+    d = coords[b] - coords[a]
+    t = rng.integers(-4, 5, n)[:, None] / 8.0
+    bisector = (coords[a] + coords[b]) / 2 + t * np.c_[-d[:, 1], d[:, 0]]
+    return np.vstack([coords[counts[inv.ravel()] > 1], (coords[a] + coords[b]) / 2, bisector])
+
+
+def _fields(gaz: Gazetteer, idx: np.ndarray) -> list[tuple[str, ...]]:
+    p = gaz.places
+    return [(p.name[i], p.admin1[i], p.admin2[i], p.cc[i]) for i in idx]
+
+
+def test_ties_break_as_reverse_geocoder_in_each_mode(gaz):
+    """Among equidistant places, reverse_geocoder returns the first its KD-tree meets: mode 2 (its default,
+    leafsize 30) and mode 1 (leafsize 16) differ there, and we match each, on the table and the KD path."""
+    examples = np.array([[55.71667, 37.41667], [-35.03333, 138.56667]])  # issue 14: duplicated coordinates
+    pts = np.vstack([examples, _tie_points(gaz, 1500)])
+    theirs = {mode: _rg_search(pts, mode) for mode in (2, 1)}
+    assert [t[:2] for t in theirs[2][:2]] == [
+        ("Bol'shaya Setun'", "Moskovskaya"),
+        ("Bedford Park", "South Australia"),
+    ]
+    assert [t[:2] for t in theirs[1][:2]] == [("Setun'", "Moscow"), ("Darlington", "South Australia")]
+    differ = sum(a != b for a, b in zip(theirs[1], theirs[2], strict=True))
+    assert differ > 100  # the points really are ties that the two modes break differently
+    gaz1 = Gazetteer(gaz.places, gaz.table, rg_mode=1)
+    for g, mode in ((gaz, 2), (gaz1, 1)):
+        assert _fields(g, g.nearest_exact(pts)) == theirs[mode], f"KD path, mode {mode}"
+        assert _fields(g, g.nearest(pts)) == theirs[mode], f"table path, mode {mode}"
+        city = g.key_strings(g.resolve(pts, ("city",)).ids["city"], "city").tolist()
+        assert city == [f"{n}_{a2}_{a1}_{cc}" for n, a1, a2, cc in theirs[mode]]
+    with pytest.raises(InputError, match="rg_mode"):
+        Gazetteer(gaz.places, rg_mode=3)
+
+
 KINDS = ["uniform", "gt-like", "prediction-like", "places", "antimeridian", "poles"]
 
 
