@@ -4,18 +4,19 @@ Units are the same everywhere: ``xyz`` unit vectors ``(M, 3)``, ``cond`` ``(M, c
 unit vectors ``(B, n, 3)``; ``log_prob`` returns natural-log densities ``(M,)`` — per steradian on S² (RFM,
 vMF, uniform), per unit volume in R³ (diffusion and flow matching in R³, as the paper reports them).
 
-ODE families are *data*, not subclasses (:class:`OdeFamily` = space + path + schedule + target + prior):
+ODE families are *data*, not subclasses: :class:`OdeFamily` = a path object (``geoloc/paths.py``) + a schedule.
 
-=============  =========  ======================================  =========  ==================
-family         space      path  x_s (s = signal level)            target     prior
-=============  =========  ======================================  =========  ==================
-diffusion-r3   R³         √s·x + √(1−s)·ε  (VP)                   ε          N(0, I₃)
-flow-r3        R³         s·x + (1−s)·ε     (linear)              x − ε      N(0, I₃)
-rfm-s2         S²         exp_ε(s·log_ε(x)) (geodesic)            dx_s/ds    uniform on S²
-=============  =========  ======================================  =========  ==================
+=============  =========  ============================================  =========  ==================
+family         space      path  (s = signal level)                      target     prior
+=============  =========  ============================================  =========  ==================
+diffusion-r3   R³         ``VPPath``: √s·x + √(1−s)·ε                   ε          N(0, I₃)
+flow-r3        R³         ``LinearPath``: s·x + (1−s)·ε                 x − ε      N(0, I₃)
+rfm-s2         S²         ``GeodesicPath``: exp_ε(s·log_ε(x))           dx_s/ds    uniform on S²
+=============  =========  ============================================  =========  ==================
 
-Each converts its network output to a velocity ``dx/ds`` once (:meth:`OdeFamily.velocity`); sampling and
-likelihood are then the shared loops of ``solvers.py``. The baselines (:class:`VonMisesFisherFamily`,
+The path owns its prior, interpolation, target, the output → velocity conversion and its sampler (DDIM for
+VP); :meth:`OdeFamily.network_output` is the one place the network is called when sampling, and the
+integration loops are the shared ones of ``solvers.py``. The baselines (:class:`VonMisesFisherFamily`,
 :class:`UniformFamily`) implement the same verbs in closed form.
 
 Training targets follow the reference exactly (§6): FM regresses the signal-space velocity ``x − ε`` without
@@ -26,7 +27,6 @@ replaced by zeros with probability ``cond_drop`` for guidance.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,21 +37,12 @@ from torch import nn
 from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig, SampleConfig
 from geoloc.errors import ConfigError, InputError
 from geoloc.network import GeoAdaLNMLP, NetworkConfig, VonMisesFisherNet
+from geoloc.paths import GeodesicPath, LikelihoodProblem, LinearPath, Path, PathSample, VPPath
 from geoloc.schedules import Schedule, make_schedule
 from geoloc.solvers import guided, integrate, log_prob_ode, signal_grid
-from geoloc.sphere import (
-    UNIFORM_LOG_DENSITY,
-    Euclidean,
-    Sphere,
-    geodesic,
-    proj_tangent,
-    project,
-    sample_uniform,
-)
+from geoloc.sphere import UNIFORM_LOG_DENSITY, Euclidean, Sphere, proj_tangent, project, sample_uniform
 
 __all__ = ["FAMILIES", "Family", "OdeFamily", "UniformFamily", "VonMisesFisherFamily", "make_family"]
-
-_GAUSS_CONST = -1.5 * math.log(2 * math.pi)
 
 
 def _bad_rows(mask: torch.Tensor) -> str:
@@ -119,7 +110,11 @@ class Family:
         raise NotImplementedError
 
     def log_prob(
-        self, net: nn.Module, xyz: torch.Tensor, cond: torch.Tensor, config: LikelihoodConfig = LikelihoodConfig()
+        self,
+        net: nn.Module,
+        xyz: torch.Tensor,
+        cond: torch.Tensor,
+        config: LikelihoodConfig = LikelihoodConfig(),
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -139,20 +134,32 @@ class Family:
 
 @dataclass
 class OdeFamily(Family):
-    """Diffusion / flow matching in R³ or Riemannian flow matching on S² (see the module table)."""
+    """Diffusion / flow matching in R³ or Riemannian flow matching on S²: a :class:`~geoloc.paths.Path` and a
+    :class:`~geoloc.schedules.Schedule` (see the module table).
+
+    Everything that differs between the three lives in the path; this class only wires it to the network
+    (:meth:`network_output`, the one place the network is called) and to the shared loops of ``solvers.py``.
+    """
 
     name: str
-    space: Sphere | Euclidean
-    path: str  # "vp" | "linear" | "geodesic"
-    target: str  # "epsilon" | "velocity"
+    path: Path
     schedule: Schedule
     cond_drop: float = 0.1
     uses_guidance: bool = True
     trainable: bool = True
 
     @property
+    def space(self) -> Sphere | Euclidean:
+        return self.path.space
+
+    @property
+    def target(self) -> str:
+        """What the network predicts: ``"epsilon"`` (VP) or ``"velocity"``."""
+        return self.path.target
+
+    @property
     def on_sphere(self) -> bool:
-        return isinstance(self.space, Sphere)
+        return self.path.on_sphere
 
     def nll_space(self) -> str:
         return "sphere" if self.on_sphere else "r3"
@@ -162,14 +169,10 @@ class OdeFamily(Family):
 
     # --- prior ---------------------------------------------------------------------------------------
     def prior_sample(self, m: int, generator, device, dtype) -> torch.Tensor:
-        if self.on_sphere:
-            return sample_uniform(m, generator, dtype, device)
-        return torch.randn((m, 3), generator=generator, dtype=dtype, device=device)
+        return self.path.prior_sample(m, generator, device, dtype)
 
     def prior_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        if self.on_sphere:
-            return torch.full(x.shape[:-1], UNIFORM_LOG_DENSITY, dtype=x.dtype, device=x.device)
-        return _GAUSS_CONST - 0.5 * (x * x).sum(-1)
+        return self.path.prior_log_prob(x)
 
     # --- training ------------------------------------------------------------------------------------
     def draw(self, n: int, generator, device, dtype) -> dict[str, torch.Tensor]:
@@ -178,28 +181,28 @@ class OdeFamily(Family):
         drop = torch.rand(n, generator=generator, device=device, dtype=dtype) < self.cond_drop
         return {"t": t, "noise": noise, "drop": drop}
 
-    def interpolate(
-        self, x1: torch.Tensor, noise: torch.Tensor, s: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x_s, regression target)`` for data ``x1``, prior draw ``noise`` and signal levels ``s (M,)``."""
-        sc = s.unsqueeze(-1)
-        if self.path == "vp":
-            return sc.sqrt() * x1 + (1 - sc).sqrt() * noise, noise
-        if self.path == "linear":
-            return sc * x1 + (1 - sc) * noise, x1 - noise
-        return geodesic(noise, x1, s)
+    def interpolate(self, x1: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> PathSample:
+        """``x_s`` and the regression target for data ``x1``, prior draw ``noise`` and signal levels ``s (M,)``."""
+        return self.path.interpolate(noise, x1, s)
 
     def loss(self, net, xyz, cond, generator=None, draws=None):
         if draws is None:
             draws = self.draw(xyz.shape[0], generator, xyz.device, xyz.dtype)
         # Schedules are evaluated in float64 then cast, so s is exact near 0 and 1.
         s = self.schedule.signal(draws["t"].double()).to(xyz.dtype)
-        x_s, target = self.interpolate(xyz, draws["noise"], s)
+        ps = self.interpolate(xyz, draws["noise"], s)
         cond = torch.where(draws["drop"].unsqueeze(-1), torch.zeros_like(cond), cond)
-        out = net(x_s, s, cond)
-        return ((out - target) ** 2).mean()
+        out = net(ps.x, s, cond)
+        return ((out - ps.target) ** 2).mean()
 
-    # --- velocity ------------------------------------------------------------------------------------
+    # --- the network, and the velocity ---------------------------------------------------------------
+    def network_output(
+        self, net, cond: torch.Tensor, omega: float
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The (guided) network output as a function of ``(x (M,3), s (M,))``: the one place that calls the
+        network when sampling or computing likelihoods (a per-condition cache hooks in here)."""
+        return guided(net, cond, omega)
+
     def velocity(
         self, net, cond: torch.Tensor, omega: float, tangent: bool = True
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -209,21 +212,8 @@ class OdeFamily(Family):
         sampler steps with the raw output and then normalises (§7.3); ``SampleConfig(retraction="project")``
         reproduces that exactly by skipping the projection.
         """
-        out_fn = guided(net, cond, omega)
-        if self.path == "geodesic":
-            if not tangent:
-                return out_fn
-            return lambda x, s: proj_tangent(x, out_fn(x, s))
-        if self.path == "linear":
-            return out_fn
-        # VP probability-flow ODE from ε-prediction: with x̂ = (x − √(1−s)ε̂)/√s,
-        # dx/ds = x̂/(2√s) − ε̂/(2√(1−s)) = x/(2s) − ε̂/(2s√(1−s)).
-        # reference differs: its PF-ODE omits the 1/√(1−s) score factor (§16.2).
-        def vp(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-            sc = s.unsqueeze(-1)
-            return x / (2 * sc) - out_fn(x, s) / (2 * sc * (1 - sc).sqrt())
-
-        return vp
+        out_fn = self.network_output(net, cond, omega)
+        return lambda x, s: self.path.to_velocity(out_fn(x, s), x, s, tangent)
 
     # --- sampling ------------------------------------------------------------------------------------
     def sample(self, net, cond, n, config=SampleConfig(), generator=None, trajectory=None):
@@ -232,88 +222,42 @@ class OdeFamily(Family):
         out = torch.empty((b * n, 3), dtype=cond.dtype, device=cond.device)
         x_all = self.prior_sample(b * n, generator, cond.device, cond.dtype)
         grid = signal_grid(self.schedule, config.steps)
-        space = Sphere(config.retraction) if self.on_sphere else self.space
         for lo in range(0, b * n, config.batch_size):
             hi = min(lo + config.batch_size, b * n)
             x, c = x_all[lo:hi], flat_cond[lo:hi]
             traj = [x] if trajectory is not None else None
-            if self.path == "vp":
-                x = self._ddim(net, c, x, grid, config, traj)
-            else:
-                velocity = self.velocity(net, c, config.omega, tangent=config.retraction != "project")
-                x = integrate(velocity, space, x, grid, config.method, traj)
+            out_fn = self.network_output(net, c, config.omega)
+            x = self.path.solve(out_fn, x, grid, config.method, config.retraction, traj)
             out[lo:hi] = project(x)
             if trajectory is not None:
                 trajectory.append(torch.stack(traj, dim=1))
         return out.reshape(b, n, 3)
 
-    def _ddim(self, net, cond, x, grid, config: SampleConfig, traj):
-        """Deterministic DDIM (η = 0) with x̂ clamped to [−1, 1] (reference §7.1): Euler in DDIM coordinates."""
-        if config.method not in ("euler", "ddim"):
-            raise ConfigError(
-                f"diffusion-r3 samples with 'ddim' (alias 'euler'); {config.method!r} is for the flow families"
-            )
-        eps_fn = guided(net, cond, config.omega)
-        grid = grid.to(x.dtype).to(x.device)
-        for k in range(len(grid) - 1):
-            s, s_next = grid[k], grid[k + 1]
-            eps = eps_fn(x, s.expand(x.shape[0]))
-            x0 = ((x - (1 - s).sqrt() * eps) / s.sqrt()).clamp(-1.0, 1.0)
-            eps = (x - s.sqrt() * x0) / (1 - s).sqrt()
-            x = s_next.sqrt() * x0 + (1 - s_next).sqrt() * eps
-            if traj is not None:
-                traj.append(x)
-        return x
-
     # --- likelihood ----------------------------------------------------------------------------------
-    def _likelihood_problem(self, net, cond, config: LikelihoodConfig):
-        """(velocity, grid from data to prior, prior log-density) of the likelihood ODE.
+    def _likelihood_problem(self, net, cond, config: LikelihoodConfig) -> LikelihoodProblem:
+        """The likelihood ODE (field, grid from data to prior, prior density and sampler).
 
-        Flow families integrate ``dx/ds`` in the signal level s from 1 to ~0 on the sampling grid (uniform in
-        t). Diffusion integrates in the coordinates where DDIM is Euler's method, ``y = x/√s`` with noise
-        level ``σ = √((1−s)/s)``, where the probability-flow ODE is ``dy/dσ = ε̂(√s·y, s)``: unlike the x-form
-        (terms x/(2s) and 1/√(1−s)) it has no singularity, and the data end is σ = 0, where y = x. Time is
-        τ = asinh(σ), in which both dy/dτ/|y| and the divergence stay O(1) up to the prior end; the grid is the
-        sampling grid mapped to τ, with intervals longer than 0.35 split. Integration stops at σ = 100, where
-        ``y = x_data + σ·ε`` is N(0, (σ² + 1/3)·I) up to O(σ⁻⁴) (E|x_data|² = 1): that Gaussian is the prior of
-        the density we report, so it integrates to exactly 1 for any network.
+        Flow paths integrate ``dx/ds`` in the signal level s from 1 to ~0 on the sampling grid (uniform in t);
+        the VP path integrates in DDIM's coordinates (:meth:`geoloc.paths.VPPath.likelihood_problem`).
         """
         s_grid = signal_grid(self.schedule, max(config.steps, 1)).flip(0)  # data (s = 1) → prior (s ≈ 1e-9)
-        if self.path != "vp":
-            return self.velocity(net, cond, config.omega), s_grid, self.prior_log_prob, self.prior_sample
-        sigma_end = 100.0
-        sigma = ((1 - s_grid) / s_grid).sqrt()
-        sigma = torch.cat([sigma[sigma < sigma_end], sigma.new_tensor([sigma_end])])
-        tau = torch.asinh(sigma)
-        pieces = [tau[:1]]
-        for a, b in itertools.pairwise(tau):
-            k = max(1, math.ceil(float(b - a) / 0.35))
-            pieces.append(torch.linspace(float(a), float(b), k + 1, dtype=tau.dtype)[1:])
-        tau_grid = torch.cat(pieces)
-        eps_fn = guided(net, cond, config.omega)
-        var_end = sigma_end**2 + 1.0 / 3.0
-
-        def dy_dtau(y: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-            ch = torch.cosh(tau).unsqueeze(-1)  # 1/√s
-            return ch * eps_fn(y / ch, 1.0 / (ch * ch).squeeze(-1))
-
-        def prior(y: torch.Tensor) -> torch.Tensor:
-            return _GAUSS_CONST - 1.5 * math.log(var_end) - 0.5 * (y * y).sum(-1) / var_end
-
-        def prior_sample(m: int, generator, device, dtype) -> torch.Tensor:
-            return math.sqrt(var_end) * torch.randn((m, 3), generator=generator, device=device, dtype=dtype)
-
-        return dy_dtau, tau_grid, prior, prior_sample
+        return self.path.likelihood_problem(self.network_output(net, cond, config.omega), s_grid)
 
     def log_prob(self, net, xyz, cond, config=LikelihoodConfig()):
         out = torch.empty(xyz.shape[0], dtype=xyz.dtype, device=xyz.device)
         self.last_nfe = 0
         for lo in range(0, xyz.shape[0], config.batch_size):
             hi = min(lo + config.batch_size, xyz.shape[0])
-            velocity, grid, prior, _ = self._likelihood_problem(net, cond[lo:hi], config)
+            problem = self._likelihood_problem(net, cond[lo:hi], config)
             res = log_prob_ode(
-                velocity, xyz[lo:hi], prior, grid,
-                on_sphere=self.on_sphere, method=config.method, rtol=config.rtol, atol=config.atol,
+                problem.field,
+                xyz[lo:hi],
+                problem.prior_log_prob,
+                problem.grid,
+                on_sphere=self.on_sphere,
+                method=config.method,
+                rtol=config.rtol,
+                atol=config.atol,
             )
             out[lo:hi] = res.log_prob
             self.last_nfe += res.nfe
@@ -326,11 +270,11 @@ class OdeFamily(Family):
         (``dopri5`` falls back to ``rk4``). Not projected: in R³ the density lives off the sphere. Used where a
         sample and its log-density must agree: Monte-Carlo entropy (localizability) and density checks.
         """
-        velocity, grid, _, prior_sample = self._likelihood_problem(net, cond, config)
-        x = prior_sample(cond.shape[0], generator, cond.device, cond.dtype)
+        problem = self._likelihood_problem(net, cond, config)
+        x = problem.prior_sample(cond.shape[0], generator, cond.device, cond.dtype)
         method = "rk4" if config.method == "dopri5" else config.method
         space = Sphere() if self.on_sphere else Euclidean()
-        return integrate(velocity, space, x, grid.flip(0), method)
+        return integrate(problem.field, space, x, problem.grid.flip(0), method)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -341,7 +285,10 @@ class OdeFamily(Family):
 def vmf_log_density(x: torch.Tensor, mu: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
     """log f(x; μ, κ) on S², stable for all κ > 0: log κ − log 2π − log(1 − e^{−2κ}) + κ(μ·x − 1)."""
     return (
-        torch.log(kappa) - math.log(2 * math.pi) - torch.log(-torch.expm1(-2 * kappa)) + kappa * ((mu * x).sum(-1) - 1)
+        torch.log(kappa)
+        - math.log(2 * math.pi)
+        - torch.log(-torch.expm1(-2 * kappa))
+        + kappa * ((mu * x).sum(-1) - 1)
     )
 
 
@@ -374,7 +321,9 @@ class VonMisesFisherFamily(Family):
     trainable: bool = True
 
     def build_network(self, model: ModelConfig, cond_dim: int) -> nn.Module:
-        return VonMisesFisherNet(NetworkConfig(model.dim, model.depth, model.expansion, cond_dim, 3), self.components)
+        return VonMisesFisherNet(
+            NetworkConfig(model.dim, model.depth, model.expansion, cond_dim, 3), self.components
+        )
 
     def _mixture_log_prob(self, net, xyz, cond):
         mu, kappa, log_w = net(cond)
@@ -426,13 +375,11 @@ class UniformFamily(Family):
         return torch.full((xyz.shape[0],), UNIFORM_LOG_DENSITY, dtype=xyz.dtype, device=xyz.device)
 
 
-def _ode(name: str, space, path: str, target: str):
+def _ode(name: str, path: Path) -> Callable[[FamilyConfig], OdeFamily]:
     def build(cfg: FamilyConfig) -> OdeFamily:
         return OdeFamily(
             name=name,
-            space=space,
             path=path,
-            target=target,
             schedule=make_schedule(cfg.schedule, cfg.schedule_params),
             cond_drop=cfg.cond_drop,
         )
@@ -441,9 +388,9 @@ def _ode(name: str, space, path: str, target: str):
 
 
 FAMILIES: dict[str, Callable[[FamilyConfig], Family]] = {
-    "diffusion-r3": _ode("diffusion-r3", Euclidean(), "vp", "epsilon"),
-    "flow-r3": _ode("flow-r3", Euclidean(), "linear", "velocity"),
-    "rfm-s2": _ode("rfm-s2", Sphere(), "geodesic", "velocity"),
+    "diffusion-r3": _ode("diffusion-r3", VPPath()),
+    "flow-r3": _ode("flow-r3", LinearPath()),
+    "rfm-s2": _ode("rfm-s2", GeodesicPath()),
     "vmf": lambda cfg: VonMisesFisherFamily(name="vmf", components=1),
     "vmf-mix": lambda cfg: VonMisesFisherFamily(name="vmf-mix", components=cfg.components),
     "uniform": lambda cfg: UniformFamily(),
