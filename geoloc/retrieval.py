@@ -20,9 +20,10 @@ from torch import Tensor
 
 from geoloc.errors import ConfigError, InputError
 from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
-from geoloc.sphere import EARTH_RADIUS_KM, project
+from geoloc.sphere import EARTH_RADIUS_KM, angle, project
 
 __all__ = [
+    "fit_weighted_retrieval",
     "nearest_neighbour",
     "neighbour_log_weights",
     "weighted_expected_geoscore",
@@ -103,3 +104,34 @@ def weighted_retrieval(xyz: Tensor, sim: Tensor, tau: float, k: int | None = Non
         raise ConfigError(f"k must be >= 1, got {k}")
     pts = project(xyz if k is None else xyz[:, :k])
     return weighted_geoscore_answer(pts, neighbour_log_weights(sim, tau, k))
+
+
+def fit_weighted_retrieval(
+    xyz: Tensor,
+    sim: Tensor,
+    truth: Tensor,
+    ks: tuple[int, ...] = (1, 4, 8, 16, 32, 64),
+    taus: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2),
+) -> dict:
+    """Choose ``k`` and ``τ`` of :func:`weighted_retrieval` by the mean GeoScore of its answers against the
+    validation truths ``(V, 3)``. Returns ``{"k", "tau", "geoscore", "grid": [{k, tau, geoscore}, ...]}``."""
+    _check_neighbours(xyz, sim)
+    rate = EARTH_RADIUS_KM / GEOSCORE_SCALE_KM
+    grid = []
+    for k in ks:
+        if k > xyz.shape[1]:
+            continue
+        for tau in taus if k > 1 else taus[:1]:
+            ans = weighted_retrieval(xyz, sim, tau, k)
+            theta = angle(ans.to(truth.dtype), truth)
+            grid.append(
+                {
+                    "k": int(k),
+                    "tau": float(tau),
+                    "geoscore": float(GEOSCORE_MAX * torch.exp(-rate * theta).mean()),
+                }
+            )
+    if not grid:
+        raise InputError(f"fit_weighted_retrieval: no k in {ks} fits {xyz.shape[1]} neighbours")
+    best = max(grid, key=lambda r: r["geoscore"])
+    return {**best, "grid": grid}
