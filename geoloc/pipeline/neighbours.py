@@ -216,9 +216,7 @@ class NeighbourIndex:
         d.mkdir(parents=True, exist_ok=True)
         out = {
             "index": atomic_write(d / INDEX_FILE, lambda tmp: faiss.write_index(self.index, tmp)),
-            "xyz": atomic_write(
-                d / XYZ_FILE, lambda tmp: np.save(open(tmp, "wb"), self.xyz, allow_pickle=False)
-            ),
+            "xyz": atomic_write(d / XYZ_FILE, self._write_xyz),
         }
         if self.ids is not None:
             table = pa.table({"id": pa.array([str(i) for i in self.ids], type=pa.string())})
@@ -226,6 +224,10 @@ class NeighbourIndex:
         meta = {**self.meta, "nprobe": self.nprobe, "files": {k: p.name for k, p in out.items()}}
         out["meta"] = atomic_write_text(d / META_FILE, json.dumps(meta, indent=2) + "\n")
         return out
+
+    def _write_xyz(self, tmp: str) -> None:
+        with open(tmp, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
+            np.save(f, self.xyz, allow_pickle=False)
 
     @classmethod
     def load(cls, directory: str | Path) -> NeighbourIndex:
