@@ -60,7 +60,9 @@ class HybridParams:
 
     ``k`` neighbours, weight temperature ``tau`` on cosine similarities, vMF concentration ``kappa`` (per
     steradian: a kernel of angular scale ≈ 1/√κ rad, so κ = 4e4 is ≈ 32 km), and the flow weight
-    λ = σ(``lam_a`` + ``lam_b``·s₁) with s₁ the top-1 similarity.
+    λ = σ(``lam_a`` + ``lam_b``·s₁) with s₁ the top-1 similarity. ``kappa_slope`` β makes each kernel's
+    concentration follow its neighbour's similarity, κ_k = κ·exp(β·(s_k − 1)): a near-identical feature
+    (the same name) pins the place down more tightly than a loosely similar one (β = 0: one κ).
     """
 
     k: int = 16
@@ -68,21 +70,22 @@ class HybridParams:
     kappa: float = 4.0e4
     lam_a: float = 0.0
     lam_b: float = 0.0
+    kappa_slope: float = 0.0
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"hybrid k must be >= 1, got {self.k}")
         if not (self.tau > 0 and self.kappa > 0):
             raise ConfigError(f"hybrid tau and kappa must be > 0, got tau={self.tau}, kappa={self.kappa}")
-        if not (math.isfinite(self.lam_a) and math.isfinite(self.lam_b)):
-            raise ConfigError(f"hybrid lam_a/lam_b must be finite, got {self.lam_a}, {self.lam_b}")
+        if not all(math.isfinite(v) for v in (self.lam_a, self.lam_b, self.kappa_slope)):
+            raise ConfigError(f"hybrid lam_a, lam_b, kappa_slope must be finite, got {self}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HybridParams:
-        return cls(**{k: d[k] for k in ("k", "tau", "kappa", "lam_a", "lam_b") if k in d})
+        return cls(**{k: d[k] for k in ("k", "tau", "kappa", "lam_a", "lam_b", "kappa_slope") if k in d})
 
 
 # ------------------------------------------------------------------------------------------- neighbours
@@ -168,11 +171,19 @@ def _vmf_log_kernel(x: Tensor, mu: Tensor, kappa: Tensor | float) -> Tensor:
     return torch.log(kappa) - _LOG_2PI - torch.log(-torch.expm1(-2 * kappa)) - 0.5 * kappa * chord * chord
 
 
+def kernel_kappa(sim: Tensor, params: HybridParams) -> Tensor:
+    """Concentration of each neighbour's kernel ``(B, k)``: κ·exp(β·(s_k − 1)), clamped to [1e-3, 1e9]
+    (missing neighbours, s = −inf, get κ at s = 0; their weight is 0)."""
+    s = torch.nan_to_num(sim, neginf=0.0)
+    return (params.kappa * torch.exp(params.kappa_slope * (s - 1.0))).clamp(1e-3, 1e9)
+
+
 def neighbour_log_prob(x: Tensor, nb: Neighbours, params: HybridParams) -> Tensor:
     """log Σ_k w_k vMF(x; x_k, κ) for ``x (B, m, 3)``: ``(B, m)``, normalised on S² (nats per steradian)."""
     nb = nb.head(params.k)
     log_w = neighbour_log_weights(nb.sim, params.tau).to(x.dtype)
-    comp = _vmf_log_kernel(x, nb.xyz.to(x.dtype), params.kappa)
+    kappa = kernel_kappa(nb.sim.to(x.dtype), params).unsqueeze(1)  # (B, 1, k)
+    comp = _vmf_log_kernel(x, nb.xyz.to(x.dtype), kappa)
     return torch.logsumexp(log_w.unsqueeze(1) + comp, dim=-1)
 
 
@@ -342,7 +353,7 @@ class HybridGeolocator:
             w = neighbour_log_weights(nb.sim, self.params.tau).exp()
             pick = torch.multinomial(w[rest[:, 0]], 1, generator=generator)[:, 0]
             mu = nb.xyz[rest[:, 0], pick]
-            kappa = torch.full((mu.shape[0],), float(self.params.kappa), device=self.device)
+            kappa = kernel_kappa(nb.sim, self.params)[rest[:, 0], pick]
             out[rest[:, 0], rest[:, 1]] = vmf_sample(mu, kappa, generator)
         return out
 
@@ -509,14 +520,15 @@ def fit_hybrid_params(
     ks: Sequence[int] = (4, 8, 16, 32, 64),
     *,
     logistic: bool = True,
+    slope: bool = True,
     iters: int = 200,
 ) -> FitResult:
     """Fit (τ, κ, a, b) for each k in ``ks`` by maximum likelihood of the truth, keep the best k.
 
     ``flow_lp (V,)``: the flow's exact log-density at each validation item's true location ``truth (V, 3)``;
     ``nb``: its neighbours (its own row excluded). The objective is the exact mixture log-density, smooth in
-    (log τ, log κ, a, b), so it is maximised by L-BFGS from a few starts (κ from city to country scale).
-    ``logistic=False`` fixes b = 0 (one λ for every item).
+    (log τ, log κ, a, b, β), so it is maximised by L-BFGS from a few starts (κ from city to country scale).
+    ``logistic=False`` fixes b = 0 (one λ for every item); ``slope=False`` fixes β = 0 (one κ).
     """
     truth = project(truth.to(torch.float64)).unsqueeze(1)
     flow_lp = flow_lp.to(torch.float64)
@@ -539,8 +551,13 @@ def fit_hybrid_params(
             ** 2
         )
 
-        def nll(theta: Tensor, sim: Tensor = sim, s1: Tensor = s1, chord2: Tensor = chord2) -> Tensor:
-            log_tau, log_kappa, a, b = theta
+        s0 = torch.nan_to_num(sim, neginf=0.0) - 1.0
+
+        def nll(
+            theta: Tensor, sim: Tensor = sim, s1: Tensor = s1, chord2: Tensor = chord2, s0: Tensor = s0
+        ) -> Tensor:
+            log_tau, log_kappa0, a, b, beta = theta
+            log_kappa = (log_kappa0 + (beta if slope else 0.0) * s0).clamp(math.log(1e-3), math.log(1e9))
             kappa = log_kappa.exp()
             log_w = torch.log_softmax(sim / log_tau.exp(), dim=1)
             log_k = log_kappa - _LOG_2PI - torch.log(-torch.expm1(-2 * kappa)) - 0.5 * kappa * chord2
@@ -554,7 +571,7 @@ def fit_hybrid_params(
         best_k: tuple[float, Tensor] | None = None
         for kappa0 in (1e2, 1e3, 1e4, 1e5):
             theta = torch.tensor(
-                [math.log(0.05), math.log(kappa0), 0.0, 0.0], dtype=torch.float64, requires_grad=True
+                [math.log(0.05), math.log(kappa0), 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True
             )
             opt = torch.optim.LBFGS([theta], max_iter=iters, line_search_fn="strong_wolfe")
 
@@ -581,6 +598,7 @@ def fit_hybrid_params(
             kappa=float(th[1].exp()),
             lam_a=float(th[2]),
             lam_b=float(th[3]) if logistic else 0.0,
+            kappa_slope=float(th[4]) if slope else 0.0,
         )
         per_k[k] = {"nll": val, **params.to_json()}
         if best is None or val < best.nll:

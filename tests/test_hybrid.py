@@ -147,7 +147,7 @@ def test_fit_recovers_the_parameters_that_generated_the_data():
     truth = h.sample(cond, 1, generator=g)[:, 0]
     nb = db.search(cond, 16)
     flow_lp = torch.full((3000,), -math.log(4 * math.pi))
-    fit = fit_hybrid_params(flow_lp, truth, nb, ks=(4, 8, 16))
+    fit = fit_hybrid_params(flow_lp, truth, nb, ks=(4, 8, 16), slope=False)
     p = fit.params
     assert p.k >= 8
     assert p.kappa == pytest.approx(300.0, rel=0.2)
@@ -155,6 +155,9 @@ def test_fit_recovers_the_parameters_that_generated_the_data():
     lam = 1 / (1 + math.exp(-p.lam_a - p.lam_b * float(nb.sim[:, 0].mean())))
     assert lam == pytest.approx(1 / (1 + math.e), abs=0.05)
     assert fit.nll < fit.flow_nll - 0.5
+    # A per-kernel κ (slope β) nests the single κ: its fit can only be as good or better.
+    sloped = fit_hybrid_params(flow_lp, truth, nb, ks=(p.k,))
+    assert sloped.nll <= fit.per_k[p.k]["nll"] + 1e-6
 
 
 def test_exact_neighbours_exclude_and_pad():
