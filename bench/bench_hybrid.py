@@ -29,6 +29,7 @@ import math
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -136,17 +137,20 @@ def bench_demo(args) -> dict:
     flow = h.flow
     p = h.params
     rk, rtau = h.info["retrieval"]["k"], h.info["retrieval"]["tau"]
-    kmax = max(p.k, rk, 64)
+    kmax = max(p.search_k, rk, 64)
     nb_all = h.index.search(test.cond, kmax)
-    nb = nb_all.head(p.k)
+    nb = nb_all.head(p.search_k)
     rows: dict = {}
     timing: dict = {}
     g = torch.Generator().manual_seed(0)
 
     t = time.perf_counter()
+    flow.sample_config = replace(flow.sample_config, steps=args.one_draw_steps)
     one = flow.predict(test.cond, estimator="sample", generator=g).xyz
     timing["flow_one_draw_s"] = time.perf_counter() - t
-    rows["flow, one guided draw (paper)"] = _row(one, test.latlon, gaz, levels, gt_keys)
+    rows[f"flow, one guided draw (paper, {args.one_draw_steps} steps)"] = _row(
+        one, test.latlon, gaz, levels, gt_keys
+    )
 
     t = time.perf_counter()
     draws = flow.sample(test.cond, args.n, omega=0.0, steps=args.steps, generator=g)
@@ -160,9 +164,23 @@ def bench_demo(args) -> dict:
         weighted_retrieval(nb_all.xyz, nb_all.sim, rtau, rk), test.latlon, gaz, levels, gt_keys
     )
     t = time.perf_counter()
-    hyb = h.geoscore_answer(test.cond, neighbours=nb, flow_samples=draws)
+    hyb = h.geoscore_answer(test.cond, neighbours=nb, flow_samples=draws, answer_k=p.k, answer_tau=p.tau)
     timing["hybrid_answer_s"] = time.perf_counter() - t + timing["flow_draws_s"]
-    rows["hybrid, max expected GeoScore (draws ∪ neighbours)"] = _row(hyb, test.latlon, gaz, levels, gt_keys)
+    rows["hybrid, likelihood weights, max expected GeoScore (draws ∪ neighbours)"] = _row(
+        hyb, test.latlon, gaz, levels, gt_keys
+    )
+    # The same mixture answer, with the neighbour part weighted as the retrieval row (k, τ chosen on
+    # validation by GeoScore) and the flow's share λ(c) from the likelihood fit.
+    hyb_r = h.geoscore_answer(
+        test.cond,
+        neighbours=nb_all.head(max(p.search_k, rk)),
+        flow_samples=draws,
+        answer_k=rk,
+        answer_tau=rtau,
+    )
+    rows["hybrid (default), answer weights of the retrieval fit"] = _row(
+        hyb_r, test.latlon, gaz, levels, gt_keys
+    )
 
     t = time.perf_counter()
     flow_lp = flow_log_prob_at(flow, test.cond, test.xyz, lik)
@@ -304,6 +322,7 @@ def main() -> None:
     )
     ap.add_argument("--max-test", type=int, default=0)
     ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--one-draw-steps", type=int, default=250, help="Euler steps of the paper-protocol draw")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--lik-steps", type=int, default=16)
     ap.add_argument("--calib-items", type=int, default=500)

@@ -63,6 +63,9 @@ class HybridParams:
     λ = σ(``lam_a`` + ``lam_b``·s₁) with s₁ the top-1 similarity. ``kappa_slope`` β makes each kernel's
     concentration follow its neighbour's similarity, κ_k = κ·exp(β·(s_k − 1)): a near-identical feature
     (the same name) pins the place down more tightly than a loosely similar one (β = 0: one κ).
+    ``answer_k`` / ``answer_tau`` (0: ``k`` / ``tau``) weight the neighbours in the GeoScore answer only: the
+    density's weighting is the one that maximises likelihood, the answer's the one that maximises GeoScore on
+    validation (fitted like the weighted-retrieval row); the flow's share λ(c) is the density's in both.
     """
 
     k: int = 16
@@ -71,6 +74,13 @@ class HybridParams:
     lam_a: float = 0.0
     lam_b: float = 0.0
     kappa_slope: float = 0.0
+    answer_k: int = 0
+    answer_tau: float = 0.0
+
+    @property
+    def search_k(self) -> int:
+        """Neighbours every query needs: the density's k and the answer's."""
+        return max(self.k, self.answer_k)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -85,7 +95,13 @@ class HybridParams:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HybridParams:
-        return cls(**{k: d[k] for k in ("k", "tau", "kappa", "lam_a", "lam_b", "kappa_slope") if k in d})
+        return cls(
+            **{
+                k: d[k]
+                for k in ("k", "tau", "kappa", "lam_a", "lam_b", "kappa_slope", "answer_k", "answer_tau")
+                if k in d
+            }
+        )
 
 
 # ------------------------------------------------------------------------------------------- neighbours
@@ -246,7 +262,7 @@ class HybridGeolocator:
 
     def neighbours(self, cond: Tensor) -> Neighbours:
         """The ``k`` neighbours of each row of ``cond`` ``(B, D)``, on the flow's device."""
-        nb = self.index.search(self._cond(cond), self.params.k)
+        nb = self.index.search(self._cond(cond), self.params.search_k)
         return Neighbours(
             nb.xyz.to(self.device, torch.float32),
             nb.sim.to(self.device, torch.float32),
@@ -255,15 +271,15 @@ class HybridGeolocator:
 
     def _nb(self, cond: Tensor, neighbours: Neighbours | None) -> Neighbours:
         nb = self.neighbours(cond) if neighbours is None else neighbours
-        if nb.xyz.shape[0] != cond.shape[0] or nb.xyz.shape[1] < self.params.k:
+        if nb.xyz.shape[0] != cond.shape[0] or nb.xyz.shape[1] < self.params.search_k:
             raise InputError(
-                f"neighbours: need ({cond.shape[0]}, >= {self.params.k}) rows, got {tuple(nb.sim.shape)}"
+                f"neighbours: need ({cond.shape[0]}, >= {self.params.search_k}) rows, got {tuple(nb.sim.shape)}"
             )
         return Neighbours(
             nb.xyz.to(self.device, torch.float32),
             nb.sim.to(self.device, torch.float32),
             nb.index.to(self.device),
-        ).head(self.params.k)
+        ).head(self.params.search_k)
 
     def flow_weight(self, cond: Tensor, neighbours: Neighbours | None = None) -> Tensor:
         """λ(c) per item ``(B,)``: the probability that a draw comes from the flow."""
@@ -340,7 +356,7 @@ class HybridGeolocator:
         point estimates use.
         """
         cond = self._cond(cond)
-        nb = self._nb(cond, neighbours)
+        nb = self._nb(cond, neighbours).head(self.params.k)
         b = cond.shape[0]
         log_lam, _ = flow_log_weight(nb.sim, self.params)
         u = torch.rand((b, n), generator=generator, device=self.device)
@@ -394,6 +410,8 @@ class HybridGeolocator:
         generator: torch.Generator | None = None,
         neighbours: Neighbours | None = None,
         flow_samples: Tensor | None = None,
+        answer_k: int | None = None,
+        answer_tau: float | None = None,
     ) -> Tensor:
         """The point ``(B, 3)`` maximising the hybrid's expected GeoScore over the candidates (``n`` flow draws
         ∪ the k neighbours).
@@ -401,6 +419,8 @@ class HybridGeolocator:
         The expectation is Rao-Blackwellised over the component: the flow part by its ``n`` draws (weight
         λ/n each), the neighbour part by the kernels' centres (weight (1 − λ)·w_k) — a vMF of κ ≥ 1e3 is
         within ~200 km of its centre, where the GeoScore kernel (scale 1,493 km) is flat to a few percent.
+        The neighbours are weighted with ``answer_k`` / ``answer_tau`` (default: the params', see
+        :class:`HybridParams`).
         """
         cond = self._cond(cond)
         nb = self._nb(cond, neighbours)
@@ -408,7 +428,12 @@ class HybridGeolocator:
             flow_samples = self.flow.sample(cond, n, omega=0.0, steps=steps, generator=generator)
         n = flow_samples.shape[1]
         log_lam, log_rest = flow_log_weight(nb.sim, self.params)
-        log_w_nb = neighbour_log_weights(nb.sim, self.params.tau)
+        kk = answer_k or self.params.answer_k or self.params.k
+        tt = answer_tau or self.params.answer_tau or self.params.tau
+        if nb.sim.shape[1] < kk:
+            raise InputError(f"geoscore_answer: {kk} neighbours needed, {nb.sim.shape[1]} given")
+        nb = nb.head(kk)
+        log_w_nb = neighbour_log_weights(nb.sim, tt)
         pts = torch.cat([flow_samples.to(torch.float32), nb.xyz], dim=1)
         log_w = torch.cat(
             [(log_lam - math.log(n)).unsqueeze(1).expand(-1, n), log_rest.unsqueeze(1) + log_w_nb], 1

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,8 @@ def fit_hybrid(
     say(f"flow log-density of {len(val.ids):,} validation truths in {time.perf_counter() - t1:.1f} s")
     fit = fit_hybrid_params(flow_lp, val.xyz, nb, config.ks, logistic=config.logistic)
     retrieval = fit_weighted_retrieval(nb.xyz, nb.sim, val.xyz.to(nb.xyz.dtype))
+    # The answer weighs the neighbours as the GeoScore-fitted retrieval row does (see HybridParams).
+    fit.params = replace(fit.params, answer_k=int(retrieval["k"]), answer_tau=float(retrieval["tau"]))
     say(
         f"hybrid: {fit.params} NLL {fit.nll:.3f} nats (flow alone {fit.flow_nll:.3f}); "
         f"retrieval k={retrieval['k']} tau={retrieval['tau']} GeoScore {retrieval['geoscore']:.0f}"
