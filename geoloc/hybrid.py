@@ -1,0 +1,633 @@
+"""A hybrid density: the flow's p(x | c) mixed with von Mises–Fisher kernels on the condition's neighbours.
+
+Why: on the demo the flow loses to plain nearest-neighbour retrieval on every column (issue 13): a small
+network cannot memorise which of 137k names sits where, while the training set itself can. The hybrid keeps
+the flow's calibrated, smooth distribution and adds the memory of the training set, as a proper density:
+
+    p(x | c) = λ(c)·p_flow(x | c) + (1 − λ(c))·Σ_k w_k(c)·vMF(x; x_k, κ)
+
+over the ``k`` nearest training items in feature space (cosine similarity ``s_k``), with
+``w = softmax(s / τ)`` and a flow weight ``λ(c) = σ(a + b·s_1)`` that depends on how similar the best
+neighbour is (``b = 0``: one constant λ). Both components are normalised on S², so the mixture is too, and
+every verb stays exact: ``log_prob`` is a log-sum-exp of the two normalised log-densities; sampling picks the
+component, then draws from the flow (the likelihood ODE run forward, :meth:`OdeFamily.sample_exact`) or a
+vMF around a neighbour; ``localizability`` is Monte-Carlo over exact samples with exact log-densities.
+
+The neighbours come in as tensors (:class:`Neighbours`) from any object with a ``search(cond, k)`` method
+(:class:`NeighbourSearch`): :class:`ExactNeighbours` here (brute force, for tests and small sets) or the faiss
+index of ``geoloc.pipeline.neighbours``. This module never opens a file.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from geoloc.config import LikelihoodConfig
+from geoloc.errors import ConfigError, InputError
+from geoloc.estimators import ESTIMATORS, top_k_modes
+from geoloc.families import OdeFamily, vmf_sample
+from geoloc.geolocator import Geolocator, Prediction
+from geoloc.retrieval import neighbour_log_weights, weighted_geoscore_answer
+from geoloc.sphere import project, xyz_to_latlon
+
+__all__ = [
+    "ExactNeighbours",
+    "HybridGeolocator",
+    "HybridParams",
+    "NeighbourSearch",
+    "Neighbours",
+    "fit_hybrid_params",
+    "flow_log_weight",
+    "mixture_log_prob",
+    "neighbour_log_prob",
+]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+# ------------------------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class HybridParams:
+    """The hybrid's knobs (all fitted on a validation split by exact likelihood, see :func:`fit_hybrid_params`).
+
+    ``k`` neighbours, weight temperature ``tau`` on cosine similarities, vMF concentration ``kappa`` (per
+    steradian: a kernel of angular scale ≈ 1/√κ rad, so κ = 4e4 is ≈ 32 km), and the flow weight
+    λ = σ(``lam_a`` + ``lam_b``·s₁) with s₁ the top-1 similarity. ``kappa_slope`` β makes each kernel's
+    concentration follow its neighbour's similarity, κ_k = κ·exp(β·(s_k − 1)): a near-identical feature
+    (the same name) pins the place down more tightly than a loosely similar one (β = 0: one κ).
+    ``answer_k`` / ``answer_tau`` (0: ``k`` / ``tau``) weight the neighbours in the GeoScore answer only: the
+    density's weighting is the one that maximises likelihood, the answer's the one that maximises GeoScore on
+    validation (fitted like the weighted-retrieval row); the flow's share λ(c) is the density's in both.
+    """
+
+    k: int = 16
+    tau: float = 0.05
+    kappa: float = 4.0e4
+    lam_a: float = 0.0
+    lam_b: float = 0.0
+    kappa_slope: float = 0.0
+    answer_k: int = 0
+    answer_tau: float = 0.0
+
+    @property
+    def search_k(self) -> int:
+        """Neighbours every query needs: the density's k and the answer's."""
+        return max(self.k, self.answer_k)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"hybrid k must be >= 1, got {self.k}")
+        if not (self.tau > 0 and self.kappa > 0):
+            raise ConfigError(f"hybrid tau and kappa must be > 0, got tau={self.tau}, kappa={self.kappa}")
+        if not all(math.isfinite(v) for v in (self.lam_a, self.lam_b, self.kappa_slope)):
+            raise ConfigError(f"hybrid lam_a, lam_b, kappa_slope must be finite, got {self}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> HybridParams:
+        return cls(
+            **{
+                k: d[k]
+                for k in ("k", "tau", "kappa", "lam_a", "lam_b", "kappa_slope", "answer_k", "answer_tau")
+                if k in d
+            }
+        )
+
+
+# ------------------------------------------------------------------------------------------- neighbours
+
+
+@dataclass
+class Neighbours:
+    """The k nearest training items of B queries, most similar first: ``xyz (B, k, 3)``, cosine ``sim (B, k)``
+    (−inf where fewer than k were found) and their row numbers ``index (B, k)`` in the database (−1 there)."""
+
+    xyz: Tensor
+    sim: Tensor
+    index: Tensor
+
+    def __post_init__(self) -> None:
+        if self.xyz.dim() != 3 or self.xyz.shape[-1] != 3 or self.sim.shape != self.xyz.shape[:2]:
+            raise InputError(
+                f"neighbours: xyz {tuple(self.xyz.shape)} and sim {tuple(self.sim.shape)} "
+                "must be (B, k, 3) and (B, k)"
+            )
+
+    def head(self, k: int) -> Neighbours:
+        return Neighbours(self.xyz[:, :k], self.sim[:, :k], self.index[:, :k])
+
+    def rows(self, sel: Tensor | slice) -> Neighbours:
+        return Neighbours(self.xyz[sel], self.sim[sel], self.index[sel])
+
+
+class NeighbourSearch(Protocol):
+    """Anything that finds the ``k`` most similar training items of each condition row ``(B, D)``;
+    ``exclude`` (B,) names one database row per query to leave out (−1: none), for fitting on items that
+    are themselves in the database."""
+
+    def search(self, cond: Tensor, k: int, exclude: Tensor | None = None) -> Neighbours: ...
+
+
+class ExactNeighbours:
+    """Brute-force cosine neighbours over ``features (N, D)`` with locations ``xyz (N, 3)`` (chunked matmul)."""
+
+    def __init__(self, features: Tensor, xyz: Tensor) -> None:
+        f = torch.as_tensor(features, dtype=torch.float32)
+        if f.dim() != 2 or xyz.shape != (f.shape[0], 3):
+            raise InputError(f"features {tuple(f.shape)} and xyz {tuple(xyz.shape)} do not match")
+        self.features = torch.nn.functional.normalize(f, dim=-1)
+        self.xyz = project(torch.as_tensor(xyz, dtype=torch.float32))
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def search(self, cond: Tensor, k: int, exclude: Tensor | None = None) -> Neighbours:
+        q = torch.nn.functional.normalize(torch.as_tensor(cond, dtype=torch.float32).to("cpu"), dim=-1)
+        kk = min(k, len(self))
+        sims, idxs = [], []
+        for lo in range(0, q.shape[0], 1024):
+            s = q[lo : lo + 1024] @ self.features.T
+            if exclude is not None:
+                ex = exclude[lo : lo + 1024].to(torch.long)
+                rows = torch.nonzero(ex >= 0).flatten()
+                s[rows, ex[rows]] = -math.inf
+            v, i = s.topk(kk, dim=1)
+            sims.append(v)
+            idxs.append(i)
+        sim, idx = torch.cat(sims), torch.cat(idxs)
+        if kk < k:  # pad like faiss does when the database is smaller than k
+            pad = k - kk
+            sim = torch.cat([sim, sim.new_full((sim.shape[0], pad), -math.inf)], 1)
+            idx = torch.cat([idx, idx.new_full((idx.shape[0], pad), -1)], 1)
+        idx = torch.where(torch.isfinite(sim), idx, torch.full_like(idx, -1))
+        return Neighbours(self.xyz[idx.clamp_min(0)], sim, idx)
+
+
+# ------------------------------------------------------------------------------------------ log-densities
+
+
+def _vmf_log_kernel(x: Tensor, mu: Tensor, kappa: Tensor | float) -> Tensor:
+    """log vMF(x; μ, κ) for ``x (B, m, 3)`` against ``mu (B, k, 3)``: ``(B, m, k)``.
+
+    Same density as ``families.vmf_log_density``, but the exponent κ(μ·x − 1) is computed as −κ|x − μ|²/2
+    from differences: at κ ~ 1e5 (kernels of a few km) the dot-product form loses the distance in float32.
+    """
+    kappa = torch.as_tensor(kappa, dtype=x.dtype, device=x.device)
+    chord = torch.cdist(x, mu, compute_mode="donot_use_mm_for_euclid_dist")
+    return torch.log(kappa) - _LOG_2PI - torch.log(-torch.expm1(-2 * kappa)) - 0.5 * kappa * chord * chord
+
+
+def kernel_kappa(sim: Tensor, params: HybridParams) -> Tensor:
+    """Concentration of each neighbour's kernel ``(B, k)``: κ·exp(β·(s_k − 1)), clamped to [1e-3, 1e9]
+    (missing neighbours, s = −inf, get κ at s = 0; their weight is 0)."""
+    s = torch.nan_to_num(sim, neginf=0.0)
+    return (params.kappa * torch.exp(params.kappa_slope * (s - 1.0))).clamp(1e-3, 1e9)
+
+
+def neighbour_log_prob(x: Tensor, nb: Neighbours, params: HybridParams) -> Tensor:
+    """log Σ_k w_k vMF(x; x_k, κ) for ``x (B, m, 3)``: ``(B, m)``, normalised on S² (nats per steradian)."""
+    nb = nb.head(params.k)
+    log_w = neighbour_log_weights(nb.sim, params.tau).to(x.dtype)
+    kappa = kernel_kappa(nb.sim.to(x.dtype), params).unsqueeze(1)  # (B, 1, k)
+    comp = _vmf_log_kernel(x, nb.xyz.to(x.dtype), kappa)
+    return torch.logsumexp(log_w.unsqueeze(1) + comp, dim=-1)
+
+
+def flow_log_weight(sim: Tensor, params: HybridParams) -> tuple[Tensor, Tensor]:
+    """``(log λ, log(1 − λ))`` per item ``(B,)`` with λ = σ(a + b·s₁), s₁ = the top-1 similarity."""
+    s1 = torch.nan_to_num(sim[:, 0], neginf=0.0)
+    z = params.lam_a + params.lam_b * s1
+    return torch.nn.functional.logsigmoid(z), torch.nn.functional.logsigmoid(-z)
+
+
+def mixture_log_prob(flow_lp: Tensor, x: Tensor, nb: Neighbours, params: HybridParams) -> Tensor:
+    """The hybrid's log-density ``(B, m)`` from the flow's ``flow_lp (B, m)`` at points ``x (B, m, 3)``."""
+    log_lam, log_rest = flow_log_weight(nb.sim, params)
+    nb_lp = neighbour_log_prob(x, nb, params)
+    return torch.logaddexp(
+        log_lam.unsqueeze(1).to(x.dtype) + flow_lp.to(x.dtype), log_rest.unsqueeze(1).to(x.dtype) + nb_lp
+    )
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+class HybridGeolocator:
+    """The hybrid density with the verbs of :class:`~geoloc.geolocator.Geolocator`.
+
+    ``flow``: a Geolocator whose density lives on S² (rfm-s2, vmf, vmf-mix, uniform); ``neighbours``: a
+    :class:`NeighbourSearch` over the training features it retrieves from; ``params``: :class:`HybridParams`.
+    ``likelihood_config`` sets the flow's likelihood ODE (default: the flow's own), used both for
+    ``log_prob`` and for exact sampling, so a sample's log-density is that of the density it came from.
+    Every verb takes an optional precomputed ``neighbours=`` (a :class:`Neighbours` of at least ``k``).
+    """
+
+    def __init__(
+        self,
+        flow: Geolocator,
+        neighbours: NeighbourSearch,
+        params: HybridParams,
+        likelihood_config: LikelihoodConfig | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        if flow.family.nll_space() != "sphere":
+            raise ConfigError(
+                f"a hybrid needs a density on S²; family {flow.family.name!r} lives in R³ "
+                "(train rfm-s2 or a vMF family)"
+            )
+        self.flow, self.index, self.params = flow, neighbours, params
+        self.likelihood_config = likelihood_config or flow.likelihood_config
+        self.info = dict(info or {})
+
+    @property
+    def cond_dim(self) -> int:
+        return self.flow.cond_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow.device
+
+    def _cond(self, cond: Tensor) -> Tensor:
+        return self.flow._cond(cond)
+
+    def neighbours(self, cond: Tensor) -> Neighbours:
+        """The ``k`` neighbours of each row of ``cond`` ``(B, D)``, on the flow's device."""
+        nb = self.index.search(self._cond(cond), self.params.search_k)
+        return Neighbours(
+            nb.xyz.to(self.device, torch.float32),
+            nb.sim.to(self.device, torch.float32),
+            nb.index.to(self.device),
+        )
+
+    def _nb(self, cond: Tensor, neighbours: Neighbours | None) -> Neighbours:
+        nb = self.neighbours(cond) if neighbours is None else neighbours
+        if nb.xyz.shape[0] != cond.shape[0] or nb.xyz.shape[1] < self.params.search_k:
+            raise InputError(
+                f"neighbours: need ({cond.shape[0]}, >= {self.params.search_k}) rows, got {tuple(nb.sim.shape)}"
+            )
+        return Neighbours(
+            nb.xyz.to(self.device, torch.float32),
+            nb.sim.to(self.device, torch.float32),
+            nb.index.to(self.device),
+        ).head(self.params.search_k)
+
+    def flow_weight(self, cond: Tensor, neighbours: Neighbours | None = None) -> Tensor:
+        """λ(c) per item ``(B,)``: the probability that a draw comes from the flow."""
+        cond = self._cond(cond)
+        return flow_log_weight(self._nb(cond, neighbours).sim, self.params)[0].exp()
+
+    # --- log-densities ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def flow_log_prob(self, x: Tensor, cond: Tensor) -> Tensor:
+        """The flow's exact log-density at ``x (B, m, 3)`` for conditions ``(B, D)``: ``(B, m)``."""
+        b, m, _ = x.shape
+        flat = cond.repeat_interleave(m, dim=0)
+        return self.flow.log_prob(x.reshape(-1, 3), flat, self.likelihood_config).reshape(b, m)
+
+    @torch.no_grad()
+    def log_prob_points(self, x: Tensor, cond: Tensor, neighbours: Neighbours | None = None) -> Tensor:
+        """Exact log-density ``(B, m)`` (nats per steradian) of ``m`` points per item ``x (B, m, 3)``."""
+        cond = self._cond(cond)
+        x = project(torch.as_tensor(x, dtype=torch.float32).to(self.device))
+        if x.dim() != 3 or x.shape[0] != cond.shape[0]:
+            raise InputError(
+                f"log_prob_points: expected ({cond.shape[0]}, m, 3) points, got {tuple(x.shape)}"
+            )
+        nb = self._nb(cond, neighbours)
+        return mixture_log_prob(self.flow_log_prob(x, cond), x, nb, self.params)
+
+    @torch.no_grad()
+    def log_prob(self, xyz: Tensor, cond: Tensor, neighbours: Neighbours | None = None) -> Tensor:
+        """Exact log-density ``(M,)`` of one point per condition (``cond`` (M, D), or one row broadcast)."""
+        cond = self._cond(cond)
+        xyz = torch.as_tensor(xyz, dtype=torch.float32).to(self.device)
+        if cond.shape[0] == 1 and xyz.shape[0] != 1:
+            nb = self._nb(cond, neighbours)
+            x = xyz.unsqueeze(0)
+            return self.log_prob_points(x, cond, nb)[0]
+        if cond.shape[0] != xyz.shape[0]:
+            raise ConfigError(f"log_prob: {xyz.shape[0]} points but {cond.shape[0]} conditions")
+        return self.log_prob_points(xyz.unsqueeze(1), cond, neighbours)[:, 0]
+
+    # --- sampling -------------------------------------------------------------------------------------
+    def _flow_draws(
+        self,
+        cond_rows: Tensor,
+        exact: bool,
+        steps: int | None,
+        omega: float,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """One flow draw per row of ``cond_rows`` ``(M, D)``: ``(M, 3)``."""
+        if cond_rows.shape[0] == 0:
+            return cond_rows.new_zeros((0, 3))
+        fam = self.flow.family
+        if exact and isinstance(fam, OdeFamily) and omega == 0.0:
+            return project(fam.sample_exact(self.flow.net, cond_rows, self.likelihood_config, generator))
+        return self.flow.sample(cond_rows, 1, omega=omega, steps=steps, generator=generator)[:, 0]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Tensor,
+        n: int = 1,
+        *,
+        exact: bool = True,
+        steps: int | None = None,
+        omega: float = 0.0,
+        generator: torch.Generator | None = None,
+        neighbours: Neighbours | None = None,
+    ) -> Tensor:
+        """``n`` draws per item ``(B, n, 3)``: each picks the flow with probability λ(c), else a neighbour k
+        with probability w_k and a vMF draw around it.
+
+        ``exact=True`` draws flow samples with the likelihood ODE run forward (the density ``log_prob``
+        reports); ``exact=False`` uses the flow's sampler (``steps``, guidance ``omega``), cheaper and what
+        point estimates use.
+        """
+        cond = self._cond(cond)
+        nb = self._nb(cond, neighbours).head(self.params.k)
+        b = cond.shape[0]
+        log_lam, _ = flow_log_weight(nb.sim, self.params)
+        u = torch.rand((b, n), generator=generator, device=self.device)
+        from_flow = u < log_lam.exp().unsqueeze(1)
+        out = torch.empty((b, n, 3), dtype=torch.float32, device=self.device)
+        rows = torch.nonzero(from_flow)
+        out[rows[:, 0], rows[:, 1]] = self._flow_draws(cond[rows[:, 0]], exact, steps, omega, generator)
+        rest = torch.nonzero(~from_flow)
+        if rest.shape[0]:
+            w = neighbour_log_weights(nb.sim, self.params.tau).exp()
+            pick = torch.multinomial(w[rest[:, 0]], 1, generator=generator)[:, 0]
+            mu = nb.xyz[rest[:, 0], pick]
+            kappa = kernel_kappa(nb.sim, self.params)[rest[:, 0], pick]
+            out[rest[:, 0], rest[:, 1]] = vmf_sample(mu, kappa, generator)
+        return out
+
+    @torch.no_grad()
+    def sample_with_log_prob(
+        self,
+        cond: Tensor,
+        n: int,
+        generator: torch.Generator | None = None,
+        neighbours: Neighbours | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``n`` exact draws per item and their exact log-densities: ``((B, n, 3), (B, n))``."""
+        cond = self._cond(cond)
+        nb = self._nb(cond, neighbours)
+        x = self.sample(cond, n, exact=True, generator=generator, neighbours=nb)
+        return x, self.log_prob_points(x, cond, nb)
+
+    @torch.no_grad()
+    def localizability(
+        self,
+        cond: Tensor,
+        n: int = 256,
+        generator: torch.Generator | None = None,
+        neighbours: Neighbours | None = None,
+    ) -> Tensor:
+        """Negative entropy E_p[log₂ p] in bits per item ``(B,)`` from ``n`` exact samples."""
+        _, lp = self.sample_with_log_prob(cond, n, generator, neighbours)
+        return lp.mean(-1) / math.log(2)
+
+    # --- point estimates ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def geoscore_answer(
+        self,
+        cond: Tensor,
+        n: int = 64,
+        *,
+        steps: int | None = 16,
+        generator: torch.Generator | None = None,
+        neighbours: Neighbours | None = None,
+        flow_samples: Tensor | None = None,
+        answer_k: int | None = None,
+        answer_tau: float | None = None,
+    ) -> Tensor:
+        """The point ``(B, 3)`` maximising the hybrid's expected GeoScore over the candidates (``n`` flow draws
+        ∪ the k neighbours).
+
+        The expectation is Rao-Blackwellised over the component: the flow part by its ``n`` draws (weight
+        λ/n each), the neighbour part by the kernels' centres (weight (1 − λ)·w_k) — a vMF of κ ≥ 1e3 is
+        within ~200 km of its centre, where the GeoScore kernel (scale 1,493 km) is flat to a few percent.
+        The neighbours are weighted with ``answer_k`` / ``answer_tau`` (default: the params', see
+        :class:`HybridParams`).
+        """
+        cond = self._cond(cond)
+        nb = self._nb(cond, neighbours)
+        if flow_samples is None:
+            flow_samples = self.flow.sample(cond, n, omega=0.0, steps=steps, generator=generator)
+        n = flow_samples.shape[1]
+        log_lam, log_rest = flow_log_weight(nb.sim, self.params)
+        kk = answer_k or self.params.answer_k or self.params.k
+        tt = answer_tau or self.params.answer_tau or self.params.tau
+        if nb.sim.shape[1] < kk:
+            raise InputError(f"geoscore_answer: {kk} neighbours needed, {nb.sim.shape[1]} given")
+        nb = nb.head(kk)
+        log_w_nb = neighbour_log_weights(nb.sim, tt)
+        pts = torch.cat([flow_samples.to(torch.float32), nb.xyz], dim=1)
+        log_w = torch.cat(
+            [(log_lam - math.log(n)).unsqueeze(1).expand(-1, n), log_rest.unsqueeze(1) + log_w_nb], 1
+        )
+        return weighted_geoscore_answer(pts, log_w)
+
+    @torch.no_grad()
+    def predict(
+        self,
+        cond: Tensor,
+        *,
+        estimator: str = "geoscore",
+        n: int = 64,
+        steps: int | None = 16,
+        omega: float | None = None,
+        top_k: int = 0,
+        localizability: bool = False,
+        keep_samples: bool = False,
+        generator: torch.Generator | None = None,
+        neighbours: Neighbours | None = None,
+    ) -> Prediction:
+        """Point estimate per item (default: the maximum expected GeoScore, :meth:`geoscore_answer`), plus
+        optional top-k modes (from ``n`` hybrid draws) and localizability.
+
+        ``estimator="sample"`` is the paper's protocol transposed: one draw of the hybrid, whose flow part
+        is guided with ``omega`` (default 2). Other estimators of ``estimators.ESTIMATORS`` run on ``n``
+        hybrid draws (flow part from the sampler with ``steps``), with exact log-densities when they need them.
+        """
+        cond = self._cond(cond)
+        nb = self._nb(cond, neighbours)
+        samples = None
+        if estimator == "geoscore":
+            point = self.geoscore_answer(cond, n, steps=steps, generator=generator, neighbours=nb)
+        elif estimator == "sample":
+            point = self.sample(
+                cond,
+                1,
+                exact=False,
+                steps=steps,
+                omega=2.0 if omega is None else omega,
+                generator=generator,
+                neighbours=nb,
+            )[:, 0]
+        elif estimator in ESTIMATORS:
+            samples = self.sample(
+                cond,
+                n,
+                exact=False,
+                steps=steps,
+                omega=0.0 if omega is None else omega,
+                generator=generator,
+                neighbours=nb,
+            )
+            lp = (
+                self.log_prob_points(samples, cond, nb)
+                if ESTIMATORS[estimator].log_prob == "required"
+                else None
+            )
+            point = ESTIMATORS[estimator](samples, lp)
+        else:
+            raise ConfigError(
+                f"unknown estimator {estimator!r}; choose 'geoscore', 'sample' or one of {sorted(ESTIMATORS)}"
+            )
+        topk = None
+        if top_k > 0:
+            if samples is None:
+                samples = self.sample(cond, n, exact=False, steps=steps, generator=generator, neighbours=nb)
+            topk = top_k_modes(samples, k=top_k)
+        loc = (
+            self.localizability(cond, n=min(n, 256), generator=generator, neighbours=nb)
+            if localizability
+            else None
+        )
+        return Prediction(
+            latlon=xyz_to_latlon(point),
+            xyz=point,
+            topk=topk,
+            localizability=loc,
+            samples=samples if keep_samples else None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+
+
+@dataclass
+class FitResult:
+    """The fitted parameters, the validation NLL (nats per steradian, mean over items) at them, and the
+    NLL of the flow alone and of the best pure-neighbour mixture for comparison, plus the k scanned."""
+
+    params: HybridParams
+    nll: float
+    flow_nll: float
+    per_k: dict[int, dict[str, float]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "params": self.params.to_json(),
+            "nll": self.nll,
+            "flow_nll": self.flow_nll,
+            "per_k": {str(k): v for k, v in self.per_k.items()},
+        }
+
+
+def fit_hybrid_params(
+    flow_lp: Tensor,
+    truth: Tensor,
+    nb: Neighbours,
+    ks: Sequence[int] = (4, 8, 16, 32, 64),
+    *,
+    logistic: bool = True,
+    slope: bool = True,
+    iters: int = 200,
+) -> FitResult:
+    """Fit (τ, κ, a, b) for each k in ``ks`` by maximum likelihood of the truth, keep the best k.
+
+    ``flow_lp (V,)``: the flow's exact log-density at each validation item's true location ``truth (V, 3)``;
+    ``nb``: its neighbours (its own row excluded). The objective is the exact mixture log-density, smooth in
+    (log τ, log κ, a, b, β), so it is maximised by L-BFGS from a few starts (κ from city to country scale).
+    ``logistic=False`` fixes b = 0 (one λ for every item); ``slope=False`` fixes β = 0 (one κ).
+    """
+    truth = project(truth.to(torch.float64)).unsqueeze(1)
+    flow_lp = flow_lp.to(torch.float64)
+    if flow_lp.shape != (truth.shape[0],) or nb.sim.shape[0] != truth.shape[0]:
+        raise InputError(
+            f"fit: flow_lp {tuple(flow_lp.shape)}, truth {tuple(truth.shape)} and neighbours "
+            f"{tuple(nb.sim.shape)} must describe the same items"
+        )
+    flow_nll = float(-flow_lp.mean())
+    best: FitResult | None = None
+    per_k: dict[int, dict[str, float]] = {}
+    for k in ks:
+        if k > nb.sim.shape[1]:
+            continue
+        sub = nb.head(k)
+        sim = sub.sim.to(torch.float64)
+        s1 = torch.nan_to_num(sim[:, 0], neginf=0.0)
+        chord2 = (
+            torch.cdist(truth, sub.xyz.to(torch.float64), compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
+            ** 2
+        )
+
+        s0 = torch.nan_to_num(sim, neginf=0.0) - 1.0
+
+        def nll(
+            theta: Tensor, sim: Tensor = sim, s1: Tensor = s1, chord2: Tensor = chord2, s0: Tensor = s0
+        ) -> Tensor:
+            log_tau, log_kappa0, a, b, beta = theta
+            log_kappa = (log_kappa0 + (beta if slope else 0.0) * s0).clamp(math.log(1e-3), math.log(1e9))
+            kappa = log_kappa.exp()
+            log_w = torch.log_softmax(sim / log_tau.exp(), dim=1)
+            log_k = log_kappa - _LOG_2PI - torch.log(-torch.expm1(-2 * kappa)) - 0.5 * kappa * chord2
+            nb_lp = torch.logsumexp(log_w + log_k, dim=1)
+            z = a + (b if logistic else 0.0) * s1
+            lp = torch.logaddexp(
+                torch.nn.functional.logsigmoid(z) + flow_lp, torch.nn.functional.logsigmoid(-z) + nb_lp
+            )
+            return -lp.mean()
+
+        best_k: tuple[float, Tensor] | None = None
+        for kappa0 in (1e2, 1e3, 1e4, 1e5):
+            theta = torch.tensor(
+                [math.log(0.05), math.log(kappa0), 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True
+            )
+            opt = torch.optim.LBFGS([theta], max_iter=iters, line_search_fn="strong_wolfe")
+
+            def closure(theta: Tensor = theta, opt: torch.optim.LBFGS = opt) -> Tensor:
+                opt.zero_grad()
+                loss = nll(theta)
+                loss.backward()
+                return loss
+
+            with torch.enable_grad():
+                opt.step(closure)
+            with torch.no_grad():
+                theta.data[0].clamp_(math.log(1e-4), math.log(10.0))
+                theta.data[1].clamp_(math.log(1.0), math.log(1e8))
+                val = float(nll(theta))
+            if math.isfinite(val) and (best_k is None or val < best_k[0]):
+                best_k = (val, theta.detach().clone())
+        if best_k is None:
+            continue
+        val, th = best_k
+        params = HybridParams(
+            k=k,
+            tau=float(th[0].exp()),
+            kappa=float(th[1].exp()),
+            lam_a=float(th[2]),
+            lam_b=float(th[3]) if logistic else 0.0,
+            kappa_slope=float(th[4]) if slope else 0.0,
+        )
+        per_k[k] = {"nll": val, **params.to_json()}
+        if best is None or val < best.nll:
+            best = FitResult(params, val, flow_nll, per_k)
+    if best is None:
+        raise InputError(f"fit: no k in {list(ks)} fits the {nb.sim.shape[1]} neighbours given")
+    return replace(best, per_k=per_k)

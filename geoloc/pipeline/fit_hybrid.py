@@ -1,0 +1,193 @@
+"""Fit a hybrid checkpoint: index the training features, then choose λ, κ, τ, k on a validation split.
+
+A hybrid checkpoint is a flow checkpoint plus ``hybrid.json`` and the neighbour index files
+(:mod:`geoloc.pipeline.neighbours`) in the same folder (or another folder whose ``hybrid.json`` points at the
+flow). ``hybrid.json`` records the parameters, the database (store path, split, shard checksums, index
+files), the validation split it was fitted on and the fit's numbers, plus the weighted-retrieval baseline's
+own k and τ, chosen on the same items by GeoScore.
+
+Fitting needs items the flow did not train on: a held-out split, or a slice of ``train`` carved with
+``val_where`` (e.g. ``id LIKE '%7'``) that the flow's training excluded with the opposite filter. Each
+validation item is in the index itself, so its own row is excluded from its neighbours. The flow's exact
+log-density at each truth is computed once; the mixture's parameters are then fitted by L-BFGS on that cached
+array (:func:`geoloc.hybrid.fit_hybrid_params`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from geoloc.checkpoint import read_config
+from geoloc.config import LikelihoodConfig
+from geoloc.errors import CheckpointError, ConfigError
+from geoloc.files import atomic_write_text
+from geoloc.geolocator import Geolocator
+from geoloc.hybrid import HybridGeolocator, HybridParams, fit_hybrid_params
+from geoloc.pipeline.loader import iter_eval_batches
+from geoloc.pipeline.neighbours import NeighbourIndex, store_identity
+from geoloc.retrieval import fit_weighted_retrieval
+from geoloc.sphere import latlon_to_xyz
+
+__all__ = ["HYBRID_FILE", "FitHybridConfig", "ValidationItems", "fit_hybrid", "load_hybrid", "read_items"]
+
+HYBRID_FILE = "hybrid.json"
+
+
+@dataclass(frozen=True)
+class FitHybridConfig:
+    """How to fit. ``index_split``: the database; ``val_split`` / ``val_where``: the validation items (at most
+    ``max_val``, in store order); ``ks``: neighbour counts tried; ``logistic``: λ depends on the top-1
+    similarity (else one λ); ``likelihood``: the flow's likelihood ODE, also recorded for ``load_hybrid``."""
+
+    index_split: str = "train"
+    index_kind: str = "auto"
+    val_split: str = "val"
+    val_where: str | None = None
+    max_val: int = 3000
+    ks: tuple[int, ...] = (4, 8, 16, 32, 64)
+    logistic: bool = True
+    likelihood: LikelihoodConfig = field(default_factory=lambda: LikelihoodConfig(steps=16))
+    batch_size: int = 1024
+    device: str = "cpu"
+
+
+@dataclass
+class ValidationItems:
+    """Items read from a store split: ids, conditions ``(V, D)``, true unit vectors ``(V, 3)``, degrees."""
+
+    ids: list[str]
+    cond: torch.Tensor
+    xyz: torch.Tensor
+    latlon: np.ndarray
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def read_items(
+    stores: Sequence[str | Path],
+    split: str,
+    where: str | None = None,
+    max_items: int | None = None,
+    label_columns: Sequence[str] = (),
+) -> ValidationItems:
+    """The first ``max_items`` rows of ``split`` (filtered by ``where``) in store order."""
+    ids, cond, latlon, labels = [], [], [], {c: [] for c in label_columns}
+    n = 0
+    for batch in iter_eval_batches(list(stores), split, 4096, where, label_columns):
+        take = len(batch) if max_items is None else min(len(batch), max_items - n)
+        ids += list(batch.ids[:take])
+        cond.append(batch.cond[:take])
+        latlon.append(batch.latlon[:take])
+        for c in label_columns:
+            labels[c].append(batch.labels[c][:take])
+        n += take
+        if max_items is not None and n >= max_items:
+            break
+    if n == 0:
+        raise ConfigError(
+            f"no rows in split {split!r}{f' where {where}' if where else ''} of {list(map(str, stores))}"
+        )
+    ll = np.concatenate(latlon)
+    return ValidationItems(
+        ids,
+        torch.cat(cond),
+        latlon_to_xyz(torch.from_numpy(ll)).float(),
+        ll,
+        {c: np.concatenate(v) for c, v in labels.items()},
+    )
+
+
+def flow_log_prob_at(
+    geo: Geolocator, cond: torch.Tensor, xyz: torch.Tensor, config: LikelihoodConfig, batch_size: int = 1024
+) -> torch.Tensor:
+    """The flow's exact log-density at each item's own point ``(V,)``, in batches."""
+    out = []
+    for lo in range(0, len(cond), batch_size):
+        out.append(geo.log_prob(xyz[lo : lo + batch_size], cond[lo : lo + batch_size], config).cpu())
+    return torch.cat(out)
+
+
+def fit_hybrid(
+    flow_dir: str | Path,
+    stores: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    config: FitHybridConfig = FitHybridConfig(),
+    *,
+    index: NeighbourIndex | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Build (or reuse) the index, fit the hybrid on the validation items, write ``out_dir`` (default: the
+    flow's folder) and return the content of ``hybrid.json``."""
+    say = log or (lambda _m: None)
+    flow_dir = Path(flow_dir)
+    out = Path(out_dir) if out_dir is not None else flow_dir
+    geo = Geolocator.from_pretrained(flow_dir, device=config.device)
+    t0 = time.perf_counter()
+    if index is None:
+        index = NeighbourIndex.build(stores, config.index_split, kind=config.index_kind, progress=progress)
+    say(f"index: {len(index):,} rows ({index.meta.get('factory')}) in {time.perf_counter() - t0:.1f} s")
+    val = read_items(stores, config.val_split, config.val_where, config.max_val)
+    exclude = torch.from_numpy(index.rows_of(val.ids))
+    kmax = max(config.ks)
+    nb = index.search(val.cond, kmax, exclude=exclude)
+    t1 = time.perf_counter()
+    flow_lp = flow_log_prob_at(
+        geo, val.cond.to(geo.device), val.xyz.to(geo.device), config.likelihood, config.batch_size
+    )
+    say(f"flow log-density of {len(val.ids):,} validation truths in {time.perf_counter() - t1:.1f} s")
+    fit = fit_hybrid_params(flow_lp, val.xyz, nb, config.ks, logistic=config.logistic)
+    retrieval = fit_weighted_retrieval(nb.xyz, nb.sim, val.xyz.to(nb.xyz.dtype))
+    # The answer weighs the neighbours as the GeoScore-fitted retrieval row does (see HybridParams).
+    fit.params = replace(fit.params, answer_k=int(retrieval["k"]), answer_tau=float(retrieval["tau"]))
+    say(
+        f"hybrid: {fit.params} NLL {fit.nll:.3f} nats (flow alone {fit.flow_nll:.3f}); "
+        f"retrieval k={retrieval['k']} tau={retrieval['tau']} GeoScore {retrieval['geoscore']:.0f}"
+    )
+    files = index.save(out)
+    flow_ref = "." if out.resolve() == flow_dir.resolve() else str(flow_dir.resolve())
+    doc = {
+        "format": "geoloc-hybrid",
+        "version": 1,
+        "flow": flow_ref,
+        "params": fit.params.to_json(),
+        "likelihood": asdict(config.likelihood),
+        "index": {"files": {k: p.name for k, p in files.items()}, **{k: v for k, v in index.meta.items()}},
+        "database": [store_identity(s, config.index_split) for s in stores],
+        "fitted_on": {
+            "split": config.val_split,
+            "where": config.val_where,
+            "items": len(val.ids),
+            "flow_trained_where": (read_config(flow_dir).get("data") or {}).get("where", ""),
+        },
+        "fit": {**fit.to_json(), "seconds": time.perf_counter() - t0},
+        "retrieval": {k: v for k, v in retrieval.items() if k != "grid"} | {"grid": retrieval["grid"]},
+    }
+    atomic_write_text(out / HYBRID_FILE, json.dumps(doc, indent=2) + "\n")
+    say(f"wrote {out / HYBRID_FILE}")
+    return doc
+
+
+def load_hybrid(directory: str | Path, device: str = "cpu") -> HybridGeolocator:
+    """Load a hybrid checkpoint: ``hybrid.json`` + its neighbour index + the flow it names."""
+    d = Path(directory)
+    path = d / HYBRID_FILE
+    if not path.exists():
+        raise CheckpointError(f"{d}: no {HYBRID_FILE}; fit one with geoloc.pipeline.fit_hybrid.fit_hybrid")
+    try:
+        doc = json.loads(path.read_text())
+        params = HybridParams.from_json(doc["params"])
+        lik = LikelihoodConfig(**doc.get("likelihood", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: missing or bad field ({e})") from e
+    flow_dir = d if doc.get("flow", ".") == "." else Path(doc["flow"])
+    geo = Geolocator.from_pretrained(flow_dir, device=device)
+    index = NeighbourIndex.load(d)
+    return HybridGeolocator(geo, index, params, likelihood_config=lik, info=doc)

@@ -1,0 +1,184 @@
+"""The hybrid density: normalised on S², exact sampling, localizability, fitting, answers.
+
+Flows are untrained networks (their densities are exact whatever the weights) or vMF geolocators, and the
+neighbours come from :class:`ExactNeighbours` over a small random database, so every number is checkable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig
+from geoloc.errors import ConfigError, InputError
+from geoloc.geolocator import Geolocator
+from geoloc.hybrid import ExactNeighbours, HybridGeolocator, HybridParams, fit_hybrid_params
+from geoloc.retrieval import weighted_retrieval
+from geoloc.sphere import angle, equal_area_grid, latlon_to_xyz
+
+DIM = 8
+
+
+def untrained(family: str, seed: int = 0) -> Geolocator:
+    torch.manual_seed(seed)
+    geo = Geolocator.build(
+        FamilyConfig(name=family),
+        ModelConfig(dim=32, depth=2, expansion=2),
+        cond_dim=DIM,
+        likelihood_config=LikelihoodConfig(steps=4),
+    )
+    for m in geo.net.modules():  # zero-initialised output layers would make the field trivial
+        if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
+            torch.nn.init.normal_(m.weight, std=0.3)
+            torch.nn.init.normal_(m.bias, std=0.3)
+    return geo
+
+
+def database(n: int = 200, seed: int = 0) -> ExactNeighbours:
+    g = torch.Generator().manual_seed(seed)
+    latlon = torch.stack([torch.rand(n, generator=g) * 120 - 60, torch.rand(n, generator=g) * 360 - 180], 1)
+    return ExactNeighbours(torch.randn(n, DIM, generator=g), latlon_to_xyz(latlon).float())
+
+
+def hybrid(family: str = "rfm-s2", **params) -> HybridGeolocator:
+    p = {"k": 5, "tau": 0.2, "kappa": 40.0, "lam_a": 0.0, "lam_b": 0.5, **params}
+    return HybridGeolocator(untrained(family), database(), HybridParams(**p))
+
+
+def test_log_prob_integrates_to_one_on_the_sphere():
+    h = hybrid()
+    # κ = 40 kernels are ~0.16 rad wide; the grid's cells are ~0.03 rad.
+    grid, cell = equal_area_grid(64, 128, dtype=torch.float32)
+    cond = torch.randn(2, DIM, generator=torch.Generator().manual_seed(1))
+    mass = float(h.log_prob(grid, cond[0]).exp().sum()) * cell
+    assert abs(mass - 1.0) < 0.01, mass
+    # Both components matter in these items: λ is neither 0 nor 1.
+    lam = h.flow_weight(cond)
+    assert bool(((lam > 0.2) & (lam < 0.8)).all())
+
+
+def test_exact_samples_follow_the_density_and_localizability_is_its_negative_entropy():
+    h = hybrid(
+        "vmf", kappa=30.0
+    )  # a closed-form flow keeps the quadrature cheap; the mixture is the same code
+    cond = torch.randn(1, DIM, generator=torch.Generator().manual_seed(2))
+    grid, cell = equal_area_grid(180, 360, dtype=torch.float32)
+    lp = h.log_prob(grid, cond[0])
+    neg_entropy_bits = float((lp.exp() * lp).sum() * cell) / math.log(2)
+    loc = h.localizability(cond, n=20000, generator=torch.Generator().manual_seed(0))
+    assert float(loc[0]) == pytest.approx(neg_entropy_bits, abs=0.05)
+    # Mass of a cap around the heaviest neighbour: samples vs quadrature.
+    nb = h.neighbours(cond)
+    centre = nb.xyz[0, 0]
+    x = h.sample(cond, 20000, generator=torch.Generator().manual_seed(1))[0]
+    cap = 0.3
+    frac = float((angle(x, centre.expand_as(x)) < cap).float().mean())
+    quad = float((lp.exp() * (angle(grid, centre.expand_as(grid)) < cap)).sum() * cell)
+    assert frac == pytest.approx(quad, abs=0.015)
+
+
+def test_truth_drawn_from_the_hybrid_is_calibrated_under_it():
+    from geoloc.calibration import coverage, hdr_levels
+
+    h = hybrid("vmf", kappa=200.0)
+    g = torch.Generator().manual_seed(3)
+    cond = torch.randn(800, DIM, generator=g)
+    truth = h.sample(cond, 1, generator=g)[:, 0]
+    _, lp = h.sample_with_log_prob(cond, 200, generator=g)
+    levels = hdr_levels(lp, h.log_prob(truth, cond))
+    for alpha, got in coverage(levels).items():
+        assert abs(got - alpha) < 0.04, (alpha, got)
+
+
+def test_rfm_flow_samples_are_exact_and_mixed_in_by_lambda():
+    h = hybrid(lam_a=8.0, lam_b=0.0)  # λ ≈ 1: nearly every draw is the flow's
+    cond = torch.randn(3, DIM, generator=torch.Generator().manual_seed(4))
+    x, lp = h.sample_with_log_prob(cond, 16, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 16, 3) and lp.shape == (3, 16)
+    assert torch.allclose(x.norm(dim=-1), torch.ones(3, 16), atol=1e-5)
+    flow_only = h.flow_log_prob(x, h._cond(cond))
+    assert torch.allclose(lp, flow_only, atol=1e-3)  # the kernels add ~e^-8 of the mass
+    h0 = hybrid(lam_a=-30.0, lam_b=0.0)  # λ ≈ 0: draws sit on the neighbours' kernels
+    x0 = h0.sample(cond, 200, generator=torch.Generator().manual_seed(0))
+    nb = h0.neighbours(cond)
+    near = (
+        angle(x0.unsqueeze(2).expand(-1, -1, 5, -1), nb.xyz.unsqueeze(1).expand(-1, 200, -1, -1))
+        .min(-1)
+        .values
+    )
+    assert float(near.quantile(0.99)) < 0.6  # κ = 40: within ~3.5 kernel widths
+
+
+def test_lambda_zero_answer_is_the_weighted_retrieval_answer():
+    h = hybrid(lam_a=-40.0, lam_b=0.0, kappa=1e4, k=8, tau=0.3)
+    cond = torch.randn(50, DIM, generator=torch.Generator().manual_seed(5))
+    nb = h.neighbours(cond)
+    pred = h.predict(cond, n=8, steps=4, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(pred.xyz, weighted_retrieval(nb.xyz, nb.sim, tau=0.3))
+    # Other estimators and top-k run on hybrid samples.
+    med = h.predict(
+        cond[:4],
+        estimator="median",
+        n=32,
+        steps=4,
+        top_k=2,
+        localizability=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert med.xyz.shape == (4, 3) and med.topk.mass.shape == (4, 2) and med.localizability.shape == (4,)
+    best = h.predict(
+        cond[:2], estimator="best-of-n", n=8, steps=4, generator=torch.Generator().manual_seed(0)
+    )
+    assert best.latlon.shape == (2, 2)
+    with pytest.raises(ConfigError):
+        h.predict(cond, estimator="nope")
+
+
+def test_fit_recovers_the_parameters_that_generated_the_data():
+    # A uniform flow mixed with kernels on the neighbours: draw truths from a known hybrid, then fit.
+    flow = Geolocator.build(FamilyConfig(name="uniform"), ModelConfig(), cond_dim=DIM)
+    db = database(400, seed=1)
+    true = HybridParams(k=8, tau=0.15, kappa=300.0, lam_a=-1.0, lam_b=0.0)
+    h = HybridGeolocator(flow, db, true)
+    g = torch.Generator().manual_seed(6)
+    cond = torch.randn(3000, DIM, generator=g)
+    truth = h.sample(cond, 1, generator=g)[:, 0]
+    nb = db.search(cond, 16)
+    flow_lp = torch.full((3000,), -math.log(4 * math.pi))
+    fit = fit_hybrid_params(flow_lp, truth, nb, ks=(4, 8, 16), slope=False)
+    p = fit.params
+    assert p.k >= 8
+    assert p.kappa == pytest.approx(300.0, rel=0.2)
+    assert p.tau == pytest.approx(0.15, rel=0.25)
+    lam = 1 / (1 + math.exp(-p.lam_a - p.lam_b * float(nb.sim[:, 0].mean())))
+    assert lam == pytest.approx(1 / (1 + math.e), abs=0.05)
+    assert fit.nll < fit.flow_nll - 0.5
+    # A per-kernel κ (slope β) nests the single κ: its fit can only be as good or better.
+    sloped = fit_hybrid_params(flow_lp, truth, nb, ks=(p.k,))
+    assert sloped.nll <= fit.per_k[p.k]["nll"] + 1e-6
+
+
+def test_exact_neighbours_exclude_and_pad():
+    db = database(10)
+    q = db.features[:3] * 2.0
+    nb = db.search(q, 2)
+    assert nb.index[:, 0].tolist() == [0, 1, 2]  # each item is its own nearest neighbour
+    nb = db.search(q, 2, exclude=torch.tensor([0, 1, -1]))
+    assert nb.index[0, 0] != 0 and nb.index[1, 0] != 1 and nb.index[2, 0] == 2
+    pad = db.search(q, 12)
+    assert (
+        pad.sim.shape == (3, 12)
+        and bool(torch.isinf(pad.sim[:, 10:]).all())
+        and (pad.index[:, 10:] == -1).all()
+    )
+    with pytest.raises(InputError):
+        ExactNeighbours(torch.randn(4, DIM), torch.randn(3, 3))
+
+
+def test_hybrid_needs_a_density_on_the_sphere():
+    with pytest.raises(ConfigError):
+        HybridGeolocator(untrained("flow-r3"), database(), HybridParams())
+    with pytest.raises(ConfigError):
+        HybridParams(k=0)
