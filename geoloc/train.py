@@ -14,7 +14,7 @@ Design points:
   run therefore repeats the uninterrupted loss curve, and N ranks reproduce one process with the same global
   batch.
 - **EMA that averages**: ``ema ← d·ema + (1−d)·θ`` via ``torch.optim.swa_utils``. # reference differs: its
-  ``lerp`` keeps 99.9 % of the *new* weights (§16.1). Both raw and EMA weights are saved; evaluation uses EMA.
+  ``lerp`` keeps 99.9 % of the *new* weights (docs/reference-behaviour.md §16.1). Both raw and EMA weights are saved; evaluation uses EMA.
 - **Weight decay only on matrices** (nanoGPT); LAMB (the paper's optimiser) and AdamW.
 - A non-finite loss stops the run with :class:`TrainingError`; the last good checkpoint stays as it was.
 """
@@ -49,7 +49,7 @@ __all__ = ["Lamb", "TrainResult", "lr_at", "train"]
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al. 2020): Adam's bias-corrected step plus weight decay, scaled per tensor by ‖w‖/‖step‖.
 
-    torch ships no LAMB; the reference used one (§11.2). The trust ratio is 1 where either norm is zero.
+    torch ships no LAMB; the reference used one (docs/reference-behaviour.md §11.2). The trust ratio is 1 where either norm is zero.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
@@ -81,7 +81,7 @@ class Lamb(torch.optim.Optimizer):
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0 at ``total`` (reference §11.3)."""
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0 at ``total`` (docs/reference-behaviour.md §11.3)."""
     if step < warmup:
         return base_lr * step / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
