@@ -56,7 +56,13 @@ def test_heading_pattern_reads_numbered_headings():
 def test_citation_pattern_reads_lists_and_ranges():
     doc = "docs/x.md"
     text = f"({doc} §1.4, §2.2) and ({doc} §9–§10; see also {doc} §3)"
-    assert _citations(text) == [("x.md", "1.4"), ("x.md", "2.2"), ("x.md", "9"), ("x.md", "10"), ("x.md", "3")]
+    assert _citations(text) == [
+        ("x.md", "1.4"),
+        ("x.md", "2.2"),
+        ("x.md", "9"),
+        ("x.md", "10"),
+        ("x.md", "3"),
+    ]
     assert _bare(text) == []
 
 
