@@ -16,9 +16,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdaLNBlock", "GeoAdaLNMLP", "NetworkConfig", "VonMisesFisherNet", "count_parameters"]
+__all__ = [
+    "AdaLNBlock",
+    "CondCache",
+    "GeoAdaLNMLP",
+    "NetworkConfig",
+    "VonMisesFisherNet",
+    "count_parameters",
+    "quantize_dynamic_int8",
+]
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,21 @@ class _FinalAdaLN(nn.Module):
         return (1 + scale) * self.norm(h) + shift
 
 
+@dataclass
+class CondCache:
+    """Condition-only work of :meth:`GeoAdaLNMLP.forward_guided`, done once per sampling call, not per step.
+
+    ``cond_proj`` is ``cond_mapper(cond)`` (B, D); ``null_proj`` the mapper of the all-zeros token (its bias,
+    1 × D); ``mod_weight``/``mod_bias`` every AdaLN modulation Linear (12 blocks' (a, b, g) then the final
+    (a, b)) stacked into one matrix: all of them read the same ``SiLU(c)``, so one GEMM replaces 13.
+    """
+
+    cond_proj: torch.Tensor
+    null_proj: torch.Tensor
+    mod_weight: torch.Tensor
+    mod_bias: torch.Tensor
+
+
 class GeoAdaLNMLP(nn.Module):
     """ψ(x, s, c): a 3-vector (velocity or noise, by family) for a point x at signal level s under condition c.
 
@@ -118,6 +142,104 @@ class GeoAdaLNMLP(nn.Module):
             h = block(h, c)
         scale, shift = self.final_adaln(c).chunk(2, dim=-1)
         return self.final_linear((1 + scale) * self.final_norm(h) + shift)
+
+    # --- inference fast path ------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, cond: torch.Tensor) -> CondCache:
+        """The condition-only work for ``cond (B, cond_dim)``: reuse it for every step of one sampling run."""
+        ada = [block.ada_map[1] for block in self.blocks] + [self.final_adaln[1]]
+        w = torch.cat([lin.weight for lin in ada]).to(cond.dtype)
+        b = torch.cat([lin.bias for lin in ada]).to(cond.dtype)
+        null = self.cond_mapper.bias.to(cond.dtype).unsqueeze(0)
+        return CondCache(cond_proj=self.cond_mapper(cond), null_proj=null, mod_weight=w, mod_bias=b)
+
+    def _time(self, s: torch.Tensor) -> torch.Tensor:
+        """Time embedding, computed on one row when every row has the same s (a sampler's step)."""
+        if s.numel() > 1 and bool((s == s[0]).all()):
+            return self.time_embedder(s[:1])
+        return self.time_embedder(s)
+
+    def _modulations(self, c: torch.Tensor, cache: CondCache) -> list[torch.Tensor]:
+        """[(1 + a), b, g] per block then [(1 + a), b] for the final AdaLN, from one GEMM on SiLU(c)."""
+        d = self.config.dim
+        mods = F.linear(F.silu(c), cache.mod_weight, cache.mod_bias)
+        parts = list(mods.split(d, dim=-1))
+        for k in range(0, len(parts), 1):
+            # Every block's chunk 0 and the final chunk 0 are scales: store 1 + a once.
+            if (k < 3 * len(self.blocks) and k % 3 == 0) or k == 3 * len(self.blocks):
+                parts[k] = parts[k] + 1
+        return parts
+
+    @torch.no_grad()
+    def forward_guided(
+        self,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        cond: torch.Tensor,
+        omega: float,
+        cache: CondCache | None = None,
+    ) -> torch.Tensor:
+        """The classifier-free-guided output ``(1+ω)·ψ(x, s, c) − ω·ψ(x, s, ∅)`` in one pass, for inference.
+
+        Same numbers as two calls of :meth:`forward` (within fp32 rounding) with less work: the condition
+        mapping comes from ``cache`` (:meth:`prepare`, once per sampling run); the time embedding is
+        computed once when all rows share s; the null branch's modulation is computed for ONE row and
+        broadcast (its condition is the same zero vector for every row); all AdaLN modulations come from
+        one stacked GEMM; the two branches share the input mapping and run the block MLPs as one batch.
+        # reference differs: it runs the network twice on the concatenated batch (docs/reference-behaviour.md §7.3); same field.
+        """
+        if cache is None:
+            cache = self.prepare(cond)
+        n = x.shape[0]
+        temb = self._time(s)
+        mods_c = self._modulations(cache.cond_proj + temb, cache)
+        h0 = self.initial_mapper(x)
+        if omega == 0:
+            return self._run(h0, [mods_c])
+        mods_u = self._modulations(cache.null_proj + temb, cache)
+        out = self._run(torch.cat([h0, h0]), [mods_c, mods_u])
+        c, u = out[:n], out[n:]
+        return (1.0 + omega) * c - omega * u
+
+    def _run(self, h: torch.Tensor, mods: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Blocks on ``h`` made of ``len(mods)`` equal row groups, group g modulated by ``mods[g]``."""
+        groups = len(mods)
+        d = self.config.dim
+        hv = h.view(groups, -1, d)
+        for i, block in enumerate(self.blocks):
+            normed = F.layer_norm(h, (d,), eps=1e-5).view(groups, -1, d)
+            u = torch.empty_like(normed)
+            for g in range(groups):
+                scale, shift = mods[g][3 * i], mods[g][3 * i + 1]
+                torch.addcmul(shift, normed[g], scale, out=u[g])
+            m = block.mlp[3](F.gelu(block.mlp[0](u.view(-1, d)))).view(groups, -1, d)
+            for g in range(groups):
+                hv[g].addcmul_(m[g], mods[g][3 * i + 2])
+        k = 3 * len(self.blocks)
+        normed = F.layer_norm(h, (d,), eps=1e-5).view(groups, -1, d)
+        u = torch.empty_like(normed)
+        for g in range(groups):
+            torch.addcmul(mods[g][k + 1], normed[g], mods[g][k], out=u[g])
+        return self.final_linear(u.view(-1, d))
+
+
+def quantize_dynamic_int8(net: GeoAdaLNMLP) -> GeoAdaLNMLP:
+    """A copy of ``net`` whose block-MLP Linears are int8 with dynamic activation quantisation (CPU only).
+
+    fbgemm runs these on AVX2 without native int8 dot products; the block MLPs are ~75 % of the
+    multiply-adds. Modulation, mappers and the output stay fp32. For sampling only, never for training or
+    the likelihood (no gradients through quantised Linears). Quality must be checked on the known-density
+    bench before use (bench/bench_speed.py ``int8`` rows).
+    """
+    import copy
+
+    # Lazy: torch.ao.quantization is deprecated in newer torch and is only needed for this opt-in path.
+    from torch.ao.quantization import quantize_dynamic
+
+    out = copy.deepcopy(net).eval()
+    for block in out.blocks:
+        block.mlp = quantize_dynamic(block.mlp, {nn.Linear}, dtype=torch.qint8)
+    return out
 
 
 def _fused_mlp(dim: int) -> nn.Sequential:

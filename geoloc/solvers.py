@@ -46,11 +46,17 @@ def guided(
 
     Returns a function of ``(x (M, 3), s (M,))``; with ω = 0 it is a plain conditional call.
     """
-    if omega == 0:
-        return lambda x, s: net(x, s, cond)
     null = torch.zeros_like(cond)
+    fast = getattr(net, "forward_guided", None)  # speed hook (issue 12): GeoAdaLNMLP's one-pass guided field
+    cache: list = []
 
     def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if fast is not None and not torch.is_grad_enabled():  # sampling; the likelihood needs autograd
+            if not cache:
+                cache.append(net.prepare(cond))
+            return fast(x, s, cond, omega, cache[0])
+        if omega == 0:
+            return net(x, s, cond)
         out = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([cond, null]))
         c, u = out.chunk(2)
         return (1.0 + omega) * c - omega * u

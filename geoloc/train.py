@@ -15,7 +15,7 @@ Design points:
   batch.
 - **EMA that averages**: ``ema ← d·ema + (1−d)·θ`` via ``torch.optim.swa_utils``. # reference differs: its
   ``lerp`` keeps 99.9 % of the *new* weights (docs/reference-behaviour.md §16.1). Both raw and EMA weights are saved; evaluation uses EMA.
-- **Weight decay only on matrices** (nanoGPT); LAMB (the paper's optimiser) and AdamW.
+- **Weight decay only on matrices** (nanoGPT); LAMB (the paper's optimiser, timm's) and AdamW (foreach).
 - A non-finite loss stops the run with :class:`TrainingError`; the last good checkpoint stays as it was.
 """
 
@@ -43,41 +43,7 @@ from geoloc.families import Family, check_cond, check_xyz, make_family
 from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
 from geoloc.sphere import EARTH_RADIUS_KM, angle
 
-__all__ = ["Lamb", "TrainResult", "lr_at", "train"]
-
-
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al. 2020): Adam's bias-corrected step plus weight decay, scaled per tensor by ‖w‖/‖step‖.
-
-    torch ships no LAMB; the reference used one (docs/reference-behaviour.md §11.2). The trust ratio is 1 where either norm is zero.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + group["eps"])
-                if group["weight_decay"]:
-                    update = update + group["weight_decay"] * p
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.add_(update * trust, alpha=-group["lr"])
+__all__ = ["TrainResult", "lr_at", "train"]
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -93,8 +59,23 @@ def _make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     no_decay = [p for p in net.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "lamb":
-        return Lamb(groups, lr=cfg.lr, betas=cfg.betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+        return _lamb(groups, cfg)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+
+
+def _lamb(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """timm's LAMB set to the reference's update rule (docs/reference-behaviour.md §11.2): Adam's bias-corrected step plus L2 decay, times
+    the trust ratio ‖w‖/‖step‖ (1 where either norm is 0) only in groups with weight decay > 0; eps 1e-8; no
+    built-in global gradient clipping (the trainer clips by ``optim.grad_clip``).
+
+    # reference differs: it puts every tensor in one decayed group (biases too, docs/reference-behaviour.md §16.16); ours leaves 1-D
+    # tensors undecayed, and there the reference's own rule (no decay ⇒ no layer adaptation) applies.
+    """
+    # Lazy: importing timm costs seconds and only the paper presets (LAMB) need it.
+    from timm.optim import Lamb
+
+    return Lamb(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, max_grad_norm=None, always_adapt=False,
+                trust_clip=False, bias_correction=True, grad_averaging=True)
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:

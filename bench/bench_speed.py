@@ -1,0 +1,194 @@
+"""Ours vs the reference, side by side in one process on the same weights: guided sampling at equal NFE.
+
+Prints one JSON record: the machine (CPU model, avx2 / avx512_bf16 / amx flags, torch version, threads), and
+per network size (512 × 12 paper, 256 × 6 small) and NFE (16, 32): points/s of
+
+- ``reference``: the reference's loop (docs/reference-behaviour.md §7.3): per step ONE forward pass of the reference network
+  on the concatenated batch (condition, zero condition), guidance ``(1+ω)·c − ω·u``, an ambient Euler step in
+  the signal level and a projection onto the sphere. With ``PLONK_REPO`` set to a checkout of
+  nicolas-dufour/plonk (needs ``einops``) the reference's own ``GeoAdaLNMLP`` class runs, loaded with our
+  weights (same parameter names); without it our network runs the same loop (same multiply-adds).
+- ``ours``: ``family.sample`` of ``rfm-s2`` with ``retraction="project"`` (the reference's step), which goes
+  through ``solvers.guided`` → ``GeoAdaLNMLP.forward_guided`` (condition work once per call, null-branch
+  modulation once per step, one stacked modulation GEMM).
+- ``ours_int8``: the same with the block MLPs int8 (``network.quantize_dynamic_int8``).
+
+Every variant starts from the same noise, so ``max_angle_vs_reference_rad`` says whether the points agree
+(fp32 rounding only for ``ours``). Runs are interleaved and repeated; figures are medians. One condition per
+point (B points, B conditions). ``--quick`` (< 2 min) shrinks the batch and repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from geoloc.config import FamilyConfig, SampleConfig
+from geoloc.families import make_family
+from geoloc.network import GeoAdaLNMLP, NetworkConfig, quantize_dynamic_int8
+from geoloc.sphere import angle
+
+
+def machine(threads: int) -> dict:
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "avx2": "avx2" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+def _load_reference_network_class():
+    """The reference's GeoAdaLNMLP from $PLONK_REPO without running its package __init__ (which pulls in the
+    whole pipeline): stub packages point at the folders, then the two modules it needs are imported."""
+    repo = os.environ.get("PLONK_REPO")
+    if not repo:
+        return None, "PLONK_REPO unset: our network in the reference's loop"
+    root = Path(repo) / "plonk"
+    try:
+        for name, folder in [
+            ("plonk", root),
+            ("plonk.models", root / "models"),
+            ("plonk.models.networks", root / "models" / "networks"),
+        ]:
+            if name not in sys.modules:
+                pkg = types.ModuleType(name)
+                pkg.__path__ = [str(folder)]
+                sys.modules[name] = pkg
+        spec = importlib.util.spec_from_file_location(
+            "plonk.models.networks.mlp", root / "models/networks/mlp.py"
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        return mod.GeoAdaLNMLP, f"reference class from {repo}"
+    except Exception as exc:
+        return None, f"reference import failed ({type(exc).__name__}: {exc}); our network in its loop"
+
+
+def _sigmoid_signal(t: torch.Tensor, start: float = -7.0, end: float = 3.0, tau: float = 1.0) -> torch.Tensor:
+    """The reference's SigmoidScheduler (docs/reference-behaviour.md §5.3), as the loop uses it (fp32, clamped at 1e-9)."""
+    v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
+    out = (-torch.sigmoid((t * (end - start) + start) / tau) + v_end) / (v_end - v_start)
+    return out.clamp(1e-9, 1.0)
+
+
+@torch.no_grad()
+def reference_sample(net, x, cond, steps: int, omega: float, ref_api: bool) -> torch.Tensor:
+    """The reference's riemannian_flow_sampler loop (docs/reference-behaviour.md §7.3), written out: two branches in one batch per step."""
+    gammas = _sigmoid_signal(1 - torch.arange(steps + 1, dtype=torch.float32) / steps)
+    stacked = torch.cat([cond, torch.zeros_like(cond)])
+    for g_now, g_next in itertools.pairwise(gammas):
+        y, gam = torch.cat([x, x]), g_now.expand(2 * x.shape[0])
+        out = net({"y": y, "gamma": gam, "emb": stacked}) if ref_api else net(y, gam, stacked)
+        c, u = out.chunk(2)
+        x = x + (g_next - g_now) * ((1 + omega) * c - omega * u)
+        x = x / x.norm(dim=-1, keepdim=True)
+    return x
+
+
+def _runs(family, ref, ref_api: bool, ours, int8, cond: torch.Tensor, cfg: SampleConfig) -> dict:
+    """The three samplers as thunks, each from the same initial noise (generator seed 2)."""
+    n = cond.shape[0]
+
+    def reference():
+        x = family.prior_sample(n, torch.Generator().manual_seed(2), "cpu", torch.float32)
+        return reference_sample(ref, x, cond, cfg.steps, cfg.omega, ref_api)
+
+    def ours_run(net):
+        return family.sample(net, cond, 1, cfg, generator=torch.Generator().manual_seed(2))[:, 0]
+
+    return {"reference": reference, "ours": lambda: ours_run(ours), "ours_int8": lambda: ours_run(int8)}
+
+
+def bench_sampling(sizes, nfes, batch: int, repeats: int, omega: float) -> dict:
+    ref_cls, ref_source = _load_reference_network_class()
+    family = make_family(FamilyConfig(name="rfm-s2"))
+    out: dict = {"reference_source": ref_source, "batch_points": batch, "omega": omega, "results": []}
+    for dim, depth in sizes:
+        torch.manual_seed(0)
+        ours = GeoAdaLNMLP(NetworkConfig(dim=dim, depth=depth)).eval()
+        with torch.no_grad():  # trained-like weights: the zero-initialised last layers made non-zero
+            for blk in ours.blocks:
+                blk.mlp[3].weight.normal_(0, 0.02)
+                blk.mlp[3].bias.normal_(0, 0.02)
+        ref = ours
+        if ref_cls is not None:
+            ref = ref_cls(3, dim, depth, 4, 1024).eval()
+            ref.load_state_dict(ours.state_dict(), strict=True)
+        int8 = quantize_dynamic_int8(ours)
+        gen = torch.Generator().manual_seed(1)
+        cond = torch.randn(batch, 1024, generator=gen)
+        for nfe in nfes:
+            times: dict[str, list[float]] = {"reference": [], "ours": [], "ours_int8": []}
+            points: dict[str, torch.Tensor] = {}
+            cfg = SampleConfig(steps=nfe, omega=omega, method="euler", retraction="project")
+            runs = _runs(family, ref, ref_cls is not None, ours, int8, cond, cfg)
+            for _ in range(repeats):
+                for name, fn in runs.items():
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        points[name] = fn()
+                    times[name].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rec = {"dim": dim, "depth": depth, "nfe": nfe}
+            for k in times:
+                rec[f"{k}_points_per_s"] = round(batch / med[k], 2)
+            rec["speedup_ours"] = round(med["reference"] / med["ours"], 3)
+            rec["speedup_ours_int8"] = round(med["reference"] / med["ours_int8"], 3)
+            for k in ("ours", "ours_int8"):
+                ang = angle(points[k].double(), points["reference"].double())
+                rec[f"{k}_max_angle_vs_reference_rad"] = float(ang.max())
+                rec[f"{k}_median_km_vs_reference"] = round(float(ang.median()) * 6371.0, 4)
+            out["results"].append(rec)
+            print(json.dumps(rec), file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--omega", type=float, default=2.0)
+    args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    batch = args.batch or (64 if args.quick else 256)
+    repeats = args.repeats or (1 if args.quick else 3)
+    nfes = (16,) if args.quick else (16, 32)
+    record = {"bench": "speed", "quick": args.quick, "machine": machine(torch.get_num_threads())}
+    record["sampling"] = bench_sampling([(512, 12), (256, 6)], nfes, batch, repeats, args.omega)
+    record["machine"]["loadavg_end"] = list(os.getloadavg())
+    print(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
