@@ -45,7 +45,7 @@ def _place_cols(prefix: str, place: Any) -> dict[str, Any]:
 def prediction_rows(predictions: Sequence[Any], top_k: int | None = None) -> list[dict[str, Any]]:
     """One dict per :class:`~geoloc.predict.ItemPrediction`, with the same columns in every row.
 
-    Columns: ``id, query, input, kind, lat, lon, estimator, estimate_kind, estimate_mode, estimate_label,
+    Columns: ``id, input, kind, lat, lon, estimator, query, estimate_kind, estimate_mode, estimate_label,
     place, place_cc, place_km, localizability_bits``, then for i in 1..k ``mode{i}_lat, mode{i}_lon,
     mode{i}_mass, mode{i}_place``, ``other_mass``, ``true_lat, true_lon, error_km``, ``error``. ``query``: the
     text of a text input; ``estimate_mode``: the i of the mode holding the estimate, −1 for none of them
@@ -55,8 +55,8 @@ def prediction_rows(predictions: Sequence[Any], top_k: int | None = None) -> lis
     rows = []
     for p in predictions:
         row: dict[str, Any] = {
-            "id": p.id, "query": getattr(p, "query", "") or p.input, "input": p.input, "kind": p.kind,
-            "lat": _r(p.lat), "lon": _r(p.lon), "estimator": p.estimator or None,
+            "id": p.id, "input": p.input, "kind": p.kind, "lat": _r(p.lat), "lon": _r(p.lon),
+            "estimator": p.estimator or None, "query": getattr(p, "query", "") or p.input,
             "estimate_kind": getattr(p, "estimate_kind", "") or None,
             "estimate_mode": getattr(p, "estimate_mode", None),
             "estimate_label": getattr(p, "estimate_label", "") or None, **_place_cols("place", p.place),

@@ -97,12 +97,14 @@ def test_a_guided_draw_is_labelled_as_one():
 
 
 def test_embedding_predictor_ranks_are_one_based(mix):
-    out = EmbeddingPredictor(mix).predict_embeddings(_cond(), top_k=2, samples=512, estimator="mean",
-                                                     places=False, ids=["a", "b"])
+    out = EmbeddingPredictor(mix).predict_embeddings(
+        _cond(), top_k=2, samples=512, estimator="mean", places=False, ids=["a", "b"]
+    )
     assert [r.estimate_mode for r in out] == [-1, -1]
     assert out[0].estimate_label == "outside the top-2 modes"
-    out = EmbeddingPredictor(mix).predict_embeddings(_cond(), top_k=2, samples=512, estimator="median",
-                                                     places=False, queries=["Paris?", "Where?"])
+    out = EmbeddingPredictor(mix).predict_embeddings(
+        _cond(), top_k=2, samples=512, estimator="median", places=False, queries=["Paris?", "Where?"]
+    )
     assert [r.estimate_mode for r in out] == [1, 1] and out[0].estimate_label == "in mode #1"
     assert [r.query for r in out] == ["Paris?", "Where?"]
     assert math.isclose(sum(m.mass for m in out[0].modes) + out[0].other_mass, 1.0, abs_tol=1e-6)
@@ -112,9 +114,20 @@ def test_embedding_predictor_ranks_are_one_based(mix):
 def _item(mode: int | None, kind: str = "median", **kw) -> ItemPrediction:
     paris = Place("Paris", "Île-de-France", "Paris", "FR", *PARIS, 1.0)
     modes = [Mode(*PARIS, 0.62, paris), Mode(*NEW_YORK, 0.3, None)]
-    base = dict(id="gn-000004", input="rg_cities1000.csv:row 4", kind="text", query="Paris", lat=45.0,
-                lon=-30.0, estimator="median", estimate_kind=kind, estimate_mode=mode, modes=modes,
-                other_mass=0.08, place=paris)
+    base = dict(
+        id="gn-000004",
+        input="rg_cities1000.csv:row 4",
+        kind="text",
+        query="Paris",
+        lat=45.0,
+        lon=-30.0,
+        estimator="median",
+        estimate_kind=kind,
+        estimate_mode=mode,
+        modes=modes,
+        other_mass=0.08,
+        place=paris,
+    )
     return ItemPrediction(**{**base, **kw})
 
 
@@ -144,15 +157,32 @@ def test_every_output_says_where_the_estimate_is():
 def test_json_record_has_stable_keys():
     rec = _item(1).to_json()
     json.dumps(rec)  # plain JSON types only
-    for key in ("id", "query", "lat", "lon", "estimate_kind", "estimate_mode", "top_k", "other_mass",
-                "localizability_bits", "error"):
+    for key in (
+        "id",
+        "query",
+        "lat",
+        "lon",
+        "estimate_kind",
+        "estimate_mode",
+        "top_k",
+        "other_mass",
+        "localizability_bits",
+        "error",
+    ):
         assert key in rec
     assert rec["query"] == "Paris" and rec["id"] == "gn-000004" and rec["estimate_mode"] == 1
-    assert rec["top_k"][0] == {"rank": 1, "lat": PARIS[0], "lon": PARIS[1], "mass": 0.62,
-                               "place": "Paris, Île-de-France, FR"}
+    assert rec["top_k"][0] == {
+        "rank": 1,
+        "lat": PARIS[0],
+        "lon": PARIS[1],
+        "mass": 0.62,
+        "place": "Paris, Île-de-France, FR",
+    }
     assert rec["top_k"][1]["place"] is None and "regions" not in rec
     bad = ItemPrediction(id="x", input="x", kind="image", error="no such file").to_json()
-    assert set(bad) == set(rec) and bad["lat"] is None and bad["top_k"] == [] and bad["error"] == "no such file"
+    assert (
+        set(bad) == set(rec) and bad["lat"] is None and bad["top_k"] == [] and bad["error"] == "no such file"
+    )
     nan = _item(1, localizability_bits=float("nan")).to_json()
     assert nan["localizability_bits"] is None
 
@@ -162,5 +192,7 @@ def test_csv_has_query_and_mode_columns(tmp_path):
 
     path = write_table([_item(1), _item(-1)], tmp_path / "p.csv", top_k=2)
     rows = list(csv.DictReader(io.StringIO(path.read_text())))
-    assert rows[0]["query"] == "Paris" and rows[0]["estimate_mode"] == "1" and rows[1]["estimate_mode"] == "-1"
+    assert (
+        rows[0]["query"] == "Paris" and rows[0]["estimate_mode"] == "1" and rows[1]["estimate_mode"] == "-1"
+    )
     assert rows[1]["estimate_label"] == "outside the top-2 modes"

@@ -36,75 +36,150 @@ def _log(message: str) -> None:
 
 
 def predict(
-    checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Checkpoint directory (geoloc train "
-                                             "or geoloc convert plonk).", show_default=False)],
-    inputs: Annotated[list[str] | None, typer.Argument(help="Image files, folders of images, or dataset "
-                                                            "manifests (a .toml path or a shipped name); - reads "
-                                                            "one per line from stdin (texts for a text "
-                                                            "backbone).", show_default=False)] = None,
-    text: Annotated[list[str] | None, typer.Option("--text", help="A text to locate (text backbones such as "
-                                                   "minilm); repeat for several; - reads one per line from "
-                                                   "stdin.")] = None,
-    text_file: Annotated[list[Path] | None, typer.Option("--text-file", help="A UTF-8 file of texts, one per "
-                                                         "line (blank lines skipped); repeatable.",
-                                                         dir_okay=False)] = None,
-    estimator: Annotated[Estimator, typer.Option(help="Point estimate: sample (one guided draw, ω=2, the "
-                                                      "paper's protocol; labelled as such, since it is not "
-                                                      "drawn from the distribution the modes describe), or "
-                                                      "a statistic of the model's draws.")] = Estimator(
-        default(PredictOptions, "estimator")),
-    top_k: Annotated[int, typer.Option(help="Distinct locations to report per item, with their mass.",
-                                       min=0)] = default(PredictOptions, "top_k"),
-    samples: Annotated[int, typer.Option(help="Model draws behind the top-k and sample-based estimators.",
-                                         min=1)] = default(PredictOptions, "samples"),
-    steps: Annotated[int | None, typer.Option(help="Sampler steps (default: the checkpoint's, 250 as in the "
-                                                   "paper; 32-64 is much faster on a CPU).", min=1)] = default(
-        PredictOptions, "steps"),
-    omega: Annotated[float | None, typer.Option(help="Guidance weight for the estimate (default: 2 for "
-                                                     "sample, 0 otherwise).")] = default(PredictOptions, "omega"),
-    localizability: Annotated[bool, typer.Option(help="Also estimate localizability (bits; an exact-likelihood "
-                                                      "ODE per sample, slow).")] = default(PredictOptions,
-                                                                                           "localizability"),
-    output_format: Annotated[OutputFormat, typer.Option("--format", "-f", help="What stdout gets: table, json "
-                                                        "(one list) or jsonl (one object per line); progress "
-                                                        "and messages go to stderr.")] = OutputFormat(
-        choices(PredictFormat)[0]),
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write rows to a .csv or .parquet file.")] = None,
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--checkpoint",
+            "-c",
+            help="Checkpoint directory (geoloc train or geoloc convert plonk).",
+            show_default=False,
+        ),
+    ],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Image files, folders of images, or dataset "
+            "manifests (a .toml path or a shipped name); - reads "
+            "one per line from stdin (texts for a text "
+            "backbone).",
+            show_default=False,
+        ),
+    ] = None,
+    text: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--text",
+            help="A text to locate (text backbones such as "
+            "minilm); repeat for several; - reads one per line from "
+            "stdin.",
+        ),
+    ] = None,
+    text_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--text-file",
+            help="A UTF-8 file of texts, one per line (blank lines skipped); repeatable.",
+            dir_okay=False,
+        ),
+    ] = None,
+    estimator: Annotated[
+        Estimator,
+        typer.Option(
+            help="Point estimate: sample (one guided draw, ω=2, the "
+            "paper's protocol; labelled as such, since it is not "
+            "drawn from the distribution the modes describe), or "
+            "a statistic of the model's draws."
+        ),
+    ] = Estimator(default(PredictOptions, "estimator")),
+    top_k: Annotated[
+        int, typer.Option(help="Distinct locations to report per item, with their mass.", min=0)
+    ] = default(PredictOptions, "top_k"),
+    samples: Annotated[
+        int, typer.Option(help="Model draws behind the top-k and sample-based estimators.", min=1)
+    ] = default(PredictOptions, "samples"),
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Sampler steps (default: the checkpoint's, 250 as in the "
+            "paper; 32-64 is much faster on a CPU).",
+            min=1,
+        ),
+    ] = default(PredictOptions, "steps"),
+    omega: Annotated[
+        float | None,
+        typer.Option(help="Guidance weight for the estimate (default: 2 for sample, 0 otherwise)."),
+    ] = default(PredictOptions, "omega"),
+    localizability: Annotated[
+        bool,
+        typer.Option(help="Also estimate localizability (bits; an exact-likelihood ODE per sample, slow)."),
+    ] = default(PredictOptions, "localizability"),
+    output_format: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="What stdout gets: table, json "
+            "(one list) or jsonl (one object per line); progress "
+            "and messages go to stderr.",
+        ),
+    ] = OutputFormat(choices(PredictFormat)[0]),
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write rows to a .csv or .parquet file.")
+    ] = None,
     geojson: Annotated[Path | None, typer.Option(help="Write a GeoJSON FeatureCollection.")] = None,
     maps: Annotated[Path | None, typer.Option(help="Write a density map per item into this folder.")] = None,
-    density_out: Annotated[Path | None, typer.Option(help="Write the density maps' H3 cells (one row or "
-                                                          "polygon per cell, tagged with item_id and query) "
-                                                          "to a .parquet or .geojson file.")] = None,
-    max_maps: Annotated[int, typer.Option(help="At most this many maps (each costs an adaptive "
-                                               "likelihood grid).", min=0)] = default(MapOptions, "max_maps"),
-    map_format: Annotated[MapFormat, typer.Option(help="png, html (self-contained SVG) or both.")] = MapFormat(
-        default(MapOptions, "format")),
-    map_steps: Annotated[int, typer.Option(help="RK4 steps of the likelihood ODE for maps (the map's title "
-                                                "shows its total mass as a check).", min=1)] = default(MapOptions,
-                                                                                                      "steps"),
-    map_start: Annotated[int, typer.Option(help="H3 resolution of the first, global grid (0: 122 cells, "
-                                                "cheaper; 1: 842).", min=0, max=4)] = default(MapOptions,
-                                                                                             "start_resolution"),
-    map_levels: Annotated[int, typer.Option(help="Refinement levels of the H3 grid (finest resolution = "
-                                                 "start + levels).", min=0, max=10)] = default(MapOptions, "levels"),
-    trajectories: Annotated[int, typer.Option(help="Overlay the denoising paths of this many samples on the "
-                                                   "maps (flow families).", min=0)] = default(MapOptions,
-                                                                                              "trajectories"),
-    split: Annotated[list[str] | None, typer.Option("--split", help="Manifest split(s) to read "
-                                                    "(default: all).")] = None,
+    density_out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the density maps' H3 cells (one row or "
+            "polygon per cell, tagged with item_id and query) "
+            "to a .parquet or .geojson file."
+        ),
+    ] = None,
+    max_maps: Annotated[
+        int, typer.Option(help="At most this many maps (each costs an adaptive likelihood grid).", min=0)
+    ] = default(MapOptions, "max_maps"),
+    map_format: Annotated[
+        MapFormat, typer.Option(help="png, html (self-contained SVG) or both.")
+    ] = MapFormat(default(MapOptions, "format")),
+    map_steps: Annotated[
+        int,
+        typer.Option(
+            help="RK4 steps of the likelihood ODE for maps (the map's title "
+            "shows its total mass as a check).",
+            min=1,
+        ),
+    ] = default(MapOptions, "steps"),
+    map_start: Annotated[
+        int,
+        typer.Option(
+            help="H3 resolution of the first, global grid (0: 122 cells, cheaper; 1: 842).", min=0, max=4
+        ),
+    ] = default(MapOptions, "start_resolution"),
+    map_levels: Annotated[
+        int,
+        typer.Option(
+            help="Refinement levels of the H3 grid (finest resolution = start + levels).", min=0, max=10
+        ),
+    ] = default(MapOptions, "levels"),
+    trajectories: Annotated[
+        int,
+        typer.Option(
+            help="Overlay the denoising paths of this many samples on the maps (flow families).", min=0
+        ),
+    ] = default(MapOptions, "trajectories"),
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="Manifest split(s) to read (default: all).")
+    ] = None,
     root: Annotated[Path | None, typer.Option(help="Dataset root (overrides the manifest's).")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N items.", min=1)] = None,
-    backbone: Annotated[str | None, typer.Option(help="Backbone name (default: the one config.json "
-                                                      "records).")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Local backbone weights instead of the offline Hugging "
-                                                      "Face cache.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Inputs per backbone batch.", min=1)] = default(PredictOptions,
-                                                                                                 "batch_size"),
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone name (default: the one config.json records).")
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="Local backbone weights instead of the offline Hugging Face cache.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Inputs per backbone batch.", min=1)] = default(
+        PredictOptions, "batch_size"
+    ),
     device: DeviceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the model's draws (reproducible output).")] = default(
-        PredictOptions, "seed"),
+        PredictOptions, "seed"
+    ),
     progress: ProgressOpt = True,
-    show: Annotated[int, typer.Option(help="Print at most this many rows of the table (0: all).", min=0)] = 50,
+    show: Annotated[
+        int, typer.Option(help="Print at most this many rows of the table (0: all).", min=0)
+    ] = 50,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print the table.")] = False,
 ) -> None:
     """Predict where images (or texts) are: top-k locations with their mass, an estimate, nearest places.
@@ -131,11 +206,29 @@ def predict(
     with quiet_loading(not progress):
         predictor = load_predictor(checkpoint, device=device, backbone=backbone, weights=weights)
     want_maps = (maps is not None or density_out is not None) and max_maps > 0
-    options = PredictOptions(estimator=estimator.value, top_k=top_k, samples=samples, omega=omega, steps=steps,
-                             localizability=localizability, batch_size=batch_size, seed=seed,
-                             keep_embeddings=want_maps, keep_samples=want_maps)
-    results = run_predict(predictor, list(inputs or []), texts, options, split=split, root=root, limit=limit,
-                          max_maps=max_maps if want_maps else 0, progress=progress)
+    options = PredictOptions(
+        estimator=estimator.value,
+        top_k=top_k,
+        samples=samples,
+        omega=omega,
+        steps=steps,
+        localizability=localizability,
+        batch_size=batch_size,
+        seed=seed,
+        keep_embeddings=want_maps,
+        keep_samples=want_maps,
+    )
+    results = run_predict(
+        predictor,
+        list(inputs or []),
+        texts,
+        options,
+        split=split,
+        root=root,
+        limit=limit,
+        max_maps=max_maps if want_maps else 0,
+        progress=progress,
+    )
     if output_format.value == "json":
         typer.echo(json.dumps([r.to_json() for r in results], ensure_ascii=False, indent=1))
     elif output_format.value == "jsonl":
@@ -154,9 +247,20 @@ def predict(
         _log(f"wrote {write_geojson(results, geojson)}")
     if want_maps:
         formats = MapOptions(format=map_format.value).formats
-        written = write_maps(predictor, results, maps, max_maps=max_maps, formats=formats, steps=map_steps,
-                             levels=map_levels, start_resolution=map_start, trajectories=trajectories, seed=seed,
-                             progress=progress, density_out=density_out)
+        written = write_maps(
+            predictor,
+            results,
+            maps,
+            max_maps=max_maps,
+            formats=formats,
+            steps=map_steps,
+            levels=map_levels,
+            start_resolution=map_start,
+            trajectories=trajectories,
+            seed=seed,
+            progress=progress,
+            density_out=density_out,
+        )
         if maps is not None:
             _log(f"wrote {sum(p.parent == maps for p in written)} map(s) to {maps}")
         if density_out is not None:
