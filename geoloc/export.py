@@ -167,9 +167,9 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
     draw) when known, the top modes as ``mass place``, localizability (bits) when computed, and the error in
     km when the truth is known. Failed inputs show ``error: <reason>``.
     """
-    def query(p: Any) -> str:
+    def query(p: Any) -> str:  # the text of a text query whose id is not that text (manifest id, slug)
         q = getattr(p, "query", "") or ""
-        return "" if q in (p.id, p.input) else q
+        return q if p.kind == "text" and q != p.id else ""
 
     show_query = any(query(p) for p in predictions)
     show_where = any(getattr(p, "estimate_label", "") for p in predictions if p.ok)

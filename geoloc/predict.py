@@ -129,18 +129,19 @@ class ItemPrediction:
         """
         out: dict[str, Any] = {
             "id": self.id, "query": self.query or self.input, "input": self.input, "kind": self.kind,
-            "lat": _num(self.lat), "lon": _num(self.lon),
+            "lat": _num(self.lat, 6), "lon": _num(self.lon, 6),
             "place": None if self.place is None else self.place.label,
             "estimator": self.estimator or None, "estimate_kind": self.estimate_kind or None,
             "estimate_mode": self.estimate_mode, "estimate_omega": self.estimate_omega if self.ok else None,
             "estimate_label": self.estimate_label or None,
             "top_k": [
-                {"rank": i, "lat": _num(m.lat), "lon": _num(m.lon), "mass": _num(m.mass),
+                {"rank": i, "lat": _num(m.lat, 6), "lon": _num(m.lon, 6), "mass": _num(m.mass, 4),
                  "place": None if m.place is None else m.place.label}
                 for i, m in enumerate(self.modes, start=1)
             ],
-            "other_mass": _num(self.other_mass), "localizability_bits": _num(self.localizability_bits),
-            "true_lat": _num(self.true_lat), "true_lon": _num(self.true_lon), "error_km": _num(self.error_km),
+            "other_mass": _num(self.other_mass, 4), "localizability_bits": _num(self.localizability_bits, 4),
+            "true_lat": _num(self.true_lat, 6), "true_lon": _num(self.true_lon, 6),
+            "error_km": _num(self.error_km, 3),
             "error": self.error,
         }
         regions = getattr(self, "regions", None)
@@ -149,9 +150,12 @@ class ItemPrediction:
         return out
 
 
-def _num(x: float | None) -> float | None:
-    """A finite float, or None (JSON has no NaN)."""
-    return None if x is None or not math.isfinite(x) else float(x)
+def _num(x: float | None, digits: int | None = None) -> float | None:
+    """A finite float (rounded to ``digits`` decimals, as in the CSV: 6 for degrees, ~0.1 m), or None (JSON
+    has no NaN)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x) if digits is None else round(float(x), digits)
 
 
 def _jsonable(value: Any) -> Any:
