@@ -320,6 +320,9 @@ class EmbedConfig:
 # ------------------------------------------------------------------------------------- prediction
 EstimatorName = Literal["sample", "median", "geoscore", "mode", "mean", "best-of-n"]
 MapFormat = Literal["png", "html", "both"]
+PredictFormat = Literal["table", "json", "jsonl"]
+"""How ``geoloc predict`` prints its answers on stdout (the first value is the default): a table, one JSON
+list, or one JSON object per line."""
 
 
 @dataclass(frozen=True)

@@ -45,16 +45,21 @@ def _place_cols(prefix: str, place: Any) -> dict[str, Any]:
 def prediction_rows(predictions: Sequence[Any], top_k: int | None = None) -> list[dict[str, Any]]:
     """One dict per :class:`~geoloc.predict.ItemPrediction`, with the same columns in every row.
 
-    Columns: ``id, input, kind, lat, lon, estimator, place, place_cc, place_km, localizability_bits``, then
-    for i in 1..k ``mode{i}_lat, mode{i}_lon, mode{i}_mass, mode{i}_place``, ``other_mass``, ``true_lat,
-    true_lon, error_km``, ``error``. ``top_k`` fixes k (default: the most modes any row has).
+    Columns: ``id, input, kind, lat, lon, estimator, query, estimate_kind, estimate_mode, estimate_label,
+    place, place_cc, place_km, localizability_bits``, then for i in 1..k ``mode{i}_lat, mode{i}_lon,
+    mode{i}_mass, mode{i}_place``, ``other_mass``, ``true_lat, true_lon, error_km``, ``error``. ``query``: the
+    text of a text input; ``estimate_mode``: the i of the mode holding the estimate, −1 for none of them
+    (see :class:`~geoloc.predict.ItemPrediction`). ``top_k`` fixes k (default: the most modes any row has).
     """
     k = top_k if top_k is not None else max((len(p.modes) for p in predictions), default=0)
     rows = []
     for p in predictions:
         row: dict[str, Any] = {
             "id": p.id, "input": p.input, "kind": p.kind, "lat": _r(p.lat), "lon": _r(p.lon),
-            "estimator": p.estimator or None, **_place_cols("place", p.place),
+            "estimator": p.estimator or None, "query": getattr(p, "query", "") or p.input,
+            "estimate_kind": getattr(p, "estimate_kind", "") or None,
+            "estimate_mode": getattr(p, "estimate_mode", None),
+            "estimate_label": getattr(p, "estimate_label", "") or None, **_place_cols("place", p.place),
             "localizability_bits": _r(p.localizability_bits, 4),
         }
         for i in range(k):
@@ -116,13 +121,16 @@ def to_geojson(predictions: Sequence[Any]) -> dict[str, Any]:
     ``role: "failed"`` and their ``error`` (RFC 7946 §3.2). Coordinates are ``[lon, lat]`` degrees."""
     features: list[dict[str, Any]] = []
     for p in predictions:
-        base = {"id": p.id, "input": p.input}
+        base = {"id": p.id, "query": getattr(p, "query", "") or p.input, "input": p.input}
         if not p.ok or p.lat is None:
             features.append({"type": "Feature", "geometry": None,
                              "properties": {**base, "role": "failed", "error": p.error}})
             continue
         props: dict[str, Any] = {
             **base, "role": "estimate", "estimator": p.estimator,
+            "estimate_kind": getattr(p, "estimate_kind", "") or None,
+            "estimate_mode": getattr(p, "estimate_mode", None),
+            "estimate_label": getattr(p, "estimate_label", "") or None,
             "place": None if p.place is None else p.place.label,
             "localizability_bits": _r(p.localizability_bits, 4),
         }
@@ -154,19 +162,31 @@ def _cut(text: str, width: int) -> str:
 def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) -> str:
     """A plain-text table for the terminal (no colours, no box drawing): one line per input.
 
-    Columns: id, estimate (lat, lon), nearest place, the top modes as ``mass place``, localizability (bits)
-    when computed, and the error in km when the truth is known. Failed inputs show ``error: <reason>``.
+    Columns: id, the query when it is not the id (texts from a manifest), estimate (lat, lon), nearest place,
+    which mode the estimate is in (``in mode #1``, ``outside the top-3 modes``; "guided sample" for a guided
+    draw) when known, the top modes as ``mass place``, localizability (bits) when computed, and the error in
+    km when the truth is known. Failed inputs show ``error: <reason>``.
     """
+    def query(p: Any) -> str:  # the text of a text query whose id is not that text (manifest id, slug)
+        q = getattr(p, "query", "") or ""
+        return q if p.kind == "text" and q != p.id else ""
+
+    show_query = any(query(p) for p in predictions)
+    show_where = any(getattr(p, "estimate_label", "") for p in predictions if p.ok)
     show_loc = any(p.localizability_bits is not None for p in predictions)
     show_err = any(p.error_km is not None for p in predictions)
-    header = ["id", "estimate", "place"] + [f"#{i + 1}" for i in range(top_k)]
+    header = ["id"] + ["query"] * show_query + ["estimate", "place"] + ["estimate is"] * show_where
+    header += [f"#{i + 1}" for i in range(top_k)]
     header += ["loc bits"] * show_loc + ["error km"] * show_err
     lines = []
     for p in predictions:
+        head = [_cut(p.id, width)] + [_cut(query(p), width)] * show_query
         if not p.ok:
-            lines.append([_cut(p.id, width), f"error: {p.error}"])
+            lines.append([*head, f"error: {p.error}"])
             continue
-        row = [_cut(p.id, width), f"{p.lat:8.3f} {p.lon:9.3f}", _cut(p.place.label if p.place else "", width)]
+        row = [*head, f"{p.lat:8.3f} {p.lon:9.3f}", _cut(p.place.label if p.place else "", width)]
+        if show_where:
+            row.append(p.estimate_label)
         for i in range(top_k):
             m = p.modes[i] if i < len(p.modes) else None
             row.append("" if m is None else _cut(f"{m.mass:4.0%} " + (m.place.label if m.place else
@@ -185,7 +205,8 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
         if len(row) == len(header):
             out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         else:
-            out.append("  ".join([row[0].ljust(widths[0]), *row[1:]]))
+            lead = len(row) - 1  # id (and query) columns, then the error message
+            out.append("  ".join([*(c.ljust(w) for c, w in zip(row[:lead], widths, strict=False)), *row[lead:]]))
     return "\n".join(out)
 
 

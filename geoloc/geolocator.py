@@ -25,7 +25,7 @@ from geoloc.checkpoint import load_weights, read_config, save_checkpoint
 from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig, SampleConfig, apply_overrides
 from geoloc.errors import CheckpointError, ConfigError
 from geoloc.families import Family, OdeFamily, check_cond, check_xyz, make_family
-from geoloc.sphere import xyz_to_latlon
+from geoloc.sphere import angle, xyz_to_latlon
 
 __all__ = ["Geolocator", "Prediction"]
 
@@ -37,6 +37,15 @@ class Prediction:
     ``latlon (B, 2)`` degrees and ``xyz (B, 3)``: the point estimate; ``topk``: an ``estimators.TopK`` (modes
     with probability mass) or None; ``localizability (B,)`` in bits (negative entropy, higher = more
     localizable) or None; ``samples (B, n, 3)`` when kept.
+
+    The estimate and the modes can disagree (a guided draw lands where the unguided distribution has
+    little mass; a GeoScore-optimal point sits between two basins), so the answer says which:
+    ``estimate_mode (B,)``: the index (0..k−1) of the top-k mode whose basin holds the estimate and within
+    whose draws it lies, −1 when it lies outside every reported mode (None without top-k); ``estimate_kind``: what the point is —
+    ``"guided-sample"`` (one draw with guidance ω ≠ 0, the paper's protocol: not a draw from the
+    distribution the modes describe), ``"sample"`` (one unguided draw), ``"mean-direction"`` (vMF families'
+    closed form), or the estimator's name over the model's draws (``"median"``, ``"geoscore"``, …),
+    prefixed ``"guided-"`` when those draws were guided. ``estimate_omega``: the guidance behind it (0: none).
     """
 
     latlon: torch.Tensor
@@ -44,6 +53,25 @@ class Prediction:
     topk: Any = None
     localizability: torch.Tensor | None = None
     samples: torch.Tensor | None = None
+    estimate_mode: torch.Tensor | None = None
+    estimate_kind: str = ""
+    estimate_omega: float = 0.0
+
+
+def _within_reach(mode: torch.Tensor, point: torch.Tensor, samples: torch.Tensor, topk: Any) -> torch.Tensor:
+    """Keep a mode index ``(B,)`` only where the point lies no farther from that mode than the mode's own
+    farthest sample; −1 otherwise.
+
+    Mean-shift from anywhere ends in some basin (far from every sample, the nearest one pulls), so the basin
+    alone would call a mean direction 1,700 km out over the Atlantic "in" a 45-km-wide Paris mode. An
+    estimate is in mode i only if it is in i's basin *and* among the draws that make mode i up.
+    """
+    idx = mode.clamp_min(0)
+    centre = torch.nan_to_num(topk.xyz.to(samples.dtype)).gather(1, idx[:, None, None].expand(-1, 1, 3))
+    spread = angle(centre, samples)  # (B, n): each draw's distance from the candidate mode
+    reach = torch.where(topk.assignment == idx[:, None], spread, torch.zeros_like(spread)).amax(dim=1)
+    inside = angle(centre[:, 0], point.to(samples.dtype)) <= reach * (1 + 1e-6) + 1e-9
+    return torch.where((mode >= 0) & inside, mode, torch.full_like(mode, -1))
 
 
 class Geolocator:
@@ -190,18 +218,25 @@ class Geolocator:
         """Point estimate per item, plus optional top-k modes (from ``n`` unguided draws) and localizability.
 
         ``estimator="sample"`` draws one sample with guidance ``omega`` (default 2, the paper's protocol);
-        the others use ``n`` draws with ``omega`` (default 0, the model's own distribution).
+        the others use ``n`` draws with ``omega`` (default 0, the model's own distribution). With top-k, the
+        estimate is placed in the basin of one of the modes or outside them (``Prediction.estimate_mode``).
         """
-        from geoloc.estimators import ESTIMATORS, top_k_modes
+        from geoloc.estimators import ESTIMATORS, basin_of, top_k_modes
 
         cond = self._cond(cond)
         samples = None
         if estimator == "sample":
             point = self.family.point(self.net, cond)
+            w = 0.0
+            kind = "mean-direction"
             if point is None:
-                point = self.sample(cond, 1, omega=2.0 if omega is None else omega, generator=generator)[:, 0]
+                w = 2.0 if omega is None else float(omega)
+                point = self.sample(cond, 1, omega=w, generator=generator)[:, 0]
+                kind = "guided-sample" if w != 0.0 else "sample"
         elif estimator in ESTIMATORS:
-            samples = self.sample(cond, n, omega=0.0 if omega is None else omega, generator=generator)
+            w = 0.0 if omega is None else float(omega)
+            kind = f"guided-{estimator}" if w != 0.0 else estimator
+            samples = self.sample(cond, n, omega=w, generator=generator)
             lp = None
             if ESTIMATORS[estimator].log_prob == "required":
                 flat = samples.reshape(-1, 3)
@@ -214,6 +249,12 @@ class Geolocator:
             if samples is None or (omega not in (None, 0.0) and estimator != "sample"):
                 samples = self.sample(cond, n, omega=0.0, generator=generator)
             topk = top_k_modes(samples, k=top_k)
+            # Which reported mode (if any) the estimate belongs to: the same KDE climb as the modes'.
+            estimate_mode = _within_reach(
+                basin_of(point[:, None].to(samples.dtype), samples, topk)[:, 0], point, samples, topk
+            )
+        else:
+            estimate_mode = None
         loc = self.localizability(cond, n=min(n, 256), generator=generator) if localizability else None
         return Prediction(
             latlon=xyz_to_latlon(point),
@@ -221,4 +262,7 @@ class Geolocator:
             topk=topk,
             localizability=loc,
             samples=samples if keep_samples else None,
+            estimate_mode=estimate_mode,
+            estimate_kind=kind,
+            estimate_omega=w,
         )

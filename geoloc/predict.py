@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -64,11 +65,18 @@ class Mode:
 class ItemPrediction:
     """The answer for one input; ``error`` is set (and the rest empty) when the input could not be used.
 
-    ``lat``/``lon``: the point estimate (degrees) of ``estimator``; ``modes``: the top-k locations, heaviest
-    first, and ``other_mass`` the mass outside them; ``localizability_bits``: E_p[log₂ p] (higher = more
-    localizable), when asked for; ``place``: the nearest place of the estimate; ``true_lat``/``true_lon``
-    and ``error_km``: when the input came with coordinates (a manifest). ``embedding`` and ``samples``
-    (unit vectors ``(n, 3)``) are kept only when asked for (density maps use them).
+    ``id``: the item's name (a path, a manifest id such as ``gn-000004``, or the text itself); ``input``:
+    where it came from (``file.csv:row 4``); ``query``: what was asked — the text of a text input (also
+    when the id is a manifest id or a slug), the source otherwise. ``lat``/``lon``: the point estimate
+    (degrees) of ``estimator``; ``estimate_kind``: what that point is (``"guided-sample"``: one draw with
+    guidance, not from the distribution the modes describe; see :class:`geoloc.geolocator.Prediction`);
+    ``estimate_mode``: the rank (1 = ``modes[0]``, as ``#1`` / ``mode1_*`` in the outputs) of the mode whose
+    basin holds the estimate, −1 when it lies outside every reported mode, None without top-k.
+    ``modes``: the top-k locations, heaviest first, and ``other_mass`` the mass outside them;
+    ``localizability_bits``: E_p[log₂ p] (higher = more localizable), when asked for; ``place``: the
+    nearest place of the estimate; ``true_lat``/``true_lon`` and ``error_km``: when the input came with
+    coordinates (a manifest). ``embedding`` and ``samples`` (unit vectors ``(n, 3)``) are kept only when
+    asked for (density maps use them).
     """
 
     id: str
@@ -77,6 +85,10 @@ class ItemPrediction:
     lat: float | None = None
     lon: float | None = None
     estimator: str = ""
+    query: str = ""
+    estimate_kind: str = ""
+    estimate_mode: int | None = None
+    estimate_omega: float = 0.0
     modes: list[Mode] = field(default_factory=list)
     other_mass: float | None = None
     localizability_bits: float | None = None
@@ -91,6 +103,81 @@ class ItemPrediction:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def estimate_label(self) -> str:
+        """How the estimate relates to the modes, in words: ``"in mode #1"``, ``"outside the top-3 modes"``,
+        prefixed with ``"guided sample (ω=2), "`` when the point is a guided draw ("" when unknown)."""
+        where = ""
+        if self.estimate_mode is not None and self.estimate_mode > 0:
+            where = f"in mode #{self.estimate_mode}"
+        elif self.estimate_mode is not None:
+            where = f"outside the top-{len(self.modes)} modes" if self.modes else "outside the top-k modes"
+        if self.estimate_kind.startswith("guided-"):
+            what = self.estimate_kind.removeprefix("guided-").replace("-", " ")
+            omega = f" (ω={self.estimate_omega:g})" if self.estimate_omega else ""
+            return f"guided {what}{omega}" + (f", {where}" if where else "")
+        return where
+
+    def to_json(self) -> dict[str, Any]:
+        """The answer as plain JSON types with stable keys (``geoloc predict --format json``).
+
+        Keys: ``id, query, input, kind, lat, lon, place, estimator, estimate_kind, estimate_mode``
+        (rank of ``top_k`` holding the estimate, 1-based; −1 outside; null without top-k), ``estimate_label``,
+        ``top_k`` (``[{rank, lat, lon, mass, place}]``), ``other_mass, localizability_bits, true_lat,
+        true_lon, error_km, error``; plus ``regions`` when the prediction carries highest-density regions.
+        """
+        out: dict[str, Any] = {
+            "id": self.id, "query": self.query or self.input, "input": self.input, "kind": self.kind,
+            "lat": _num(self.lat, 6), "lon": _num(self.lon, 6),
+            "place": None if self.place is None else self.place.label,
+            "estimator": self.estimator or None, "estimate_kind": self.estimate_kind or None,
+            "estimate_mode": self.estimate_mode, "estimate_omega": self.estimate_omega if self.ok else None,
+            "estimate_label": self.estimate_label or None,
+            "top_k": [
+                {"rank": i, "lat": _num(m.lat, 6), "lon": _num(m.lon, 6), "mass": _num(m.mass, 4),
+                 "place": None if m.place is None else m.place.label}
+                for i, m in enumerate(self.modes, start=1)
+            ],
+            "other_mass": _num(self.other_mass, 4), "localizability_bits": _num(self.localizability_bits, 4),
+            "true_lat": _num(self.true_lat, 6), "true_lon": _num(self.true_lon, 6),
+            "error_km": _num(self.error_km, 3),
+            "error": self.error,
+        }
+        regions = getattr(self, "regions", None)
+        if regions is not None:
+            out["regions"] = _jsonable(regions)
+        return out
+
+
+def _num(x: float | None, digits: int | None = None) -> float | None:
+    """A finite float (rounded to ``digits`` decimals, as in the CSV: 6 for degrees, ~0.1 m), or None (JSON
+    has no NaN)."""
+    if x is None or not math.isfinite(x):
+        return None
+    return float(x) if digits is None else round(float(x), digits)
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses, numpy arrays and scalars → plain JSON types (for fields added by other features)."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (np.generic, float)):
+        return _num(float(value)) if isinstance(value, (np.floating, float)) else value.item()
+    return value
+
+
+def _rank(index: int) -> int:
+    """A mode index from :func:`geoloc.estimators.basin_of` (0-based, −1: none) → a 1-based rank or −1."""
+    return index + 1 if index >= 0 else -1
 
 
 def nearest_places(gazetteer: Any, latlon: np.ndarray) -> list[Place | None]:
@@ -140,12 +227,14 @@ class EmbeddingPredictor:
         inputs: Sequence[str] | None = None,
         kinds: Sequence[str] | None = None,
         truth: Sequence[tuple[float, float]] | None = None,
+        queries: Sequence[str] | None = None,
         **overrides: Any,
     ) -> list[ItemPrediction]:
         """Predict from embeddings ``(B, cond_dim)`` (e.g. rows of a feature store), ``batch_size`` at a time.
 
         ``ids`` name the rows (default ``emb-00000`` ...); ``inputs`` / ``kinds`` are recorded on the results
-        (default: the id, ``image``); ``truth``: ``(lat, lon)`` per row (NaN: unknown) gives ``error_km``.
+        (default: the id, ``image``); ``queries``: what was asked per row (e.g. the text; default: the
+        input); ``truth``: ``(lat, lon)`` per row (NaN: unknown) gives ``error_km``.
         Keyword ``overrides`` set fields of :class:`PredictOptions` (``top_k=5``, ``estimator="median"``).
         """
         opts = replace(options or PredictOptions(), **overrides)
@@ -161,11 +250,12 @@ class EmbeddingPredictor:
         inputs = list(inputs) if inputs is not None else ids
         kinds = list(kinds) if kinds is not None else ["image"] * n
         truth = list(truth) if truth is not None else [(math.nan, math.nan)] * n
+        queries = list(queries) if queries is not None else inputs
         out: list[ItemPrediction] = []
         step = max(opts.batch_size, 1)
         for lo in range(0, n, step):
             sl = slice(lo, lo + step)
-            out += self._predict_cond(cond[sl], opts, ids[sl], inputs[sl], kinds[sl], truth[sl])
+            out += self._predict_cond(cond[sl], opts, ids[sl], inputs[sl], kinds[sl], truth[sl], queries[sl])
         return out
 
     def _predict_cond(
@@ -176,6 +266,7 @@ class EmbeddingPredictor:
         inputs: list[str],
         kinds: list[str],
         truth: list[tuple[float, float]],
+        queries: list[str] | None = None,
     ) -> list[ItemPrediction]:
         geo = self.geolocator
         geo.sample_config = replace(self._sample_config, steps=opts.steps or self._sample_config.steps)
@@ -227,6 +318,10 @@ class EmbeddingPredictor:
                 lat=float(latlon[b, 0]),
                 lon=float(latlon[b, 1]),
                 estimator=opts.estimator,
+                query=inputs[b] if queries is None else queries[b],
+                estimate_kind=pred.estimate_kind,
+                estimate_mode=None if pred.estimate_mode is None else _rank(int(pred.estimate_mode[b])),
+                estimate_omega=pred.estimate_omega,
                 modes=modes,
                 other_mass=None if topk is None else float(topk.other_mass[b]),
                 localizability_bits=None if loc is None else float(loc[b]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -59,7 +60,7 @@ def train_command(
             overrides.append(f"{key}={value}")
     overrides.append("data.stores=" + ",".join(store))
     cfg = resolve_config(preset, config, overrides, family=family)
-    typer.echo(f"config: {config_to_dict(cfg)}")
+    typer.echo("config: " + json.dumps(config_to_dict(cfg), default=str))
     result = run_train(cfg, out, init_from=init_from, resume=resume)
     last = result.history[-1] if result.history else {}
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))

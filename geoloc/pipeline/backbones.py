@@ -57,6 +57,7 @@ __all__ = [
     "decode_image",
     "hf_cache_dir",
     "load_backbone",
+    "quiet_loading",
     "resolve_dtype",
     "stack_images",
 ]
@@ -610,6 +611,35 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 """Registry: name → factory ``(weights=None, *, config=None) -> Backbone``. open_clip models are addressed
 as ``open_clip:ARCH/TAG`` (see :func:`load_backbone`)."""
+
+
+@contextlib.contextmanager
+def quiet_loading(enabled: bool = True) -> Any:
+    """Silence the progress bars of transformers ("Loading weights 103/103") and huggingface_hub while
+    loading, when ``enabled`` (``--no-progress``); both libraries' settings are restored afterwards."""
+    if not enabled:
+        yield
+        return
+    import huggingface_hub.utils as hub_utils  # heavy: only when a backbone is about to load anyway
+    from transformers.utils import logging as hf_logging
+
+    hf_was_on = hf_logging.is_progress_bar_enabled()
+    hub_was_off = hub_utils.are_progress_bars_disabled()
+    env = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    hf_logging.disable_progress_bar()
+    hub_utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if env is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = env
+        if hf_was_on:
+            hf_logging.enable_progress_bar()
+        if not hub_was_off:
+            hub_utils.enable_progress_bars()
 
 
 def load_backbone(name: str, weights: str | os.PathLike | None = None, *, config: Any = None) -> Backbone:

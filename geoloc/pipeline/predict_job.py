@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
 import re
+import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -42,6 +44,8 @@ from geoloc.config import DensityConfig, MapOptions, PredictOptions
 from geoloc.density import density_maps
 from geoloc.devices import resolve_device
 from geoloc.errors import CheckpointError, ConfigError, InputError
+from geoloc.export import density_features, density_rows
+from geoloc.files import atomic_write
 from geoloc.gazetteer import Gazetteer
 from geoloc.geolocator import Geolocator
 from geoloc.maps import map_title, render_html, render_png
@@ -60,14 +64,24 @@ __all__ = [
     "Place",
     "PredictOptions",
     "Predictor",
+    "check_outputs",
     "collect_inputs",
     "collect_records",
     "load_predictor",
+    "read_texts",
     "run_predict",
+    "write_density_cells",
     "write_maps",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+DENSITY_SUFFIXES = (".geojson", ".json", ".parquet", ".pq")
+STDIN = "-"
+"""An input (or ``--text`` / ``--text-file`` value) that means: read one entry per line from stdin."""
+_MODEL_CHUNK = 8
+"""Items per model call inside a backbone batch: the progress bar moves (with an ETA) every few items even
+when one batch of 32 takes minutes of sampling on a CPU."""
 
 
 def collect_inputs(inputs: Iterable[Any], text: bool) -> list[Item | Failure]:
@@ -228,22 +242,24 @@ class Predictor(EmbeddingPredictor):
             for rec in records:
                 batch.append(rec)
                 if len(batch) >= opts.batch_size:
-                    yield from self._run_batch(batch, opts)
-                    bar.update(len(batch))
+                    yield from self._run_batch(batch, opts, bar.update)
                     batch = []
             if batch:
-                yield from self._run_batch(batch, opts)
-                bar.update(len(batch))
+                yield from self._run_batch(batch, opts, bar.update)
 
     # --- internals ----------------------------------------------------------------------------------
-    def _run_batch(self, batch: list[Item | Failure], opts: PredictOptions) -> list[ItemPrediction]:
+    def _run_batch(
+        self, batch: list[Item | Failure], opts: PredictOptions, advance: Callable[[int], Any] = lambda n: None
+    ) -> list[ItemPrediction]:
+        """One backbone batch; ``advance(n)`` is called as items finish (``_MODEL_CHUNK`` at a time)."""
         bb = self.backbone
         results: list[ItemPrediction | None] = [None] * len(batch)
         good: list[int] = []
         prepared: list[Any] = []
         for i, rec in enumerate(batch):
             if isinstance(rec, Failure):
-                results[i] = ItemPrediction(id=rec.id, input=rec.source, kind="", error=rec.reason)
+                results[i] = ItemPrediction(id=rec.id, input=rec.source, kind="", query=rec.source,
+                                            error=rec.reason)
                 continue
             if rec.kind != bb.kind:
                 results[i] = _failed(rec, f"a {rec.kind} input, but backbone {bb.name} embeds {bb.kind}s")
@@ -255,20 +271,30 @@ class Predictor(EmbeddingPredictor):
                 results[i] = _failed(rec, f"cannot read: {e.strerror or e}")
             except ValueError as e:  # ImageDecodeError and bad texts are ValueErrors with a reason
                 results[i] = _failed(rec, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        advance(len(batch) - len(good))
         if good:
             cond = bb.encode(bb.collate(prepared))
-            recs = [batch[i] for i in good]
-            answers = self._predict_cond(
-                cond,
-                opts,
-                [r.id for r in recs],
-                [r.source for r in recs],
-                [r.kind for r in recs],
-                [(r.lat, r.lon) for r in recs],
-            )
-            for i, res in zip(good, answers, strict=True):
-                results[i] = res
+            for lo in range(0, len(good), _MODEL_CHUNK):
+                part = good[lo : lo + _MODEL_CHUNK]
+                recs = [batch[i] for i in part]
+                answers = self._predict_cond(
+                    cond[lo : lo + _MODEL_CHUNK],
+                    opts,
+                    [r.id for r in recs],
+                    [r.source for r in recs],
+                    [r.kind for r in recs],
+                    [(r.lat, r.lon) for r in recs],
+                    [_query(r) for r in recs],
+                )
+                for i, res in zip(part, answers, strict=True):
+                    results[i] = res
+                advance(len(part))
         return [r for r in results if r is not None]
+
+
+def _query(rec: Item) -> str:
+    """What was asked: the text of a text item (its id may be a manifest id or a slug), else the source."""
+    return rec.payload if rec.kind == "text" and isinstance(rec.payload, str) else rec.source
 
 
 def _failed(rec: Item, reason: str) -> ItemPrediction:
@@ -276,6 +302,7 @@ def _failed(rec: Item, reason: str) -> ItemPrediction:
         id=rec.id,
         input=rec.source,
         kind=rec.kind,
+        query=_query(rec),
         error=reason,
         true_lat=rec.lat if math.isfinite(rec.lat) else None,
         true_lon=rec.lon if math.isfinite(rec.lon) else None,
@@ -290,6 +317,62 @@ def load_predictor(checkpoint: str | Path, **kwargs: Any) -> Predictor:
     return Predictor.from_pretrained(checkpoint, **kwargs)
 
 
+def _lines(stream: TextIO) -> list[str]:
+    """Non-blank lines of a text stream, without their line ends (one entry per line)."""
+    return [line.rstrip("\r\n") for line in stream if line.strip()]
+
+
+def read_texts(
+    texts: Sequence[str] = (), text_files: Sequence[str | Path] = (), stdin: TextIO | None = None
+) -> list[str]:
+    """``--text`` values and the lines of ``--text-file`` files → the texts to locate, in order.
+
+    ``-`` (as a ``--text`` value or a file name) reads one text per line from ``stdin`` (default:
+    ``sys.stdin``), once; blank lines are skipped. A missing or unreadable file is an :class:`InputError`,
+    raised before any model loads.
+    """
+    out: list[str] = []
+    used_stdin = False
+    for source, value in [("text", t) for t in texts] + [("file", f) for f in text_files]:
+        if str(value) == STDIN:
+            if used_stdin:
+                raise InputError("stdin ('-') can be read once; pass '-' a single time")
+            used_stdin = True
+            out += _lines(stdin or sys.stdin)
+        elif source == "text":
+            out.append(str(value))
+        else:
+            try:
+                with open(value, encoding="utf-8") as f:
+                    out += _lines(f)
+            except OSError as e:
+                raise InputError(f"--text-file {value}: cannot read it ({e.strerror or e})") from e
+            except UnicodeDecodeError as e:
+                raise InputError(f"--text-file {value}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return out
+
+
+def check_outputs(
+    out: str | Path | None = None, density_out: str | Path | None = None, geojson: str | Path | None = None
+) -> None:
+    """Reject output paths whose format is unknown before any work is done (a 2-hour run should not fail at
+    the write): ``out`` .csv / .parquet, ``density_out`` .geojson / .json / .parquet; none may be a folder."""
+    for path, suffixes, what in (
+        (out, TABLE_SUFFIXES, "--out"),
+        (density_out, DENSITY_SUFFIXES, "--density-out"),
+        (geojson, None, "--geojson"),
+    ):
+        if path is None:
+            continue
+        p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{what} {p}: is a folder; give a file name")
+        if suffixes is not None and p.suffix.lower() not in suffixes:
+            raise ConfigError(
+                f"{what} {p}: unknown format {p.suffix or '(no suffix)'}; use {' or '.join(suffixes)}"
+            )
+
+
 def collect_records(
     inputs: Sequence[str],
     texts: Sequence[str],
@@ -299,9 +382,21 @@ def collect_records(
     limit: int | None,
 ) -> tuple[list | Iterator, int | None]:
     """Positional inputs and texts → records (files, folders, or manifests by name or .toml path), and their
-    number when known (manifests stream)."""
+    number when known (manifests stream). An input ``-`` reads one entry per line from stdin: texts when the
+    backbone embeds texts, image paths otherwise."""
     records: list = []
+    inputs, texts = list(inputs), list(texts)
+    if STDIN in inputs:  # one entry per line: texts for a text backbone, image paths otherwise
+        if inputs.count(STDIN) > 1:
+            raise InputError("stdin ('-') can be read once; pass '-' a single time")
+        lines = _lines(sys.stdin)
+        if takes_text:
+            texts += lines
+        else:
+            inputs = [x for x in inputs if x != STDIN] + lines
     for x in inputs:
+        if x == STDIN:
+            continue
         p = Path(x)
         if p.suffix == ".toml" or not (p.exists() or p.suffix.lower() in IMAGE_SUFFIXES):
             manifest = load_manifest(x, root=root)
@@ -361,7 +456,7 @@ def _slug(text: str, is_path: bool) -> str:
 def write_maps(
     predictor: EmbeddingPredictor,
     results: Sequence[ItemPrediction],
-    directory: str | Path,
+    directory: str | Path | None,
     *,
     max_maps: int = MapOptions.max_maps,
     formats: Sequence[str] = MapOptions().formats,
@@ -372,8 +467,12 @@ def write_maps(
     seed: int | None = MapOptions.seed,
     progress: bool = False,
     chunk: int = MapOptions.chunk,
+    density_out: str | Path | None = None,
 ) -> list[Path]:
     """Density maps (``NNN-<id>.png`` / ``.html``) for the first ``max_maps`` located results.
+
+    ``directory=None`` draws no pictures; ``density_out`` (``.parquet`` or ``.geojson``) also writes the
+    cells of every map to one file (see :func:`write_density_cells`). Returns the paths written.
 
     The results must carry their embeddings (``PredictOptions(keep_embeddings=True)``); their samples, if
     kept, seed the refinement. ``steps``: RK4 steps of the likelihood ODE; ``levels``: H3 refinement levels
@@ -386,8 +485,12 @@ def write_maps(
     geo = predictor.geolocator
     lik = replace(geo.likelihood_config, steps=steps)
     cfg = DensityConfig(start_resolution=start_resolution, levels=levels, likelihood=lik)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if density_out is not None:
+        check_outputs(density_out=density_out)
+    if directory is not None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+    cells: list[tuple[ItemPrediction, Any]] = []
     gen = torch.Generator(device=geo.device).manual_seed(seed) if seed is not None else None
     written: list[Path] = []
     with progress_bar(len(todo), "density maps", unit="map", enabled=progress) as bar:
@@ -408,8 +511,12 @@ def write_maps(
                         xyz_to_latlon(states.double()).reshape(len(part), trajectories, -1, 2).cpu().numpy()
                     )
             for j, ((i, r), dmap) in enumerate(zip(part, dmaps, strict=True)):
+                if density_out is not None:
+                    cells.append((r, dmap))
+                if directory is None:
+                    continue
                 stem = f"{i:03d}-{_slug(r.id, r.kind == 'image' and r.id == r.input)}"
-                title = map_title(r.id, r.input, r.localizability_bits)
+                title = map_title(r.id, r.query or r.input, r.localizability_bits)
                 modes = [
                     {"lat": m.lat, "lon": m.lon, "mass": m.mass, "label": m.place.label if m.place else None}
                     for m in r.modes
@@ -434,4 +541,36 @@ def write_maps(
                                     estimate=(r.lat, r.lon), localizability_bits=r.localizability_bits)
                     )
             bar.update(len(part))
+    if density_out is not None:
+        written.append(write_density_cells(cells, density_out))
     return written
+
+
+def write_density_cells(maps: Sequence[tuple[ItemPrediction, Any]], path: str | Path) -> Path:
+    """The cells of several items' density maps in one file, each row / feature tagged with its item.
+
+    ``.parquet``: :func:`geoloc.export.density_rows` columns after ``item_id`` and ``query``; ``.geojson``
+    / ``.json``: :func:`geoloc.export.density_features` polygons with ``item_id`` and ``query`` properties
+    (for one item, the same content as :func:`geoloc.export.write_density` plus those tags). Atomic write.
+    """
+    path = Path(path)
+    check_outputs(density_out=path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow as pa  # heavy optional dependency: only when a Parquet file is asked for
+        import pyarrow.parquet as pq
+
+        tables = []
+        for r, dmap in maps:
+            cols = density_rows(dmap)
+            n = len(cols["cell"])
+            tables.append(pa.table({"item_id": [r.id] * n, "query": [r.query or r.input] * n, **cols}))
+        table = pa.concat_tables(tables) if tables else pa.table({"item_id": pa.array([], pa.string())})
+        return atomic_write(path, lambda p: pq.write_table(table, p))
+    features = []
+    for r, dmap in maps:
+        for f in density_features(dmap)["features"]:
+            f["properties"] = {"item_id": r.id, "query": r.query or r.input, **f["properties"]}
+            features.append(f)
+    body = json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False,
+                      separators=(",", ":"))
+    return atomic_write(path, lambda p: Path(p).write_text(body, encoding="utf-8"))

@@ -173,3 +173,147 @@ def test_python_api_texts_and_embeddings():
                                   estimator="median", keep_samples=True)
     assert [o.id for o in out] == ["x", "y", "z"] and out[0].place is None and out[0].samples.shape == (16, 3)
     assert haversine_km(np.array([39.80, -89.64]), np.array([out[0].lat, out[0].lon])) < 20
+
+
+# --------------------------------------------------------------------------- issue 14 §3: a CLI that fits
+SPRINGFIELD = (39.80, -89.64)
+LONG = "a place name far longer than eighty characters, so that its id is a slug and its text lives in query"
+
+
+@pytest.fixture(scope="module")
+def text_ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "text", backbone="minilm", cond_dim=384,
+                           centre=SPRINGFIELD)
+
+
+_FAST = ("--samples", "16", "--steps", "2", "--top-k", "2")
+
+
+def test_text_queries_keep_their_text_in_every_output(tmp_path, text_ckpt):
+    from geoloc.pipeline.items import Item
+
+    (tmp_path / "t.txt").write_text("Paris\n\n  \nSpringfield\n", encoding="utf-8")
+    r = _run("-c", text_ckpt, "--text", LONG, "--text-file", tmp_path / "t.txt", *_FAST, "--no-progress",
+             "--out", tmp_path / "p.csv", "--geojson", tmp_path / "p.geojson", "--format", "json")
+    assert r.exit_code == 0, r.output
+    recs = json.loads(r.stdout)
+    assert [x["id"] for x in recs] == ["text-00000", "Paris", "Springfield"]
+    assert [x["query"] for x in recs] == [LONG, "Paris", "Springfield"]
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "p.csv").open(encoding="utf-8")))
+    assert [row["query"] for row in rows] == [LONG, "Paris", "Springfield"]
+    gj = json.loads((tmp_path / "p.geojson").read_text(encoding="utf-8"))
+    assert {f["properties"]["query"] for f in gj["features"]} == {LONG, "Paris", "Springfield"}
+    # Text items from a manifest (ids like gn-000004): the table and the JSON show the text too.
+    predictor = Predictor.from_pretrained(text_ckpt)
+    item = Item(id="gn-000004", split="test", lat=48.85, lon=2.35, payload="Paris", source="rg.csv:row 4",
+                kind="text")
+    (res,) = predictor.predict([item], top_k=2, samples=16, steps=2)
+    assert res.id == "gn-000004" and res.query == "Paris" and res.to_json()["query"] == "Paris"
+    from geoloc.export import format_table
+
+    header, line = format_table([res], top_k=2).splitlines()
+    assert "query" in header and "gn-000004" in line and "Paris" in line
+
+
+def test_texts_from_stdin(text_ckpt):
+    r = runner.invoke(app, ["predict", "-c", str(text_ckpt), "--text", "-", *_FAST, "--no-progress",
+                            "--format", "jsonl"], input="Springfield\n\nParis\n")
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line)["query"] for line in r.stdout.splitlines()] == ["Springfield", "Paris"]
+    r = runner.invoke(app, ["predict", "-", "-c", str(text_ckpt), *_FAST, "--no-progress", "-f", "json"],
+                      input="Reykjavik\n")
+    assert r.exit_code == 0, r.output
+    (rec,) = json.loads(r.stdout)
+    assert rec["id"] == "Reykjavik" and rec["kind"] == "text"
+
+
+def test_json_to_stdout_logs_to_stderr(tmp_path, vmf_ckpt):
+    photos = write_images(tmp_path / "photos", n=2)
+    r = _run(photos, "-c", vmf_ckpt, "--samples", "32", "--steps", "2", "--format", "json",
+             "--out", tmp_path / "p.parquet")
+    assert r.exit_code == 0, r.output
+    recs = json.loads(r.stdout)  # stdout is nothing but the JSON list
+    assert len(recs) == 3 and "3 item(s), 2 located, 1 failed" in r.stderr and "wrote" in r.stderr
+    keys = {"id", "query", "lat", "lon", "estimate_kind", "estimate_mode", "top_k", "other_mass",
+            "localizability_bits", "error"}
+    assert all(keys <= set(x) for x in recs) and len({tuple(x) for x in recs}) == 1  # same keys everywhere
+    ok = [x for x in recs if x["error"] is None]
+    assert len(ok) == 2 and all(x["estimate_kind"] == "mean-direction" for x in ok)
+    for x in ok:  # the vMF's estimate is its mean direction: in the top mode, which is Paris
+        assert x["estimate_mode"] == 1 and x["top_k"][0]["mass"] > 0.9 and x["top_k"][0]["place"].endswith("FR")
+        assert haversine_km(np.array(PARIS), np.array([x["lat"], x["lon"]])) < 1.0
+    bad = [x for x in recs if x["error"] is not None]
+    assert bad[0]["lat"] is None and "decode" in bad[0]["error"]
+    r = _run(photos, "-c", vmf_ckpt, "--samples", "8", "--steps", "2", "--format", "table", "--no-progress")
+    assert "estimate is" in r.stdout and "in mode #1" in r.stdout and "item(s)" not in r.stdout
+
+
+def test_options_are_checked_before_any_work(tmp_path):
+    from geoloc.errors import ConfigError
+
+    nowhere = tmp_path / "no-checkpoint"  # loading it would fail: the option errors must come first
+    r = _run("-c", nowhere, "--text", "Paris", "--out", tmp_path / "x.json")
+    assert isinstance(r.exception, ConfigError) and ".csv or .parquet" in str(r.exception)
+    r = _run("-c", nowhere, "--text", "Paris", "--density-out", tmp_path / "cells.txt")
+    assert isinstance(r.exception, ConfigError) and ".geojson" in str(r.exception)
+    r = _run("-c", nowhere, "--text-file", tmp_path / "missing.txt")
+    assert isinstance(r.exception, InputError) and "missing.txt" in str(r.exception)
+    r = _run("-c", nowhere, "--text", "Paris", "--estimator", "foo")
+    assert r.exit_code == 2 and "'foo' is not one of" in r.output and "median" in r.output
+    r = _run("-c", nowhere, "--text", "Paris", "--format", "xml")
+    assert r.exit_code == 2 and "'xml' is not one of" in r.output
+    r = _run("-c", nowhere, "--text", "Paris", "--map-format", "gif")
+    assert r.exit_code == 2 and "'gif' is not one of" in r.output
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_no_third_party_progress_noise(text_ckpt):
+    quiet = _run("-c", text_ckpt, "--text", "Paris", *_FAST, "--no-progress", "-f", "json")
+    assert quiet.exit_code == 0, quiet.output
+    assert "Loading weights" not in quiet.stderr and "%|" not in quiet.stderr, quiet.stderr
+    loud = _run("-c", text_ckpt, "--text", "Paris", *_FAST, "-f", "json")
+    assert loud.exit_code == 0 and "predict" in loud.stderr  # our bar, on stderr
+    assert "Loading weights" in loud.stderr  # what --no-progress silenced above
+    assert json.loads(loud.stdout)[0]["query"] == "Paris"  # bars never reach stdout
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # the library's setting is restored afterwards
+
+
+def test_progress_moves_every_few_items(text_ckpt):
+    from geoloc.pipeline.items import Failure
+    from geoloc.pipeline.predict_job import _MODEL_CHUNK, collect_inputs
+
+    predictor = Predictor.from_pretrained(text_ckpt)
+    records = collect_inputs([f"town {i}" for i in range(_MODEL_CHUNK + 3)], text=True)
+    records.append(Failure(id="gone", source="gone", reason="no such file"))
+    steps: list[int] = []
+    out = predictor._run_batch(records, PredictOptions(top_k=1, samples=8, steps=2), steps.append)
+    assert steps == [1, _MODEL_CHUNK, 3] and len(out) == len(records)
+    assert [o.id for o in out[:2]] == ["town 0", "town 1"] and out[-1].error == "no such file"
+
+
+def test_density_cells_export(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "rfm", family="rfm-s2")
+    photos = write_images(tmp_path / "photos", 2)
+    args = ("--max-maps", "2", "--map-levels", "1", "--map-steps", "2", "--map-start", "0", "--samples", "16",
+            "--steps", "2", "--no-progress", "-q")
+    r = _run(photos, "-c", ckpt, "--density-out", tmp_path / "cells.parquet", *args)
+    assert r.exit_code == 0, r.output
+    t = pq.read_table(tmp_path / "cells.parquet").to_pylist()
+    items = sorted({row["item_id"] for row in t})
+    assert items == sorted(str(p) for p in photos.glob("img*.png"))  # broken.jpg failed: no cells
+    for item in items:
+        rows = [row for row in t if row["item_id"] == item]
+        assert len({row["cell"] for row in rows}) == len(rows) > 100  # 122 res-0 cells, some refined
+        mass = sum(row["mass"] for row in rows)
+        assert all(row["mass"] >= 0 for row in rows) and 0.2 < mass < 5  # a density, whatever its training
+    r = _run(photos, "-c", ckpt, "--density-out", tmp_path / "cells.geojson", *args)
+    assert r.exit_code == 0, r.output
+    gj = json.loads((tmp_path / "cells.geojson").read_text())
+    assert len(gj["features"]) == len(t)
+    f = gj["features"][0]
+    assert f["geometry"]["type"] in ("Polygon", "MultiPolygon") and f["properties"]["item_id"] in items
+    assert not (tmp_path / "maps").exists()  # cells only: no pictures were drawn
