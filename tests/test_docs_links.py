@@ -3,7 +3,7 @@
 A citation is a document followed by one or more sections: ``docs/eval-protocol.md §1.4, §2.2`` or a range
 ``docs/reference-behaviour.md §9–§10`` (both ends are checked). A ``§`` followed by a number anywhere else in
 geoloc/, bench/ or tests/ is a bare citation: the reader cannot tell which document it means, so it fails.
-Sections of external standards (``RFC 7946 §3.1.9``) are not ours and are allowed.
+Sections of external standards and of tracker issues (``RFC 7946 §3.1.9``, ``issue 14 §3``) are allowed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ NUM = r"\d+(?:\.\d+)*"
 CITE = re.compile(rf"docs/([\w-]+\.md) (§\s?{NUM}(?:(?:, ?|–)§\s?{NUM})*)")
 SECTION = re.compile(rf"§\s?({NUM})")
 BARE = re.compile(rf"§\s?{NUM}")
-STANDARD = re.compile(r"RFC \d+ $")
+STANDARD = re.compile(r"(?:RFC|[Ii]ssue) \d+ $")
 HEADING = re.compile(r"^#+\s+§?(\d+(?:\.\d+)*)\.?\s", re.MULTILINE)
 
 
@@ -68,7 +68,9 @@ def test_citation_pattern_reads_lists_and_ranges():
 
 def test_bare_pattern_flags_undocumented_sections_but_not_standards():
     sign = "\u00a7"  # written out so that this file's own text holds no bare citation
-    text = f"the reference ({sign}16.1),\nRFC 7946 {sign}3.1.9, docs/x.md {sign}2 and {sign}4"
+    text = (
+        f"the reference ({sign}16.1),\nRFC 7946 {sign}3.1.9, issue 14 {sign}3, docs/x.md {sign}2 and {sign}4"
+    )
     assert _bare(text) == [(1, f"{sign}16.1"), (2, f"{sign}4")]
 
 
