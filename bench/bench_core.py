@@ -407,7 +407,7 @@ def bench_likelihood_paper(sz: Sizes, net: torch.nn.Module) -> dict:
 def velocity_roughness(geo: Geolocator, cond: torch.Tensor, xyz: torch.Tensor) -> dict:
     """How much v(x, s) moves when s moves by 1e-3 (relative): large values explain slow solver convergence.
 
-    The network embeds 1000·s with sinusoids (reference §4.1), so v can oscillate in s with period ~6e-3.
+    The network embeds 1000·s with sinusoids (docs/reference-behaviour.md §4.1), so v can oscillate in s with period ~6e-3.
     """
     fam = geo.family
     v = fam.velocity(geo.net, cond, 0.0)

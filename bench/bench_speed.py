@@ -3,7 +3,7 @@
 Prints one JSON record: the machine (CPU model, avx2 / avx512_bf16 / amx flags, torch version, threads), and
 per network size (512 × 12 paper, 256 × 6 small) and NFE (16, 32): points/s of
 
-- ``reference``: the reference's loop (reference §7.3): per step ONE forward pass of the reference network
+- ``reference``: the reference's loop (docs/reference-behaviour.md §7.3): per step ONE forward pass of the reference network
   on the concatenated batch (condition, zero condition), guidance ``(1+ω)·c − ω·u``, an ambient Euler step in
   the signal level and a projection onto the sphere. With ``PLONK_REPO`` set to a checkout of
   nicolas-dufour/plonk (needs ``einops``) the reference's own ``GeoAdaLNMLP`` class runs, loaded with our
@@ -93,7 +93,7 @@ def _load_reference_network_class():
 
 
 def _sigmoid_signal(t: torch.Tensor, start: float = -7.0, end: float = 3.0, tau: float = 1.0) -> torch.Tensor:
-    """The reference's SigmoidScheduler (§5.3), as the loop uses it (fp32, clamped at 1e-9)."""
+    """The reference's SigmoidScheduler (docs/reference-behaviour.md §5.3), as the loop uses it (fp32, clamped at 1e-9)."""
     v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
     out = (-torch.sigmoid((t * (end - start) + start) / tau) + v_end) / (v_end - v_start)
     return out.clamp(1e-9, 1.0)
@@ -101,7 +101,7 @@ def _sigmoid_signal(t: torch.Tensor, start: float = -7.0, end: float = 3.0, tau:
 
 @torch.no_grad()
 def reference_sample(net, x, cond, steps: int, omega: float, ref_api: bool) -> torch.Tensor:
-    """The reference's riemannian_flow_sampler loop (§7.3), written out: two branches in one batch per step."""
+    """The reference's riemannian_flow_sampler loop (docs/reference-behaviour.md §7.3), written out: two branches in one batch per step."""
     gammas = _sigmoid_signal(1 - torch.arange(steps + 1, dtype=torch.float32) / steps)
     stacked = torch.cat([cond, torch.zeros_like(cond)])
     for g_now, g_next in itertools.pairwise(gammas):

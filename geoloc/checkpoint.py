@@ -10,7 +10,7 @@ A checkpoint directory holds:
   tensors and plain containers and is read with ``torch.load(weights_only=True)``; weights are never pickled.
 
 ``geoloc.convert.convert_plonk`` turns the reference's published hub layout (its ``model.safetensors`` with
-the ``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim, §12) into ours.
+the ``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim, docs/reference-behaviour.md §12) into ours.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network width, depth and MLP expansion (reference §4.3: 512 / 12 / 4 for OSV-5M and YFCC)."""
+    """Network width, depth and MLP expansion (docs/reference-behaviour.md §4.3: 512 / 12 / 4 for OSV-5M and YFCC)."""
 
     dim: int = 512
     depth: int = 12
@@ -110,7 +110,7 @@ class LikelihoodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and schedule (reference §11: LAMB, lr 8e-4, wd 0.05, 500 warm-up steps, cosine to 0)."""
+    """Optimiser and schedule (docs/reference-behaviour.md §11: LAMB, lr 8e-4, wd 0.05, 500 warm-up steps, cosine to 0)."""
 
     name: Literal["adamw", "lamb"] = "adamw"
     lr: float = 8e-4
@@ -154,7 +154,7 @@ class TrainConfig:
 
 def use_family(family: FamilyConfig, name: str) -> FamilyConfig:
     """``family`` switched to the family ``name``: the one home of the rule that vMF families train without
-    condition dropout (they are never guided, so dropping the condition only wastes signal; reference §11.1).
+    condition dropout (they are never guided, so dropping the condition only wastes signal; docs/reference-behaviour.md §11.1).
     Other families keep ``family.cond_drop``."""
     return dataclasses.replace(
         family, name=name, cond_drop=0.0 if name.startswith("vmf") else family.cond_drop
@@ -535,7 +535,7 @@ keep :attr:`EvalConfig.device` (``cpu``) so a script's numbers do not depend on 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How to evaluate. Defaults are the published protocol (eval-protocol.md §7).
+    """How to evaluate. Defaults are the published protocol (docs/eval-protocol.md §7).
 
     Prediction: ``estimator`` (``sample`` = one guided draw, the paper's Table 1; ``median``, ``geoscore``,
     ``mode``, ``best-of-n``, ``mean`` from ``n`` draws, see ``estimators.py``), ``omega`` (None: 2 for

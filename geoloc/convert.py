@@ -2,8 +2,8 @@
 
 The reference publishes its networks on the Hugging Face hub as a ``model.safetensors`` holding the
 ``GeoAdaLNMLP`` parameters under their own names (no prefix) and a ``config.json`` with
-``{cond_dim, depth, dim, expansion, input_dim}`` (reference §12, §12.1); its training runs leave Lightning
-``.ckpt`` files whose ``state_dict`` carries the same names behind an ``ema_network.`` prefix (§14). Our
+``{cond_dim, depth, dim, expansion, input_dim}`` (docs/reference-behaviour.md §12, §12.1); its training runs leave Lightning
+``.ckpt`` files whose ``state_dict`` carries the same names behind an ``ema_network.`` prefix (docs/reference-behaviour.md §14). Our
 :class:`~geoloc.network.GeoAdaLNMLP` uses exactly those names, so conversion is a validated copy plus the
 metadata the reference keeps outside the weights: the family (from the hub name: ``PLONK_YFCC`` is Riemannian
 flow matching, ``…_flow`` flow matching in R³, ``…_diffusion`` DDPM), the schedule (sigmoid −7/3/1, every
@@ -48,10 +48,10 @@ PLONK_FAMILIES = ("rfm-s2", "flow-r3", "diffusion-r3")
 """The published generative families (the vMF baselines were never published)."""
 
 DATASET_BACKBONES = {"osv5m": "streetclip", "yfcc": "dinov2-l-reg", "inat21": "dinov2-l-reg"}
-"""Backbone whose 1024-d features each published model was trained on (reference §1, §12)."""
+"""Backbone whose 1024-d features each published model was trained on (docs/reference-behaviour.md §1, §12)."""
 
 PLONK_SCHEDULE = {"start": -7.0, "end": 3.0, "tau": 1.0}
-"""The sigmoid schedule of every published run and of ``PlonkPipeline`` (reference §5.1)."""
+"""The sigmoid schedule of every published run and of ``PlonkPipeline`` (docs/reference-behaviour.md §5.1)."""
 
 _CONFIG_KEYS = ("cond_dim", "depth", "dim", "expansion", "input_dim")
 _EMA_PREFIX = "ema_network."
@@ -91,7 +91,7 @@ def infer_from_name(path: str | Path) -> tuple[str | None, str | None]:
     ``PLONK_{YFCC,OSV_5M,iNaturalist}`` → ``rfm-s2``; a ``_flow`` suffix → ``flow-r3``; ``_diffusion`` →
     ``diffusion-r3``. Training-run directories (``osv_5m_…_flow_riemann_-7_3``) say ``riemann`` for RFM.
     Datasets: ``osv`` → ``osv5m``, ``yfcc`` → ``yfcc``, ``inat`` → ``inat21``. The reference's YFCC runs are
-    also named ``iNaturalist_…`` (§16.17); both use the same backbone, so the guess is safe for that purpose.
+    also named ``iNaturalist_…`` (docs/reference-behaviour.md §16.17); both use the same backbone, so the guess is safe for that purpose.
     """
     for part in reversed(Path(path).parts):
         low = part.lower()
@@ -146,7 +146,7 @@ def _read_lightning(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def plonk_network_config(state: dict[str, torch.Tensor], where: str = "checkpoint") -> dict[str, int]:
-    """``{cond_dim, depth, dim, expansion, input_dim}`` read off the tensor shapes (reference §12.1)."""
+    """``{cond_dim, depth, dim, expansion, input_dim}`` read off the tensor shapes (docs/reference-behaviour.md §12.1)."""
     try:
         dim, cond_dim = state["cond_mapper.weight"].shape
         input_dim = state["initial_mapper.weight"].shape[1]

@@ -7,14 +7,14 @@ minimiser of one risk, computed from ``n`` samples per item:
 - ``mean``: the normalised mean vector (minimises the mean squared chord distance); a cheap baseline.
 - ``median``: the geodesic (geometric) median, which minimises the mean great-circle distance, i.e. the
   mean km error. Weiszfeld's algorithm run in the tangent space.
-- ``geoscore``: the point maximising the expected GeoScore 5000·exp(−d_km/1492.7) (reference §10).
+- ``geoscore``: the point maximising the expected GeoScore 5000·exp(−d_km/1492.7) (docs/reference-behaviour.md §10).
 - ``mode``: the highest mode of a von Mises–Fisher kernel density estimate (accuracy within small radii).
-- ``best-of-n``: the sample with the highest exact model likelihood (reference §8.2, the "swarm" mode).
+- ``best-of-n``: the sample with the highest exact model likelihood (docs/reference-behaviour.md §8.2, the "swarm" mode).
 - :func:`top_k_modes`: distinct modes with the fraction of samples in each mode's basin of attraction
   (every sample counted once, in a mode or in "other"); :func:`basin_of` says which mode a point estimate
   falls in, so an estimate between modes can be labelled as such.
 
-The reference has no top-k and a KDE in (lat, lon) radians with a batch-global bandwidth (§9.6, §16.14); the
+The reference has no top-k and a KDE in (lat, lon) radians with a batch-global bandwidth (docs/reference-behaviour.md §9.6, §16.14); the
 KDE here is a sum of von Mises–Fisher kernels on S², so it has no seams at the antimeridian or the poles, with
 a bandwidth per sample from its k-th nearest neighbour (:func:`kde_bandwidth_km`), so that a city-sharp mode
 and a country-wide one in the same prediction are both found whole.
@@ -179,7 +179,7 @@ def _mean_direction(x: Tensor) -> Tensor:
 
 
 def best_by_likelihood(samples: Tensor, log_prob: Tensor) -> Tensor:
-    """The sample with the highest log density ``log_prob`` ``(B, n)`` (reference §8.2: best of 32 by NLL).
+    """The sample with the highest log density ``log_prob`` ``(B, n)`` (docs/reference-behaviour.md §8.2: best of 32 by NLL).
 
     NaN log densities count as −∞; an item whose log densities are all NaN gets its first sample.
     """
@@ -371,7 +371,7 @@ def kde_bandwidth_km(samples: Tensor, max_km: float = MAX_BANDWIDTH_KM) -> Tenso
     - Scale: for one 2-D Gaussian cluster of per-axis spread σ, the k-NN distance at the median-density point
       is ≈ 2σ·√(k/n) = σ·n^(−1/8): the rate that is optimal for estimating the density's gradient, which is
       what mean-shift follows (Scott's n^(−1/6) is for the density itself, and splits clusters of ~100
-      samples into spurious modes). A k-NN distance, unlike the global std/IQR of the reference (§9.6), is not
+      samples into spurious modes). A k-NN distance, unlike the global std/IQR of the reference (docs/reference-behaviour.md §9.6), is not
       inflated by far-apart modes: samples split between Paris and Sydney get the bandwidth of one city.
     - Adaptivity: where samples are sparser than at the median (tails, a broad secondary mode) the kernel
       widens with r_k ∝ f^(−1/2) (Abramson's square-root law in 2-D), so a country-wide spread beside a tight
@@ -850,6 +850,6 @@ ESTIMATORS: dict[str, Estimator] = {
     "median": Estimator("median", _median, "unused", "mean great-circle distance (mean km error)"),
     "geoscore": Estimator("geoscore", _geoscore, "unused", "expected GeoScore"),
     "mode": Estimator("mode", _mode, "optional", "accuracy within small radii (the most probable point)"),
-    "best-of-n": Estimator("best-of-n", _best, "required", "the most likely of the samples (reference §8.2)"),
+    "best-of-n": Estimator("best-of-n", _best, "required", "the most likely of the samples (docs/reference-behaviour.md §8.2)"),
 }
 """Point estimates by name. The paper's default, one guided sample, is the sampler's job, not listed here."""

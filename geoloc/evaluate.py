@@ -1,7 +1,7 @@
 """``evaluate``: the paper's metrics for geolocators and baselines, in one pass over batches of embeddings.
 
 Why a driver of its own: the published numbers depend on protocol details that are easy to get wrong
-(eval-protocol.md §7): every test item is scored (no dropped last batch), the point is one guided sample
+(docs/eval-protocol.md §7): every test item is scored (no dropped last batch), the point is one guided sample
 (ω = 2, 250 Euler steps), a failed (NaN) prediction is a miss and is counted, admin labels come from the
 reverse_geocoder nearest place, RFM numbers are mean ± std over seeds. This module does the streaming and the
 bookkeeping; the rows are :mod:`geoloc.predictors`, the formulas :mod:`geoloc.metrics`, the labels

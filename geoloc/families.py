@@ -19,7 +19,7 @@ VP); :meth:`OdeFamily.network_output` is the one place the network is called whe
 integration loops are the shared ones of ``solvers.py``. The baselines (:class:`VonMisesFisherFamily`,
 :class:`UniformFamily`) implement the same verbs in closed form.
 
-Training targets follow the reference exactly (§6): FM regresses the signal-space velocity ``x − ε`` without
+Training targets follow the reference exactly (docs/reference-behaviour.md §6): FM regresses the signal-space velocity ``x − ε`` without
 a κ'² weight, RFM the geodesic velocity with ``mean ‖ψ − u‖²/3`` (equal to the squared Riemannian error of the
 tangent part plus a penalty on the normal part), diffusion ``ε`` without SNR weighting. The condition is
 replaced by zeros with probability ``cond_drop`` for guidance.
@@ -209,7 +209,7 @@ class OdeFamily(Family):
         """``dx/ds`` as a function of ``(x (M,3), s (M,))`` for the (guided) network.
 
         On S² the network output is projected onto the tangent plane (``tangent=True``). The reference's
-        sampler steps with the raw output and then normalises (§7.3); ``SampleConfig(retraction="project")``
+        sampler steps with the raw output and then normalises (docs/reference-behaviour.md §7.3); ``SampleConfig(retraction="project")``
         reproduces that exactly by skipping the projection.
         """
         out_fn = self.network_output(net, cond, omega)
@@ -311,8 +311,8 @@ class VonMisesFisherFamily(Family):
     """A vMF (``components = 1``) or a K-component vMF mixture whose parameters a network predicts.
 
     # reference differs: the mixture likelihood uses log-sum-exp (the reference sums raw densities and
-    # underflows, §16.10), and the point estimate is the mean direction of the heaviest component instead of
-    # a random draw (§16.11; ``sample`` still draws).
+    # underflows, docs/reference-behaviour.md §16.10), and the point estimate is the mean direction of the heaviest component instead of
+    # a random draw (docs/reference-behaviour.md §16.11; ``sample`` still draws).
     """
 
     name: str = "vmf"

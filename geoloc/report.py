@@ -4,7 +4,7 @@ predictions (Parquet, optionally CSV) and two PNG plots.
 
 The result types live here, with what formats them, so that :mod:`geoloc.evaluate` (which computes them)
 imports this module and never the other way round. By the time a :class:`Report` exists its numbers are
-final; this module is presentation. Tables follow the paper (plonk-reference §17):
+final; this module is presentation. Tables follow the paper (docs/reference-behaviour.md §17):
 
 - Table 1, OSV-5M layout: GeoScore, mean distance (km), country / region / city accuracy (%);
   YFCC4k layout: GeoScore, mean distance, accuracy within 25 / 200 / 750 / 2500 km (%).

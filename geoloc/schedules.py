@@ -6,14 +6,14 @@ noise), ``t = 1`` is the data. The *signal level* ``s = α(t)`` rises from 0 to 
 noise point to the data point.
 
 The reference code runs time the other way: its ``γ(t_ref)`` is the signal level with ``γ(0) = 1`` (data) and
-``γ(1) = 0`` (noise), and the paper writes ``κ = 1 − γ`` (reference §5, §15.1–3). So
+``γ(1) = 0`` (noise), and the paper writes ``κ = 1 − γ`` (docs/reference-behaviour.md §5, §15.1–§15.3). So
 ``α(t) = γ_ref(1 − t)`` and ``α'(t) = −γ_ref'(1 − t)``. The signal level itself is the same number in both
 conventions, and it is what the network sees (its time embedding is fed ``1000·s``), so checkpoints move
 between the two without change. The reference's inverted time appears only here and in
 ``convert.py``.
 
 Like the reference, ``α`` is clamped to ``[1e-9, 1]`` (it is divided by in DDIM) while ``α'`` is exact and
-unclamped. The reference's cosine derivative has an extra cos factor (§16.13); ours is exact.
+unclamped. The reference's cosine derivative has an extra cos factor (docs/reference-behaviour.md §16.13); ours is exact.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Schedule:
 class SigmoidSchedule(Schedule):
     """γ_ref(u) = (σ(e/τ) − σ((b + u(e − b))/τ)) / (σ(e/τ) − σ(b/τ)); every PLONK experiment uses b=−7, e=3, τ=1.
 
-    (The paper's "α=−3, β=7" does not reproduce the released models; reference §5.3.)
+    (The paper's "α=−3, β=7" does not reproduce the released models; docs/reference-behaviour.md §5.3.)
     """
 
     start: float = -7.0
@@ -119,7 +119,7 @@ class LinearSchedule(Schedule):
 class CosineSchedule(Schedule):
     """γ_ref(u) = (cos(x)^{2τ} − v_e)/(v_s − v_e), x = (b + u(e − b))π/2; b=1, e=0, τ=1 gives γ = cos²(πu/2).
 
-    # reference differs: its derivative carries an extra cos(x) factor (§16.13); this one is exact.
+    # reference differs: its derivative carries an extra cos(x) factor (docs/reference-behaviour.md §16.13); this one is exact.
     """
 
     start: float = 1.0

@@ -7,13 +7,13 @@ and hand it to these loops; no loop knows which family it serves.
   paper —, ``heun``, ``midpoint``, ``rk4``). On S² every step moves along the sphere (``Sphere.step``) and
   every extra stage's velocity is brought back to the current tangent plane, so states never leave S².
 - :func:`guided` is the only place classifier-free guidance exists: one batched forward pass over
-  ``[cond; null]`` and ``(1+ω)·cond − ω·uncond`` with the all-zeros null condition (reference §7).
+  ``[cond; null]`` and ``(1+ω)·cond − ω·uncond`` with the all-zeros null condition (docs/reference-behaviour.md §7).
 - :func:`log_prob_ode` integrates ``(x, ℓ)`` from the data to the prior with the *exact* divergence. On S² the field
   is extended 0-homogeneously off the sphere, ``F(x) = P_x̂ f(x̂)`` with ``x̂ = x/|x|``; its ambient divergence
   then equals the surface divergence on S², and the exact flow keeps ``|x|`` fixed. The divergence comes
   from one batched backward pass over the three basis vectors (exact, not Hutchinson).
   # reference differs: it takes the ambient trace of the raw network field, whose radial derivative is
-  # uncontrolled, so its RFM log-densities are not densities on S² (§16.3).
+  # uncontrolled, so its RFM log-densities are not densities on S² (docs/reference-behaviour.md §16.3).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def signal_grid(schedule, steps: int, t_start: float = 0.0, t_end: float = 1.0, 
     """Signal levels ``α(t_k)`` at ``steps + 1`` times uniform in t from ``t_start`` to ``t_end``.
 
     Uniform in t and non-uniform in s: the schedule decides where the solver spends its steps (with the
-    sigmoid schedule, mostly near the data), exactly as the reference's grid (§7).
+    sigmoid schedule, mostly near the data), exactly as the reference's grid (docs/reference-behaviour.md §7).
     """
     t = torch.linspace(t_start, t_end, steps + 1, dtype=dtype)
     return schedule.signal(t)

@@ -5,12 +5,12 @@ Coordinates:
   [-180, 180].
 - ``xyz``: unit vectors, shape ``(..., 3)``, with x = cos(lat)cos(lon), y = cos(lat)sin(lon), z = sin(lat):
   x points to (0°N, 0°E), y to (0°N, 90°E), z to the North Pole (a right-handed, ECEF-like frame; the same as
-  the reference, §3.2). Radians appear only inside this module.
+  the reference, docs/reference-behaviour.md §3.2). Radians appear only inside this module.
 
 The maps are written to be stable where naive formulas are not: angles come from ``atan2(|x×y|, x·y)``
 (accurate for identical *and* antipodal points, unlike ``acos``), the exponential map uses a series for tiny
 steps, and the logarithm at an antipodal point picks a deterministic tangent direction instead of dividing
-by zero. No distance floors: the reference's geoopt floors distances at ~90 km (§16.9); we do not.
+by zero. No distance floors: the reference's geoopt floors distances at ~90 km (docs/reference-behaviour.md §16.9); we do not.
 
 :class:`Sphere` and :class:`Euclidean` give the solvers one interface (``project``, ``to_tangent``,
 ``step``), so the same integration loop serves flat and curved families.
@@ -88,7 +88,7 @@ def validate_latlon(latlon: Any, what: str = "coordinates") -> None:
 
 
 def normalize_latlon(latlon: torch.Tensor) -> torch.Tensor:
-    """Wrap arbitrary (lat, lon) degrees into [-90, 90] x [-180, 180), as the reference loaders do (§3.1).
+    """Wrap arbitrary (lat, lon) degrees into [-90, 90] x [-180, 180), as the reference loaders do (docs/reference-behaviour.md §3.1).
 
     A latitude past a pole continues on the other side of the globe (lon + 180).
     """
@@ -122,7 +122,7 @@ def xyz_to_latlon(xyz: torch.Tensor) -> torch.Tensor:
     """Any non-zero vectors ``(..., 3)`` → degrees ``(..., 2)``.
 
     # reference differs: it uses asin(z) on the raw, unnormalised output, which gives NaN for |z| > 1 and
-    # biased latitudes otherwise (§3.3, §16.4). atan2 needs no normalisation and is exact at the poles.
+    # biased latitudes otherwise (docs/reference-behaviour.md §3.3, §16.4). atan2 needs no normalisation and is exact at the poles.
     """
     x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
     lat = torch.atan2(z, torch.hypot(x, y))
@@ -212,7 +212,7 @@ def haversine_km(a: Any, b: Any) -> Any:
     """Great-circle distance in km between (lat, lon) degree arrays ``(..., 2)``; R = 6371 km.
 
     Accepts numpy arrays (computed in float64) or torch tensors (computed in their dtype). This is the
-    published metric's formula (§10): d = 2R·atan2(√h, √(1−h)), h = sin²(Δφ/2) + cos φ₁ cos φ₂ sin²(Δλ/2).
+    published metric's formula (docs/reference-behaviour.md §10): d = 2R·atan2(√h, √(1−h)), h = sin²(Δφ/2) + cos φ₁ cos φ₂ sin²(Δλ/2).
     """
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         lib: Any = torch
@@ -256,7 +256,7 @@ class Sphere:
     """S² as a space the solvers integrate on: states stay unit vectors, velocities stay tangent.
 
     ``step`` uses the exponential map; ``retraction="project"`` gives the reference's ambient Euler step
-    followed by normalisation (§7.3), which published sampling numbers used.
+    followed by normalisation (docs/reference-behaviour.md §7.3), which published sampling numbers used.
     """
 
     name = "sphere"

@@ -14,7 +14,7 @@ Design points:
   run therefore repeats the uninterrupted loss curve, and N ranks reproduce one process with the same global
   batch.
 - **EMA that averages**: ``ema ← d·ema + (1−d)·θ`` via ``torch.optim.swa_utils``. # reference differs: its
-  ``lerp`` keeps 99.9 % of the *new* weights (§16.1). Both raw and EMA weights are saved; evaluation uses EMA.
+  ``lerp`` keeps 99.9 % of the *new* weights (docs/reference-behaviour.md §16.1). Both raw and EMA weights are saved; evaluation uses EMA.
 - **Weight decay only on matrices** (nanoGPT); LAMB (the paper's optimiser, timm's) and AdamW (foreach).
 - A non-finite loss stops the run with :class:`TrainingError`; the last good checkpoint stays as it was.
 """
@@ -47,7 +47,7 @@ __all__ = ["TrainResult", "lr_at", "train"]
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0 at ``total`` (reference §11.3)."""
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0 at ``total`` (docs/reference-behaviour.md §11.3)."""
     if step < warmup:
         return base_lr * step / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -64,11 +64,11 @@ def _make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def _lamb(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """timm's LAMB set to the reference's update rule (§11.2): Adam's bias-corrected step plus L2 decay, times
+    """timm's LAMB set to the reference's update rule (docs/reference-behaviour.md §11.2): Adam's bias-corrected step plus L2 decay, times
     the trust ratio ‖w‖/‖step‖ (1 where either norm is 0) only in groups with weight decay > 0; eps 1e-8; no
     built-in global gradient clipping (the trainer clips by ``optim.grad_clip``).
 
-    # reference differs: it puts every tensor in one decayed group (biases too, §16.16); ours leaves 1-D
+    # reference differs: it puts every tensor in one decayed group (biases too, docs/reference-behaviour.md §16.16); ours leaves 1-D
     # tensors undecayed, and there the reference's own rule (no decay ⇒ no layer adaptation) applies.
     """
     # Lazy: importing timm costs seconds and only the paper presets (LAMB) need it.

@@ -77,7 +77,7 @@ def test_places_are_reverse_geocoders_file():
     assert len(places) == 144_563
     assert places.sha256 == RG_CSV_SHA256
     assert (places.cc == "NA").sum() > 0  # Namibia stays a string, not a missing value
-    assert (places.admin2 == "").mean() == pytest.approx(0.419, abs=0.001)  # eval-protocol.md §5
+    assert (places.admin2 == "").mean() == pytest.approx(0.419, abs=0.001)  # docs/eval-protocol.md §5
     assert len(np.unique(places.cc)) == 246
 
 
@@ -93,7 +93,7 @@ def test_changed_place_file_is_refused(tmp_path):
 
 
 def test_published_example_row(gaz):
-    # The OSV-5M loader's example test row (eval-protocol.md §1.3): admin2 is empty, keys keep the empty field.
+    # The OSV-5M loader's example test row (docs/eval-protocol.md §1.3): admin2 is empty, keys keep the empty field.
     info = gaz.describe(int(gaz.nearest(np.array([[-43.8048, -176.6141]]))[0]))
     assert (info["name"], info["admin1"], info["admin2"], info["cc"]) == (
         "Waitangi",

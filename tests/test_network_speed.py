@@ -52,7 +52,7 @@ def test_guided_uses_fast_path_only_without_autograd():
 
 
 def _reference_lamb_rule(params, grads_per_step, groups_wd, lr, betas, eps):
-    """The reference optimiser's update (§11.2), written from its description: Adam moments with bias
+    """The reference optimiser's update (docs/reference-behaviour.md §11.2), written from its description: Adam moments with bias
     correction, L2 weight decay added to the step, trust ratio ‖w‖/‖step‖ only where weight decay > 0."""
     b1, b2 = betas
     m = [torch.zeros_like(p) for p in params]

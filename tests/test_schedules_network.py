@@ -8,7 +8,7 @@ from geoloc.schedules import CosineSchedule, LinearSchedule, SigmoidSchedule, ma
 
 
 def test_sigmoid_matches_reference_table():
-    # reference §5.1 lists γ_ref(t_ref); our α(t) = γ_ref(1 − t).
+    # docs/reference-behaviour.md §5.1 lists γ_ref(t_ref); our α(t) = γ_ref(1 − t).
     s = SigmoidSchedule()
     t_ref = torch.tensor([0, 0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0], dtype=torch.float64)
     expected = [1, 0.99836, 0.98206, 0.87570, 0.71836, 0.47556, 0.23277, 0.07542, 0.00497, 1e-9]

@@ -119,7 +119,7 @@ def test_ema_really_averages(tmp_path):
     _run(tmp_path, 30)
     ema, raw = load_weights(tmp_path), load_weights(tmp_path, raw=True)
     diff = max(float((ema[k] - raw[k]).abs().max()) for k in ema if k.endswith("weight"))
-    assert diff > 1e-4  # reference bug §16.1: its "EMA" equals the raw weights
+    assert diff > 1e-4  # reference bug, docs/reference-behaviour.md §16.1: its "EMA" equals the raw weights
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):

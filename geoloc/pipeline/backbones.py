@@ -1,7 +1,7 @@
 """Frozen encoders that turn an image (or a place name) into the condition vector: the ``BACKBONES`` registry.
 
 Published PLONK checkpoints were trained on *specific* features, so each backbone reproduces the reference's
-pooling and preprocessing exactly (reference §1): which token, before or after the final norm, crop, resize,
+pooling and preprocessing exactly (docs/reference-behaviour.md §1): which token, before or after the final norm, crop, resize,
 normalisation. A :class:`Backbone` is split in two on purpose:
 
 - a small, picklable *preprocessor* (decode → crop/resize → normalise; no model) and *collator*, which the
@@ -128,7 +128,7 @@ def _to_tensor(img: Any, mean: Sequence[float], std: Sequence[float]) -> torch.T
 # ---------------------------------------------------------------------------------------------- preprocessors
 @dataclass(frozen=True)
 class ClipPreprocess:
-    """``CLIPProcessor`` semantics (StreetCLIP, reference §1.2): shortest edge → ``size`` (bicubic), centre
+    """``CLIPProcessor`` semantics (StreetCLIP, docs/reference-behaviour.md §1.2): shortest edge → ``size`` (bicubic), centre
     crop ``size``×``size``, rescale 1/255, CLIP mean/std.
 
     Sizes and offsets follow transformers exactly: the long edge becomes ``int(size * long / short)``
@@ -160,7 +160,7 @@ class ClipPreprocess:
 
 @dataclass(frozen=True)
 class SquareCropPreprocess:
-    """The DINOv2 reference (§1.1): largest centred square crop → resize to ``size``×``size`` (bicubic) →
+    """The DINOv2 reference (docs/reference-behaviour.md §1.1): largest centred square crop → resize to ``size``×``size`` (bicubic) →
     ToTensor → ImageNet mean/std.
 
     The crop offset is ``round((dim - side) / 2)`` with Python's round-half-to-even, as torchvision's
@@ -236,7 +236,7 @@ class TextCollate:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """``auto|fp32|bf16`` → a torch dtype. ``auto`` is bf16 where the device computes it natively.
 
-    fp16 is never chosen: on CPUs without AVX-512 FP16 its GEMMs run at ~1 GFLOP/s (offline-stack §1).
+    fp16 is never chosen: on CPUs without AVX-512 FP16 its GEMMs run at ~1 GFLOP/s (docs/offline-stack.md §1).
     """
     if dtype == "fp32":
         return torch.float32
@@ -322,7 +322,7 @@ class Backbone:
         """Move to ``device`` and pick the compute dtype (``auto``: bf16 where the device supports it).
 
         bf16 is applied the way that is fast on each stack: open_clip weights are cast (autocast is slower
-        than fp32 there, offline-stack §1), transformers models run under autocast on the CPU (SDPA benefits)
+        than fp32 there, docs/offline-stack.md §1), transformers models run under autocast on the CPU (SDPA benefits)
         and with cast weights on a GPU. ``auto`` keeps fp32 on the CPU for backbones where bf16 measured
         slower there (MiniLM, the tiny test tower).
         """
@@ -414,7 +414,7 @@ def _cls_token(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tens
 
 # ---------------------------------------------------------------------------------------------- factories
 def streetclip(weights: str | os.PathLike | None = None, *, config: Any = None) -> Backbone:
-    """StreetCLIP (CLIP ViT-L/14@336 vision tower), reference §1.2.
+    """StreetCLIP (CLIP ViT-L/14@336 vision tower), docs/reference-behaviour.md §1.2.
 
     Output: ``last_hidden_state[:, 0]`` — the CLS token of the last transformer layer **before**
     ``post_layernorm`` and before the visual projection (not ``pooler_output``, not ``image_embeds``).
@@ -442,7 +442,7 @@ def streetclip(weights: str | os.PathLike | None = None, *, config: Any = None) 
 
 
 def dinov2_l_reg(weights: str | os.PathLike | None = None, *, config: Any = None, size: int = 336) -> Backbone:
-    """DINOv2 ViT-L/14 with 4 registers, reference §1.1.
+    """DINOv2 ViT-L/14 with 4 registers, docs/reference-behaviour.md §1.1.
 
     Output: the CLS token **after** the final LayerNorm (the hub model's ``x_norm_clstoken``); in
     transformers that is ``last_hidden_state[:, 0]``, because ``Dinov2WithRegistersModel`` applies its

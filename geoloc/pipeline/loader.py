@@ -17,13 +17,13 @@ Order of the rows within an epoch:
   only partitions [r·S/W, (r+1)·S/W) and yields its B/W rows, so the ranks together yield exactly the batch a
   single process yields with the same S and seed (the partitions, not the processes, define the data order).
 - Per epoch each partition reads its shards in a seeded random order (the reference shuffles shard names,
-  §2.1) and shuffles the resulting stream in windows of ``shuffle_buffer / S`` rows: the Arrow chunks of a
+  docs/reference-behaviour.md §2.1) and shuffles the resulting stream in windows of ``shuffle_buffer / S`` rows: the Arrow chunks of a
   window are kept as they are and a seeded index permutation over the window decides the order in which its
   rows leave, each row copied once, straight into the batch. The windows are cut by row count, so the order
   does not depend on how DuckDB chunks its output, and each window has its own generator, so the order is a
   pure function of (seed, epoch, partition) — ``numpy.random.default_rng([seed, epoch, partition, ...])``.
 - Several stores mix by weight = expected passes per epoch (the reference's combined set lists OSV-5M and
-  iNat21 twice, §2.5: that is weight 2 here). An integer part k reads each shard k times; a fractional part f
+  iNat21 twice, docs/reference-behaviour.md §2.5: that is weight 2 here). An integer part k reads each shard k times; a fractional part f
   takes a seeded random ``round(f·rows)`` of the store's rows (spread over its shards by a multivariate
   hypergeometric draw), different every epoch.
 - An epoch has the same number of steps on every rank, computed from the row counts of all partitions:

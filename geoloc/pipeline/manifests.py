@@ -92,7 +92,7 @@ class Template:
 
     A field whose column is null or empty makes the whole result null, unless it has a default (``|x``):
     this is how the OSV-5M keys behave (``unique_sub-region`` is missing when admin2 is empty, while
-    ``unique_city`` spells a missing admin2 as the literal ``NaN``; eval-protocol §1.3). A bare column name
+    ``unique_city`` spells a missing admin2 as the literal ``NaN``; docs/eval-protocol.md §1.3). A bare column name
     (no braces) is the template ``{name}``.
     """
 

@@ -44,7 +44,7 @@ class StoreSpec:
     """One store to read and its weight: the expected number of passes over it per epoch.
 
     ``weight=2.0`` reads every selected row twice per epoch (the reference's combined setup lists OSV-5M and
-    iNat21 twice, plonk-reference §2.5); ``0.5`` reads a seeded random half of it, a different half each epoch.
+    iNat21 twice, docs/reference-behaviour.md §2.5); ``0.5`` reads a seeded random half of it, a different half each epoch.
     """
 
     path: Path
