@@ -31,7 +31,7 @@ from geoloc.errors import CheckpointError, ConfigError
 from geoloc.files import atomic_write_text
 from geoloc.geolocator import Geolocator
 from geoloc.hybrid import HybridGeolocator, HybridParams, fit_hybrid_params
-from geoloc.pipeline.loader import iter_eval_batches
+from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.neighbours import NeighbourIndex, store_identity
 from geoloc.retrieval import fit_weighted_retrieval
 from geoloc.sphere import latlon_to_xyz
