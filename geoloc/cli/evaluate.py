@@ -55,9 +55,9 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def _parse_estimators(repeated: list | None, listed: str | None) -> tuple[str, ...]:
-    """``--estimator`` (repeatable) and ``--estimators a,b`` together, in order, without repeats."""
-    names = [e.value for e in repeated or []] + [e.strip() for e in (listed or "").split(",") if e.strip()]
+def _parse_estimators(single: str, listed: str | None) -> tuple[str, ...]:
+    """``--estimators a,b`` in order without repeats, else ``--estimator`` alone."""
+    names = [e.strip() for e in (listed or "").split(",") if e.strip()] or [single]
     unknown = [e for e in names if e not in ESTIMATOR_CHOICES]
     if unknown:
         raise ConfigError(f"--estimators: unknown {unknown}; choose from {', '.join(ESTIMATOR_CHOICES)}")
@@ -105,17 +105,12 @@ def eval_command(
         ),
     ] = None,
     estimator: Annotated[
-        list[EstimatorOpt] | None,
-        typer.Option(
-            help="Point estimate: sample = one guided draw (the paper's protocol, the default). Repeat for "
-            "one row per estimator of each checkpoint.",
-            show_default=False,
-        ),
-    ] = None,
+        EstimatorOpt, typer.Option(help="Point estimate: sample = one guided draw (the paper's protocol).")
+    ] = EstimatorOpt(_DEFAULT.estimator),
     estimators: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated estimators, e.g. sample,geoscore (same as repeating --estimator)."
+            help="Several estimators in one run, comma-separated (e.g. sample,geoscore): one row each per checkpoint."
         ),
     ] = None,
     samples: Annotated[
@@ -237,11 +232,11 @@ def eval_command(
     from geoloc.pipeline.eval_job import run_eval
 
     tol = {} if nll_tol is None else {"rtol": nll_tol, "atol": nll_tol}
-    chosen = _parse_estimators(estimator, estimators)
+    chosen = _parse_estimators(estimator.value, estimators)
     if (retrieval_k is None) != (retrieval_tau is None):
         raise ConfigError("give --retrieval-k and --retrieval-tau together (or neither: they are fitted)")
     config = EvalConfig(
-        estimator=chosen[0] if chosen else _DEFAULT.estimator,
+        estimator=chosen[0],
         estimators=chosen if len(chosen) > 1 else (),
         calibration=calibration,
         calibration_n=calibration_samples,
