@@ -249,7 +249,7 @@ def _summary(
         "machine": {
             "cpu": cpu,
             "cores": os.cpu_count(),
-            "bf16_native": native_bf16(),
+            "bf16_native": native_bf16(torch.device("cpu")),
             "torch_threads": torch.get_num_threads(),
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()},
