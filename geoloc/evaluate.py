@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from geoloc.calibration import DEFAULT_LEVELS, calibration_error, coverage, hdr_levels
 from geoloc.config import LABEL_MODES, EvalConfig
 from geoloc.devices import resolve_device
 from geoloc.errors import BackboneError, ConfigError, InputError, StoreError
@@ -111,8 +112,12 @@ class _RowState:
         self.preds: list[list[np.ndarray]] = [[] for _ in self.seeds]
         self.log_prob: list[np.ndarray] = []
         self.loc: list[np.ndarray] = []
+        self.hdr: list[np.ndarray] = []
+        # Calibration samples have their own stream too.
+        self.cal_generator = predictor.generator(config.seeds[0] + 104_729) if config.calibration else None
         self.has_lp = config.nll
         self.has_loc = config.localizability
+        self.has_cal = config.calibration and hasattr(predictor, "sample_log_prob")
         self.elapsed = 0.0
 
     def consume(self, cond: torch.Tensor, xyz: torch.Tensor) -> None:
@@ -124,12 +129,19 @@ class _RowState:
                     f"row {self.name!r}: predictor returned shape {p.shape} for {cond.shape[0]} items"
                 )
             self.preds[k].append(p)
-        if self.has_lp:
+        lp = None
+        if self.has_lp or self.has_cal:
             lp = self.predictor.log_prob(xyz, cond)
             if lp is None:
-                self.has_lp = False
-            else:
+                self.has_lp = self.has_cal = False
+            elif self.has_lp:
                 self.log_prob.append(np.asarray(lp, dtype=np.float64).reshape(-1))
+        if self.has_cal:
+            slp = self.predictor.sample_log_prob(cond, self.cal_generator)
+            if slp is None:
+                self.has_cal = False
+            else:
+                self.hdr.append(hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)))
         if self.has_loc:
             loc = self.predictor.localizability(cond, self.loc_generator)
             if loc is None:
@@ -152,6 +164,7 @@ class _RowState:
             log_prob=cat(self.log_prob) if self.has_lp else None,
             nll_space=self.predictor.nll_space if self.has_lp else None,
             localizability=cat(self.loc) if self.has_loc else None,
+            hdr_level=cat(self.hdr) if self.has_cal else None,
             elapsed_s=self.elapsed,
         )
 
@@ -269,6 +282,17 @@ def _prdc_metrics(
     return out
 
 
+def calibration_stats(levels: np.ndarray) -> dict[str, Any]:
+    """Coverage of the 50 / 90 / 95 % highest-density regions and the calibration error (mean |coverage(α) −
+    α| over α = 0.05 … 0.95) from each truth's HDR level; a calibrated model covers α of the truths."""
+    cov = coverage(levels, DEFAULT_LEVELS)
+    return {
+        "coverage": {f"{a:g}": v for a, v in cov.items()},
+        "calibration_error": calibration_error(levels),
+        "n": len(levels),
+    }
+
+
 def score_rows(
     data: EvalData,
     rows: Sequence[RowPredictions],
@@ -319,6 +343,7 @@ def score_rows(
         loc = None
         if row.localizability is not None:
             loc = localizability_stats(row.localizability, scores[0].per_item["dist_km"])
+        cal = None if row.hdr_level is None else calibration_stats(row.hdr_level)
         unmatchable = dict(scores[0].admin.n_unmatchable) if scores and scores[0].admin is not None else {}
         results.append(
             RowResult(
@@ -333,6 +358,7 @@ def score_rows(
                 row.elapsed_s,
                 scores,
                 row,
+                calibration=cal,
             )
         )
     label_keys = {lv: gazetteer.keys[lv] for lv in levels} if levels and gazetteer is not None else {}

@@ -33,8 +33,9 @@ from geoloc.errors import ConfigError, InputError
 from geoloc.estimators import ESTIMATORS, top_k_modes
 from geoloc.families import OdeFamily, vmf_sample
 from geoloc.geolocator import Geolocator, Prediction
+from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
 from geoloc.retrieval import neighbour_log_weights, weighted_geoscore_answer
-from geoloc.sphere import project, xyz_to_latlon
+from geoloc.sphere import EARTH_RADIUS_KM, angle, project, xyz_to_latlon
 
 __all__ = [
     "ExactNeighbours",
@@ -42,6 +43,7 @@ __all__ = [
     "HybridParams",
     "NeighbourSearch",
     "Neighbours",
+    "fit_answer_flow",
     "fit_hybrid_params",
     "flow_log_weight",
     "mixture_log_prob",
@@ -65,7 +67,10 @@ class HybridParams:
     (the same name) pins the place down more tightly than a loosely similar one (β = 0: one κ).
     ``answer_k`` / ``answer_tau`` (0: ``k`` / ``tau``) weight the neighbours in the GeoScore answer only: the
     density's weighting is the one that maximises likelihood, the answer's the one that maximises GeoScore on
-    validation (fitted like the weighted-retrieval row); the flow's share λ(c) is the density's in both.
+    validation (fitted like the weighted-retrieval row). ``answer_flow`` s scales the flow's share in the
+    answer only, λ'(c) = s·λ(c), chosen by mean GeoScore on validation (:func:`fit_answer_flow`): the density
+    is the likelihood's, but an undertrained flow may deserve less say in the single best guess than in the
+    density (s = 1: the density's λ; s = 0: the neighbours' answer, with the flow draws still candidates).
     """
 
     k: int = 16
@@ -76,6 +81,7 @@ class HybridParams:
     kappa_slope: float = 0.0
     answer_k: int = 0
     answer_tau: float = 0.0
+    answer_flow: float = 1.0
 
     @property
     def search_k(self) -> int:
@@ -87,6 +93,8 @@ class HybridParams:
             raise ConfigError(f"hybrid k must be >= 1, got {self.k}")
         if not (self.tau > 0 and self.kappa > 0):
             raise ConfigError(f"hybrid tau and kappa must be > 0, got tau={self.tau}, kappa={self.kappa}")
+        if not 0.0 <= self.answer_flow <= 1.0:
+            raise ConfigError(f"hybrid answer_flow must be in [0, 1], got {self.answer_flow}")
         if not all(math.isfinite(v) for v in (self.lam_a, self.lam_b, self.kappa_slope)):
             raise ConfigError(f"hybrid lam_a, lam_b, kappa_slope must be finite, got {self}")
 
@@ -98,7 +106,17 @@ class HybridParams:
         return cls(
             **{
                 k: d[k]
-                for k in ("k", "tau", "kappa", "lam_a", "lam_b", "kappa_slope", "answer_k", "answer_tau")
+                for k in (
+                    "k",
+                    "tau",
+                    "kappa",
+                    "lam_a",
+                    "lam_b",
+                    "kappa_slope",
+                    "answer_k",
+                    "answer_tau",
+                    "answer_flow",
+                )
                 if k in d
             }
         )
@@ -412,6 +430,7 @@ class HybridGeolocator:
         flow_samples: Tensor | None = None,
         answer_k: int | None = None,
         answer_tau: float | None = None,
+        answer_flow: float | None = None,
     ) -> Tensor:
         """The point ``(B, 3)`` maximising the hybrid's expected GeoScore over the candidates (``n`` flow draws
         ∪ the k neighbours).
@@ -419,8 +438,8 @@ class HybridGeolocator:
         The expectation is Rao-Blackwellised over the component: the flow part by its ``n`` draws (weight
         λ/n each), the neighbour part by the kernels' centres (weight (1 − λ)·w_k) — a vMF of κ ≥ 1e3 is
         within ~200 km of its centre, where the GeoScore kernel (scale 1,493 km) is flat to a few percent.
-        The neighbours are weighted with ``answer_k`` / ``answer_tau`` (default: the params', see
-        :class:`HybridParams`).
+        The neighbours are weighted with ``answer_k`` / ``answer_tau`` and the flow's share scaled by
+        ``answer_flow`` (default: the params', see :class:`HybridParams`).
         """
         cond = self._cond(cond)
         nb = self._nb(cond, neighbours)
@@ -428,6 +447,10 @@ class HybridGeolocator:
             flow_samples = self.flow.sample(cond, n, omega=0.0, steps=steps, generator=generator)
         n = flow_samples.shape[1]
         log_lam, log_rest = flow_log_weight(nb.sim, self.params)
+        scale = self.params.answer_flow if answer_flow is None else float(answer_flow)
+        if scale != 1.0:
+            lam = scale * log_lam.exp()
+            log_lam, log_rest = torch.log(lam), torch.log1p(-lam)
         kk = answer_k or self.params.answer_k or self.params.k
         tt = answer_tau or self.params.answer_tau or self.params.tau
         if nb.sim.shape[1] < kk:
@@ -517,6 +540,30 @@ class HybridGeolocator:
 
 
 # ---------------------------------------------------------------------------------------------- fitting
+
+
+def fit_answer_flow(
+    model: HybridGeolocator,
+    cond: Tensor,
+    truth: Tensor,
+    neighbours: Neighbours,
+    flow_samples: Tensor,
+    scales: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0),
+) -> dict[str, Any]:
+    """Choose :attr:`HybridParams.answer_flow` by the mean GeoScore of :meth:`HybridGeolocator.geoscore_answer`
+    against validation truths ``(V, 3)``, given each item's neighbours (own row excluded) and flow draws
+    ``(V, n, 3)`` (drawn once and reused for every scale). Returns ``{"answer_flow", "geoscore", "grid"}``."""
+    rate = EARTH_RADIUS_KM / GEOSCORE_SCALE_KM
+    truth = project(truth.to(torch.float32))
+    grid = []
+    for s in scales:
+        ans = model.geoscore_answer(cond, neighbours=neighbours, flow_samples=flow_samples, answer_flow=s)
+        theta = angle(ans.to(torch.float64), truth.to(ans.device, torch.float64))
+        grid.append(
+            {"answer_flow": float(s), "geoscore": float(GEOSCORE_MAX * torch.exp(-rate * theta).mean())}
+        )
+    best = max(grid, key=lambda r: (r["geoscore"], r["answer_flow"]))
+    return {**best, "grid": grid}
 
 
 @dataclass

@@ -21,12 +21,15 @@ import torch
 from geoloc.config import RETRIEVAL_INDEXES, EvalConfig, FamilyConfig, ModelConfig
 from geoloc.errors import ConfigError, InputError
 from geoloc.estimators import ESTIMATORS
-from geoloc.families import Family
+from geoloc.families import Family, OdeFamily
 from geoloc.geolocator import Geolocator
-from geoloc.sphere import xyz_to_latlon
+from geoloc.hybrid import HybridGeolocator, Neighbours
+from geoloc.retrieval import fit_weighted_retrieval, weighted_retrieval
+from geoloc.sphere import latlon_to_xyz, xyz_to_latlon
 
 __all__ = [
     "GeolocatorPredictor",
+    "HybridPredictor",
     "Predictor",
     "RetrievalBuilder",
     "RetrievalPredictor",
@@ -39,7 +42,8 @@ class Predictor(Protocol):
 
     ``predict`` returns ``(B, 2)`` float64 degrees with NaN rows for failed predictions; ``log_prob`` the
     natural-log density of the true points ``xyz (B, 3)`` (or None: no density); ``localizability`` bits per
-    item (or None). ``deterministic`` predictors are run for the first seed only. ``expects`` is the
+    item (or None); ``sample_log_prob`` the exact log-densities ``(B, n)`` of n exact draws per item (or
+    None), from which the evaluator gets each truth's HDR level (calibration). ``deterministic`` predictors are run for the first seed only. ``expects`` is the
     backbone the predictor was built for, ``(name or None, dim or None)``, checked against the data.
     """
 
@@ -56,6 +60,8 @@ class Predictor(Protocol):
     def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor) -> np.ndarray | None: ...
 
     def localizability(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None: ...
+
+    def sample_log_prob(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None: ...
 
     def generator(self, seed: int) -> torch.Generator: ...
 
@@ -133,6 +139,102 @@ class GeolocatorPredictor:
         loc = self.geo.localizability(cond, n=self.config.localizability_n, generator=generator)
         return loc.detach().to("cpu", torch.float64).numpy()
 
+    @torch.no_grad()
+    def sample_log_prob(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None:
+        """Exact log-densities ``(B, n)`` of ``calibration_n`` exact draws (the likelihood ODE run forward for
+        flows, so a draw's density is the one ``log_prob`` reports at the truth)."""
+        geo, n = self.geo, self.config.calibration_n
+        cond = geo._cond(cond)
+        flat = cond.repeat_interleave(n, dim=0)
+        if isinstance(geo.family, OdeFamily):
+            x = geo.family.sample_exact(geo.net, flat, geo.likelihood_config, generator)
+        else:
+            x = geo.family.sample(geo.net, cond, n, geo.sample_config, generator).reshape(-1, 3)
+        lp = geo.family.log_prob(geo.net, x, flat, geo.likelihood_config)
+        return lp.reshape(cond.shape[0], n).detach().to("cpu", torch.float64).numpy()
+
+
+class HybridPredictor:
+    """A :class:`~geoloc.hybrid.HybridGeolocator` (flow ⊕ neighbour kernels) as a table row.
+
+    ``geoscore`` is the hybrid's own answer (the max-expected-GeoScore point over ``n`` flow draws ∪ its
+    neighbours, the product default); ``sample`` is the paper's protocol transposed (one hybrid draw, its flow
+    part guided with ω); the other estimators run on ``n`` hybrid draws. The flow's likelihood ODE is the
+    evaluation's (as for the flow's own row, so their NLLs compare). The neighbours of a batch are searched
+    once and reused by every verb of that batch.
+    """
+
+    deterministic = False
+    nll_space = "sphere"
+
+    def __init__(self, hybrid: HybridGeolocator, config: EvalConfig, *, source: str = "") -> None:
+        # A shallow copy of the flow, so the evaluation's sampler settings do not leak into the caller's.
+        flow = copy.copy(hybrid.flow)
+        flow.sample_config = replace(flow.sample_config, steps=config.steps, method=config.method)
+        flow.likelihood_config = config.likelihood
+        self.hybrid = HybridGeolocator(flow, hybrid.index, hybrid.params, config.likelihood, hybrid.info)
+        self.config, self.source = config, source
+        self._last: tuple[torch.Tensor, Neighbours] | None = None
+
+    @property
+    def expects(self) -> tuple[str | None, int | None]:
+        bb = self.hybrid.flow.backbone
+        return (bb.get("name") or None), int(self.hybrid.cond_dim)
+
+    def info(self) -> dict[str, Any]:
+        est = self.config.estimator
+        return {
+            "kind": "hybrid",
+            "source": self.source,
+            "family": f"hybrid({self.hybrid.flow.family.name})",
+            "backbone": self.hybrid.flow.backbone or None,
+            "params": self.hybrid.params.to_json(),
+            "estimator": est,
+            "omega": self.config.effective_omega(),
+            "steps": self.config.steps,
+            "method": self.config.method,
+            "n": None if est == "sample" else self.config.n,
+        }
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.hybrid.device).manual_seed(int(seed))
+
+    def _nb(self, cond: torch.Tensor) -> Neighbours:
+        if self._last is None or self._last[0] is not cond:
+            self._last = (cond, self.hybrid.neighbours(cond))
+        return self._last[1]
+
+    def predict(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray:
+        est = self.config.estimator
+        pred = self.hybrid.predict(
+            cond,
+            estimator=est,
+            n=self.config.n,
+            steps=self.config.steps,
+            omega=self.config.effective_omega(),
+            generator=generator,
+            neighbours=self._nb(cond),
+        )
+        out = pred.latlon.detach().to("cpu", torch.float64).numpy()
+        out[~np.isfinite(out).all(axis=1)] = np.nan  # a non-finite draw is one counted miss
+        return out
+
+    def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor) -> np.ndarray | None:
+        lp = self.hybrid.log_prob(xyz, cond, neighbours=self._nb(cond))
+        return lp.detach().to("cpu", torch.float64).numpy()
+
+    def localizability(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None:
+        loc = self.hybrid.localizability(
+            cond, n=self.config.localizability_n, generator=generator, neighbours=self._nb(cond)
+        )
+        return loc.detach().to("cpu", torch.float64).numpy()
+
+    def sample_log_prob(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None:
+        _, lp = self.hybrid.sample_with_log_prob(
+            cond, self.config.calibration_n, generator=generator, neighbours=self._nb(cond)
+        )
+        return lp.detach().to("cpu", torch.float64).numpy()
+
 
 def _has_closed_form_point(geo: Geolocator) -> bool:
     return type(geo.family).point is not Family.point
@@ -152,6 +254,11 @@ class RetrievalPredictor:
     """Nearest-neighbour retrieval (the paper's "retrieval" row): the location of the most similar training
     embedding by cosine similarity (faiss inner product on L2-normalised float32 vectors).
 
+    With ``k > 1`` it is the weighted-neighbour row of issue 13: the ``k`` most similar training items weighted
+    by ``softmax(sim / tau)``, answering with the neighbour that maximises expected GeoScore
+    (:func:`geoloc.retrieval.weighted_retrieval`); :meth:`weighted` makes one sharing the same index, and
+    :meth:`fit_weights` chooses ``k`` and ``tau`` on held-out items of the database.
+
     ``flat`` is exact; ``hnsw`` (M = 32, efSearch = 128) is approximate and much faster on millions of rows.
     Build one with :class:`RetrievalBuilder` (batch by batch) or :meth:`from_arrays`.
     """
@@ -167,11 +274,18 @@ class RetrievalPredictor:
         backbone: tuple[str | None, int | None],
         source: str = "",
         kind: str = "flat",
+        k: int = 1,
+        tau: float = 0.05,
+        fit: dict[str, Any] | None = None,
     ) -> None:
         if index.ntotal != len(latlon):
             raise InputError(f"retrieval index holds {index.ntotal} vectors but {len(latlon)} locations")
+        if k < 1 or not tau > 0:
+            raise ConfigError(f"retrieval needs k >= 1 and tau > 0, got k={k}, tau={tau}")
         self.index, self.latlon = index, np.asarray(latlon, dtype=np.float64)
         self._backbone, self.source, self.index_kind = backbone, source, kind
+        self.k, self.tau, self.fit = int(k), float(tau), fit
+        self._xyz: torch.Tensor | None = None
 
     @classmethod
     def from_arrays(
@@ -189,36 +303,103 @@ class RetrievalPredictor:
         builder.add(emb, latlon)
         return builder.build(backbone=backbone, source=source)
 
+    def weighted(self, k: int, tau: float, fit: dict[str, Any] | None = None) -> RetrievalPredictor:
+        """The weighted-neighbour row over the same index (nothing is copied)."""
+        return RetrievalPredictor(
+            self.index,
+            self.latlon,
+            backbone=self._backbone,
+            source=self.source,
+            kind=self.index_kind,
+            k=k,
+            tau=tau,
+            fit=fit,
+        )
+
+    @property
+    def xyz(self) -> torch.Tensor:
+        """The database's unit vectors ``(N, 3)`` (made once, on first use)."""
+        if self._xyz is None:
+            self._xyz = latlon_to_xyz(torch.from_numpy(self.latlon)).float()
+        return self._xyz
+
+    def neighbours(self, cond: torch.Tensor, k: int, exclude: np.ndarray | None = None) -> Neighbours:
+        """The ``k`` most similar database rows of each query, most similar first; ``exclude`` (B,) names
+        one row per query to leave out (its own row, for fitting on database items; −1: none)."""
+        q = np.ascontiguousarray(cond.detach().to("cpu", torch.float32).numpy())
+        faiss.normalize_L2(q)
+        sim, idx = self.index.search(q, k + (exclude is not None))
+        if exclude is not None:
+            keep = idx != np.asarray(exclude)[:, None]
+            # Drop the excluded row where it was found, else the last (the k+1-th) hit.
+            keep[keep.all(axis=1), -1] = False
+            sim = sim[keep].reshape(len(q), k)
+            idx = idx[keep].reshape(len(q), k)
+        ok = idx >= 0  # faiss answers -1 when it finds nothing (an empty HNSW neighbourhood)
+        xyz = self.xyz[np.where(ok, idx, 0)]
+        sim_t = torch.from_numpy(np.where(ok, sim, -np.inf).astype(np.float32))
+        return Neighbours(xyz, sim_t, torch.from_numpy(idx))
+
+    def fit_weights(
+        self,
+        cond: torch.Tensor,
+        rows: np.ndarray,
+        ks: tuple[int, ...] = (1, 4, 8, 16, 32, 64),
+        taus: tuple[float, ...] = (0.01, 0.02, 0.03, 0.05, 0.08, 0.12, 0.2),
+    ) -> RetrievalPredictor:
+        """The weighted row with ``k`` and ``tau`` chosen by mean GeoScore on database items ``cond`` (their
+        database rows ``rows``, each left out of its own search): a validation fit that never sees the
+        evaluated split."""
+        nb = self.neighbours(cond, min(max(ks), int(self.index.ntotal) - 1), exclude=rows)
+        truth = self.xyz[np.asarray(rows)]
+        fit = fit_weighted_retrieval(nb.xyz, nb.sim, truth, ks=ks, taus=taus)
+        fit = {**{k: v for k, v in fit.items() if k != "grid"}, "items": len(rows), "how": "leave-one-out"}
+        return self.weighted(fit["k"], fit["tau"], fit)
+
     @property
     def expects(self) -> tuple[str | None, int | None]:
         return self._backbone
 
     def info(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": "retrieval",
             "source": self.source,
             "index": self.index_kind,
             "database_rows": int(self.index.ntotal),
             "estimator": "nearest neighbour (cosine)",
         }
+        if self.k > 1:
+            out |= {
+                "kind": "retrieval-weighted",
+                "estimator": "max expected GeoScore over k neighbours weighted by softmax(sim / tau)",
+                "k": self.k,
+                "tau": self.tau,
+                "fit": self.fit,
+            }
+        return out
 
     def generator(self, seed: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(seed))
 
     def predict(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray:
-        q = np.ascontiguousarray(cond.detach().to("cpu", torch.float32).numpy())
-        faiss.normalize_L2(q)
-        _, nn_idx = self.index.search(q, 1)
-        hit = nn_idx[:, 0]
-        out = np.full((len(q), 2), np.nan)
-        ok = hit >= 0  # faiss answers -1 when it finds nothing (an empty HNSW neighbourhood)
-        out[ok] = self.latlon[hit[ok]]
+        nb = self.neighbours(cond, min(self.k, int(self.index.ntotal)))
+        out = np.full((cond.shape[0], 2), np.nan)
+        ok = (nb.index[:, 0] >= 0).numpy()
+        if self.k == 1:
+            hit = nb.index[:, 0].numpy()
+            out[ok] = self.latlon[hit[ok]]
+        elif ok.any():
+            point = weighted_retrieval(nb.xyz[ok], nb.sim[ok], self.tau, self.k)
+            out[ok] = xyz_to_latlon(point).to(torch.float64).numpy()
         return out
 
     def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor) -> np.ndarray | None:
         return None
 
     def localizability(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None:
+        return None
+
+    def sample_log_prob(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None:
         return None
 
 

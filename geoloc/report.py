@@ -94,10 +94,12 @@ class RowPredictions:
     nll_space: str | None = None
     localizability: np.ndarray | None = None
     elapsed_s: float = 0.0
+    hdr_level: np.ndarray | None = None  # per item: the model's mass denser than the truth (calibration)
 
     def head(self, n: int) -> RowPredictions:
         return replace(
             self,
+            hdr_level=None if self.hdr_level is None else self.hdr_level[:n],
             latlon=[p[:n] for p in self.latlon],
             log_prob=None if self.log_prob is None else self.log_prob[:n],
             localizability=None if self.localizability is None else self.localizability[:n],
@@ -120,6 +122,8 @@ class RowResult:
     elapsed_s: float
     scores: list[Scores] = field(repr=False, default_factory=list)
     predictions: RowPredictions | None = field(repr=False, default=None)
+    # {"coverage": {"0.5": …, "0.9": …, "0.95": …}, "calibration_error": …, "n": …}; None: not measured
+    calibration: dict[str, Any] | None = None
 
     def stat(self, key: str) -> tuple[float, float]:
         """``(mean, std)`` of a metric over seeds (sample std, 0 for a single seed); NaN when absent."""
@@ -148,6 +152,7 @@ class RowResult:
                 "space": self.nll_space,
             },
             "localizability": self.localizability,
+            "calibration": self.calibration,
             "admin_unmatchable": self.n_unmatchable,
             "elapsed_s": self.elapsed_s,
         }
@@ -339,6 +344,29 @@ def format_tables(report: Report, layout: str = "auto") -> str:
     fate = "dropped, as the reference does" if cfg.compat == "plonk" else "scored as misses"
     out += ["", f"**Extra** (N: items counted; failed: predictions over all seeds, {fate}{prdc_note})", ""]
     out.append(_markdown(headers, body))
+    if any(r.calibration for r in report.rows):
+        out += [
+            "",
+            f"**Calibration** (share of true locations inside the model's 50 / 90 / 95 % highest-density "
+            f"region, from {cfg.calibration_n} exact samples per item; calibrated = nominal; error: mean "
+            "|coverage − α| over α = 0.05 … 0.95, lower is better)",
+            "",
+        ]
+        cal_rows = []
+        for r in report.rows:
+            c = r.calibration
+            if not c:
+                cal_rows.append([r.name, "—", "—", "—", "—"])
+                continue
+            cov = c["coverage"]
+            cal_rows.append(
+                [
+                    r.name,
+                    *(f"{100 * cov[a]:.1f}" for a in ("0.5", "0.9", "0.95")),
+                    f"{c['calibration_error']:.3f}",
+                ]
+            )
+        out.append(_markdown(["Model", "50 %", "90 %", "95 %", "cal. error"], cal_rows))
     if report.notes:
         out += ["", *(f"- {n}" for n in report.notes)]
     return "\n".join(out) + "\n"
@@ -362,7 +390,7 @@ def _column_name(level: str) -> str:
 def prediction_tables(report: Report) -> Iterator[pa.Table]:
     """Yield one Arrow table of per-item rows per (model row, seed): id, true and predicted lat/lon,
     ``dist_km`` (null when failed), ``failed``, true/predicted admin keys, ``log_prob`` (nats) and
-    ``localizability_bits`` when computed."""
+    ``localizability_bits`` and ``hdr_level`` (calibration) when computed."""
     data = report.data
     n = report.n
     ids = pa.array(data.ids[:n].tolist(), pa.string())
@@ -401,6 +429,8 @@ def prediction_tables(report: Report) -> Iterator[pa.Table]:
                 cols["localizability_bits"] = pa.array(
                     preds.localizability, mask=~np.isfinite(preds.localizability)
                 )
+            if preds.hdr_level is not None:
+                cols["hdr_level"] = pa.array(preds.hdr_level, mask=~np.isfinite(preds.hdr_level))
             yield pa.table(cols)
 
 
@@ -418,13 +448,15 @@ def _schema(report: Report) -> pa.Schema:
     """One schema for the whole file: the first table's columns plus NLL / localizability when any row
     has them (rows without get nulls)."""
     first = next(prediction_tables(report))
-    optional = ("localizability_bits", "log_prob")
+    optional = ("localizability_bits", "log_prob", "hdr_level")
     fields = [f for f in first.schema if f.name not in optional]
     preds = [r.predictions for r in report.rows if r.predictions is not None]
     if any(p.log_prob is not None for p in preds):
         fields.append(pa.field("log_prob", pa.float64()))
     if any(p.localizability is not None for p in preds):
         fields.append(pa.field("localizability_bits", pa.float64()))
+    if any(p.hdr_level is not None for p in preds):
+        fields.append(pa.field("hdr_level", pa.float64()))
     return pa.schema(fields)
 
 

@@ -450,3 +450,119 @@ def test_core_evaluate_takes_plain_batches_and_matches_the_store_path(copies_sto
         assert core.row(name).metrics == job.row(name).metrics
     assert core.row("r").stat("dist_km") == (0.0, 0.0)
     assert core.row("u").nll.bits_per_dim == pytest.approx(UNIFORM_NLL, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weighted retrieval, hybrid rows, several estimators, calibration (issue 13)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _decoy_store(root: Path, n: int = 60, dim: int = 16) -> Path:
+    """Per test item: one train item that is its closest embedding but sits at the antipode (a decoy), and three
+    slightly less similar ones at the true place. 1-NN is always 20,000 km off; three neighbours agree."""
+    rng = np.random.default_rng(11)
+    latlon = make_latlon(n, rng)
+    base = rng.normal(size=(n, dim))
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    store = FeatureStore.create(root, BackboneInfo("test", "r", dim, {}))
+    anti = np.stack([-latlon[:, 0], (latlon[:, 1] + 360.0) % 360.0 - 180.0], 1)
+    emb, ll, ids = [], [], []
+    for j, (scale, where) in enumerate([(0.1, anti), (0.2, latlon), (0.2, latlon), (0.2, latlon)]):
+        emb.append(base + scale * rng.normal(size=base.shape) / math.sqrt(dim))
+        ll.append(where)
+        ids += [f"tr{j}-{i:03d}" for i in range(n)]
+    emb, ll = np.concatenate(emb).astype(np.float32), np.concatenate(ll)
+    store.write_shard(build_table(ids, "train", ll[:, 0], ll[:, 1], emb, None, ()), "a")
+    test_ids = [f"te{i:03d}" for i in range(n)]
+    store.write_shard(build_table(test_ids, "test", latlon[:, 0], latlon[:, 1], base.astype(np.float32), None, ()), "b")
+    return root
+
+
+def test_weighted_retrieval_row_outvotes_a_decoy_that_fools_the_nearest_neighbour(tmp_path):
+    store = _decoy_store(tmp_path / "s")
+    given = dataclasses.replace(FAST, nll=False, retrieval_k=4, retrieval_tau=0.05)
+    report = run_eval([store], "test", baselines=["retrieval", "retrieval-weighted"], config=given)
+    nn, weighted = report.row("retrieval"), report.row("retrieval-weighted")
+    assert nn.stat("dist_km")[0] == pytest.approx(math.pi * R, rel=1e-3)  # every 1-NN answer is the antipode
+    assert weighted.stat("dist_km")[0] < 300 and weighted.stat("geoscore")[0] > 4500
+    assert weighted.info["k"] == 4 and weighted.info["tau"] == 0.05 and weighted.info["fit"] == {"how": "given"}
+    # Without k/τ (and no hybrid in the run) they are chosen leave-one-out on the training split: a decoy
+    # there is answered by its three true-place neighbours, so the fit must find k > 1 (it never reads test).
+    fitted = run_eval([store], "test", baselines=["retrieval-weighted"], config=dataclasses.replace(FAST, nll=False))
+    row = fitted.row("retrieval-weighted")
+    assert row.info["k"] > 1 and row.info["fit"]["how"] == "leave-one-out" and row.info["fit"]["items"] == 240
+    assert row.stat("geoscore")[0] > nn.stat("geoscore")[0] + 3000
+
+
+def test_hdr_calibration_of_a_model_whose_truths_are_drawn_from_it(tmp_path):
+    """Coverage of the α-regions is α (within binomial noise) when the truth is a draw from the model."""
+    dim, n = 8, 1200
+    geo = Geolocator.build(FamilyConfig(name="vmf"), ModelConfig(dim=16, depth=1, expansion=2), dim,
+                           config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2},
+                                   "cond_dim": dim})
+    torch.manual_seed(0)
+    cond = torch.randn(n, dim)
+    truth = geo.sample(cond, 1, generator=torch.Generator().manual_seed(1))[:, 0]
+    ll = xyz_to_latlon(truth.double()).numpy()
+    fs = FeatureStore.create(tmp_path / "s", BackboneInfo("test", "r", dim, {}))
+    fs.write_shard(build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t")
+    cfg = EvalConfig(seeds=(0,), prdc=False, calibration=True, calibration_n=200)
+    report = evaluate_stores({"vmf": geo, "uniform": uniform_geolocator(dim)}, tmp_path / "s", "test", cfg)
+    cal = report.row("vmf").calibration
+    for a in ("0.5", "0.9", "0.95"):
+        alpha = float(a)
+        se = math.sqrt(alpha * (1 - alpha) / n)
+        assert abs(cal["coverage"][a] - alpha) < 4 * se + 1 / 200, (a, cal)
+    assert cal["calibration_error"] < 0.03 and cal["n"] == n
+    # A flat density ties every sample with the truth: level ½ everywhere, so every α ≥ ½ region covers all.
+    flat = report.row("uniform").calibration
+    assert flat["coverage"]["0.5"] == 1.0 and flat["calibration_error"] > 0.2
+    table = report.table_markdown()
+    assert "**Calibration**" in table and "| Model | 50 % | 90 % | 95 % | cal. error |" in table
+    assert f"| uniform | 100.0 | 100.0 | 100.0 | {flat['calibration_error']:.3f} |" in table
+
+
+def test_hybrid_checkpoint_rows_with_several_estimators_and_calibration(trained, tmp_path):
+    from geoloc.pipeline.fit_hybrid import FitHybridConfig, fit_hybrid, load_hybrid
+
+    ckpt, store = trained
+    lik = LikelihoodConfig(method="rk4", steps=4)
+    hyb = tmp_path / "hybrid"
+    doc = fit_hybrid(ckpt, [store], hyb, FitHybridConfig(val_split="train", val_where="id LIKE 'tr1%'",
+                                                          ks=(4, 8), likelihood=lik))
+    cfg = EvalConfig(estimators=("sample", "geoscore"), n=16, seeds=(0,), steps=8, likelihood=lik, prdc=False,
+                     calibration=True, calibration_n=16)
+    out = tmp_path / "eval"
+    report = run_eval([store], "test", checkpoints=[ckpt, hyb], baselines=["retrieval", "retrieval-weighted"],
+                      config=cfg, out_dir=out, plots=False)
+    names = ["ckpt[sample]", "ckpt[geoscore]", "hybrid[sample]", "hybrid[geoscore]", "retrieval",
+             "retrieval-weighted"]
+    assert [r.name for r in report.rows] == names
+    h = report.row("hybrid[geoscore]")
+    assert h.info["kind"] == "hybrid" and h.info["estimator"] == "geoscore" and h.info["omega"] == 0.0
+    assert report.row("hybrid[sample]").info["omega"] == 2.0
+    # The weighted-retrieval row takes k and τ from the hybrid's validation fit, not from the test split.
+    w = report.row("retrieval-weighted").info
+    assert (w["k"], w["tau"]) == (doc["retrieval"]["k"], doc["retrieval"]["tau"]) and "validation fit" in w["fit"]["how"]
+    # The hybrid's NLL is exactly its log-density of the truths (same likelihood ODE as the flow's row).
+    model = load_hybrid(hyb)
+    model.likelihood_config = lik
+    xyz = latlon_to_xyz(torch.from_numpy(report.data.latlon)).float()
+    cond = torch.cat([b.cond for b in iter_eval_batches([store], "test", 1000)])
+    lp = model.log_prob(xyz, cond)
+    assert h.nll.bits_per_dim == pytest.approx(float(-lp.double().mean() / (3 * math.log(2))), rel=1e-5)
+    # Both rows of one model share its density: same NLL, and calibration for each density row only.
+    assert report.row("hybrid[sample]").nll.bits_per_dim == pytest.approx(h.nll.bits_per_dim, rel=1e-6)
+    for r in report.rows:
+        assert (r.calibration is None) == r.name.startswith("retrieval")
+        if r.calibration:
+            assert set(r.calibration["coverage"]) == {"0.5", "0.9", "0.95"}
+            assert 0.0 <= r.calibration["calibration_error"] <= 0.5
+    # The hybrid's neighbours know the task's modes: its density beats the flow's alone.
+    assert h.nll.bits_per_dim < report.row("ckpt[sample]").nll.bits_per_dim
+    data = json.loads((out / "report.json").read_text())
+    assert data["config"]["estimators"] == ["sample", "geoscore"]
+    assert data["rows"][3]["calibration"]["coverage"]["0.9"] == h.calibration["coverage"]["0.9"]
+    per_item = pq.read_table(out / "predictions.parquet").to_pandas()
+    assert per_item[per_item["model"] == "hybrid[geoscore]"]["hdr_level"].between(0, 1).all()
+    assert "**Calibration**" in (out / "table.md").read_text()

@@ -182,3 +182,25 @@ def test_hybrid_needs_a_density_on_the_sphere():
         HybridGeolocator(untrained("flow-r3"), database(), HybridParams())
     with pytest.raises(ConfigError):
         HybridParams(k=0)
+
+
+def test_answer_flow_share_is_fitted_by_geoscore_and_zero_gives_the_neighbours_answer():
+    """Truths sit on each item's top neighbour while the flow (λ ≈ 0.9) is an untrained network: the answer
+    should listen to the neighbours (small share), and share 0 answers exactly as weighted retrieval does."""
+    from geoloc.hybrid import fit_answer_flow
+
+    h = hybrid(lam_a=2.2, lam_b=0.0, kappa=1e4, k=8, tau=0.3)
+    cond = torch.randn(120, DIM, generator=torch.Generator().manual_seed(7))
+    nb = h.neighbours(cond)
+    truth = nb.xyz[:, 0]
+    draws = h.flow.sample(cond, 16, steps=4, generator=torch.Generator().manual_seed(1))
+    fit = fit_answer_flow(h, cond, truth, nb, draws)
+    by_scale = {r["answer_flow"]: r["geoscore"] for r in fit["grid"]}
+    assert set(by_scale) == {0.0, 0.1, 0.25, 0.5, 0.75, 1.0}
+    assert fit["answer_flow"] < 1.0 and fit["geoscore"] == max(by_scale.values())
+    assert by_scale[0.0] > by_scale[1.0] + 500
+    zero = h.geoscore_answer(cond, neighbours=nb, flow_samples=draws, answer_flow=0.0)
+    assert torch.allclose(zero, weighted_retrieval(nb.xyz, nb.sim, tau=0.3), atol=1e-6)
+    with pytest.raises(ConfigError):
+        HybridParams(answer_flow=1.5)
+    assert HybridParams.from_json({**HybridParams(answer_flow=0.25).to_json()}).answer_flow == 0.25

@@ -55,6 +55,15 @@ def _parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def _parse_estimators(single: str, listed: str | None) -> tuple[str, ...]:
+    """``--estimators a,b`` in order without repeats, else ``--estimator`` alone."""
+    names = [e.strip() for e in (listed or "").split(",") if e.strip()] or [single]
+    unknown = [e for e in names if e not in ESTIMATOR_CHOICES]
+    if unknown:
+        raise ConfigError(f"--estimators: unknown {unknown}; choose from {', '.join(ESTIMATOR_CHOICES)}")
+    return tuple(dict.fromkeys(names))
+
+
 def _parse_labels(text: str) -> str | dict[str, str]:
     if "=" not in text:
         return text.strip()
@@ -89,11 +98,21 @@ def eval_command(
     ] = None,
     baseline: Annotated[
         list[BaselineOpt] | None,
-        typer.Option("--baseline", help="uniform, or retrieval (nearest training embedding); repeatable."),
+        typer.Option(
+            "--baseline",
+            help="uniform, retrieval (nearest training embedding), or retrieval-weighted (k neighbours "
+            "weighted by similarity, the max-expected-GeoScore neighbour); repeatable.",
+        ),
     ] = None,
     estimator: Annotated[
         EstimatorOpt, typer.Option(help="Point estimate: sample = one guided draw (the paper's protocol).")
     ] = EstimatorOpt(_DEFAULT.estimator),
+    estimators: Annotated[
+        str | None,
+        typer.Option(
+            help="Several estimators in one run, comma-separated (e.g. sample,geoscore): one row each per checkpoint."
+        ),
+    ] = None,
     samples: Annotated[
         int, typer.Option("--samples", help="Draws per item for the other estimators.", min=1)
     ] = _DEFAULT.n,
@@ -152,6 +171,30 @@ def eval_command(
     prdc: Annotated[
         bool, typer.Option("--prdc/--no-prdc", help="Precision/recall/density/coverage.")
     ] = _DEFAULT.prdc,
+    calibration: Annotated[
+        bool,
+        typer.Option(
+            "--calibration/--no-calibration",
+            help="Coverage of the 50/90/95% highest-density regions and calibration error per row "
+            "(costly: --calibration-samples exact draws and log-densities per item).",
+        ),
+    ] = _DEFAULT.calibration,
+    calibration_samples: Annotated[
+        int, typer.Option(help="Exact draws per item for the calibration.", min=2)
+    ] = _DEFAULT.calibration_n,
+    retrieval_k: Annotated[
+        int | None,
+        typer.Option(
+            help="Neighbours of the retrieval-weighted row (default: a hybrid checkpoint's fit, else "
+            "chosen leave-one-out on the retrieval split).",
+            min=1,
+            show_default=False,
+        ),
+    ] = _DEFAULT.retrieval_k,
+    retrieval_tau: Annotated[
+        float | None,
+        typer.Option(help="Similarity temperature of the retrieval-weighted row.", show_default=False),
+    ] = _DEFAULT.retrieval_tau,
     retrieval_split: Annotated[str, typer.Option(help="Split the retrieval baseline searches.")] = (
         _DEFAULT.retrieval_split
     ),
@@ -183,13 +226,22 @@ def eval_command(
         geoloc eval --store features/osv5m --checkpoint runs/rfm --baseline uniform --out eval/osv5m
         geoloc eval --store features/yfcc --split test --checkpoint runs/a --checkpoint runs/b --baseline retrieval --seeds 0 --out eval/yfcc
         geoloc eval --store features/osv5m --checkpoint runs/rfm --compat plonk --nll-method dopri5 --nll-tol 1e-6 --out eval/plonk
+        geoloc eval --store demo_out/store --split test --checkpoint demo_out/hybrid --estimators sample,geoscore --baseline retrieval --baseline retrieval-weighted --calibration --out eval/hybrid
     """
     # The job (torch, faiss, duckdb) is imported when the command runs, so that `geoloc --help` stays fast.
     from geoloc.pipeline.eval_job import run_eval
 
     tol = {} if nll_tol is None else {"rtol": nll_tol, "atol": nll_tol}
+    chosen = _parse_estimators(estimator.value, estimators)
+    if (retrieval_k is None) != (retrieval_tau is None):
+        raise ConfigError("give --retrieval-k and --retrieval-tau together (or neither: they are fitted)")
     config = EvalConfig(
-        estimator=estimator.value,
+        estimator=chosen[0],
+        estimators=chosen if len(chosen) > 1 else (),
+        calibration=calibration,
+        calibration_n=calibration_samples,
+        retrieval_k=retrieval_k,
+        retrieval_tau=retrieval_tau,
         n=samples,
         omega=omega,
         steps=steps,

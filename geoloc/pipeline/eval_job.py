@@ -12,9 +12,14 @@ Data flow, one way: paths → :class:`EvalStores` → (rows, batches) → ``eval
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from geoloc.checkpoint import read_config
 from geoloc.config import BASELINES, EVAL_SPLIT, EvalConfig
@@ -24,9 +29,11 @@ from geoloc.evaluate import as_rows, evaluate, resolve_labels
 from geoloc.gazetteer import Gazetteer
 from geoloc.geolocator import Geolocator
 from geoloc.pipeline.eval_batches import EvalBatch, iter_eval_batches
+from geoloc.pipeline.fit_hybrid import HYBRID_FILE, load_hybrid
 from geoloc.pipeline.store import FeatureStore
 from geoloc.predictors import (
     GeolocatorPredictor,
+    HybridPredictor,
     Predictor,
     RetrievalBuilder,
     RetrievalPredictor,
@@ -39,8 +46,10 @@ __all__ = [
     "EvalStores",
     "build_rows",
     "evaluate_stores",
+    "is_hybrid",
     "retrieval_from_stores",
     "run_eval",
+    "weighted_retrieval_row",
 ]
 
 
@@ -185,9 +194,19 @@ def evaluate_stores(
     return report
 
 
-def _row_names(checkpoints: Sequence[str | Path], baselines: Sequence[str]) -> list[str]:
+def _estimators(config: EvalConfig) -> tuple[str, ...]:
+    return tuple(config.estimators) or (config.estimator,)
+
+
+def _row_names(
+    checkpoints: Sequence[str | Path], baselines: Sequence[str], estimators: Sequence[str]
+) -> list[str]:
+    """One name per (checkpoint, estimator) — ``model[estimator]`` when there are several — then per baseline."""
+    items = [Path(c).resolve().name or str(c) for c in checkpoints]
+    if len(estimators) > 1:
+        items = [f"{c}[{e}]" for c in items for e in estimators]
     names: list[str] = []
-    for item in [*(Path(c).resolve().name or str(c) for c in checkpoints), *baselines]:
+    for item in [*items, *baselines]:
         name, k = item, 2
         while name in names:
             name, k = f"{item}-{k}", k + 1
@@ -195,7 +214,21 @@ def _row_names(checkpoints: Sequence[str | Path], baselines: Sequence[str]) -> l
     return names
 
 
-def _checkpoint_row(ckpt: str | Path, stores: EvalStores, config: EvalConfig) -> Predictor:
+def is_hybrid(ckpt: str | Path) -> bool:
+    """A hybrid checkpoint is a folder with ``hybrid.json`` (see :mod:`geoloc.pipeline.fit_hybrid`)."""
+    return (Path(ckpt) / HYBRID_FILE).is_file()
+
+
+def _checkpoint_rows(
+    ckpt: str | Path, stores: EvalStores, config: EvalConfig, estimators: Sequence[str]
+) -> list[Predictor]:
+    """One row per estimator of one checkpoint (the weights are loaded once)."""
+    configs = [replace(config, estimator=e, estimators=()) for e in estimators]
+    if is_hybrid(ckpt):
+        hybrid = load_hybrid(ckpt, device=str(resolve_device(config.device)))
+        rows: list[Predictor] = [HybridPredictor(hybrid, c, source=str(ckpt)) for c in configs]
+        stores.check_backbone(rows[0].expects, f"hybrid checkpoint {ckpt}")
+        return rows
     cfg = read_config(ckpt)
     bb = cfg.get("backbone") or {}
     # Check before loading weights: the config alone says which embeddings the model was trained on.
@@ -203,10 +236,52 @@ def _checkpoint_row(ckpt: str | Path, stores: EvalStores, config: EvalConfig) ->
         (bb.get("name") or None, int(bb.get("dim") or cfg.get("cond_dim") or 0) or None), f"checkpoint {ckpt}"
     )
     geo = Geolocator.from_pretrained(ckpt, device=resolve_device(config.device))
-    return GeolocatorPredictor(geo, config, source=str(ckpt))
+    return [GeolocatorPredictor(geo, c, source=str(ckpt)) for c in configs]
 
 
-def _baseline_row(base: str, stores: EvalStores, config: EvalConfig, split: str, progress: bool) -> Predictor:
+def _hybrid_retrieval_fit(checkpoints: Sequence[str | Path]) -> dict[str, Any] | None:
+    """The weighted-retrieval ``k`` / ``tau`` a hybrid checkpoint of this run fitted on its validation split."""
+    for ckpt in checkpoints:
+        if is_hybrid(ckpt):
+            doc = json.loads((Path(ckpt) / HYBRID_FILE).read_text())
+            fit = doc.get("retrieval") or {}
+            if "k" in fit and "tau" in fit:
+                how = f"validation fit of {ckpt} ({(doc.get('fitted_on') or {}).get('items', '?')} items)"
+                return {
+                    "k": int(fit["k"]),
+                    "tau": float(fit["tau"]),
+                    "geoscore": fit.get("geoscore"),
+                    "how": how,
+                }
+    return None
+
+
+def weighted_retrieval_row(
+    base: RetrievalPredictor, config: EvalConfig, checkpoints: Sequence[str | Path] = ()
+) -> RetrievalPredictor:
+    """The weighted-neighbour row over ``base``'s index: ``k`` / ``tau`` from the config, else from a hybrid
+    checkpoint's validation fit, else chosen by GeoScore on ``retrieval_val_items`` random database items
+    (leave-one-out) — never on the evaluated split."""
+    if config.retrieval_k is not None and config.retrieval_tau is not None:
+        return base.weighted(config.retrieval_k, config.retrieval_tau, {"how": "given"})
+    fit = _hybrid_retrieval_fit(checkpoints)
+    if fit is not None:
+        return base.weighted(fit["k"], fit["tau"], fit)
+    n = int(base.index.ntotal)
+    rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, config.retrieval_val_items), replace=False))
+    cond = torch.from_numpy(np.stack([base.index.reconstruct(int(r)) for r in rows]))
+    return base.fit_weights(cond, rows)
+
+
+def _baseline_row(
+    base: str,
+    stores: EvalStores,
+    config: EvalConfig,
+    split: str,
+    progress: bool,
+    cache: dict[str, RetrievalPredictor],
+    checkpoints: Sequence[str | Path],
+) -> Predictor:
     if base == "uniform":
         return GeolocatorPredictor(
             uniform_geolocator(stores.backbone[1]), config, kind="uniform", source="uniform on S²"
@@ -216,9 +291,13 @@ def _baseline_row(base: str, stores: EvalStores, config: EvalConfig, split: str,
             f"retrieval over split {split!r} would find every item itself; set another "
             "--retrieval-split (the training split)"
         )
-    return retrieval_from_stores(
-        stores, config.retrieval_split, index=config.retrieval_index, progress=progress
-    )
+    if "index" not in cache:  # the 1-NN and weighted rows share one index
+        cache["index"] = retrieval_from_stores(
+            stores, config.retrieval_split, index=config.retrieval_index, progress=progress
+        )
+    if base == "retrieval-weighted":
+        return weighted_retrieval_row(cache["index"], config, checkpoints)
+    return cache["index"]
 
 
 def _check_request(checkpoints: Sequence[str | Path], baselines: Sequence[str]) -> None:
@@ -242,18 +321,23 @@ def build_rows(
     split: str = EVAL_SPLIT,
     progress: bool = False,
 ) -> dict[str, Predictor]:
-    """Load checkpoints and build baselines (``uniform``, ``retrieval``) as named table rows, in order.
+    """Load checkpoints (flows, vMFs, hybrids: a folder with ``hybrid.json``) — one row per estimator of
+    ``config.estimators`` — and build baselines (``uniform``, ``retrieval``, ``retrieval-weighted``) as named
+    table rows, in order.
 
     A row is a name and a :class:`~geoloc.predictors.Predictor`; a new kind of row is one more entry here.
     """
     _check_request(checkpoints, baselines)
     stores = EvalStores.of(stores)
-    names = _row_names(checkpoints, baselines)
+    estimators = _estimators(config)
+    names = iter(_row_names(checkpoints, baselines, estimators))
     rows: dict[str, Predictor] = {}
-    for name, ckpt in zip(names, checkpoints, strict=False):
-        rows[name] = _checkpoint_row(ckpt, stores, config)
-    for name, base in zip(names[len(checkpoints) :], baselines, strict=True):
-        rows[name] = _baseline_row(base, stores, config, split, progress)
+    for ckpt in checkpoints:
+        for pred in _checkpoint_rows(ckpt, stores, config, estimators):
+            rows[next(names)] = pred
+    cache: dict[str, RetrievalPredictor] = {}
+    for base in baselines:
+        rows[next(names)] = _baseline_row(base, stores, config, split, progress, cache, checkpoints)
     return rows
 
 

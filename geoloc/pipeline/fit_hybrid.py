@@ -30,7 +30,7 @@ from geoloc.config import LikelihoodConfig
 from geoloc.errors import CheckpointError, ConfigError
 from geoloc.files import atomic_write_text
 from geoloc.geolocator import Geolocator
-from geoloc.hybrid import HybridGeolocator, HybridParams, fit_hybrid_params
+from geoloc.hybrid import HybridGeolocator, HybridParams, fit_answer_flow, fit_hybrid_params
 from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.neighbours import NeighbourIndex, store_identity
 from geoloc.retrieval import fit_weighted_retrieval
@@ -45,7 +45,9 @@ HYBRID_FILE = "hybrid.json"
 class FitHybridConfig:
     """How to fit. ``index_split``: the database; ``val_split`` / ``val_where``: the validation items (at most
     ``max_val``, in store order); ``ks``: neighbour counts tried; ``logistic``: λ depends on the top-1
-    similarity (else one λ); ``likelihood``: the flow's likelihood ODE, also recorded for ``load_hybrid``."""
+    similarity (else one λ); ``likelihood``: the flow's likelihood ODE, also recorded for ``load_hybrid``;
+    ``answer_items`` validation items (0: skip), each with ``answer_n`` flow draws of ``answer_steps`` steps,
+    choose the flow's share in the answer (:func:`geoloc.hybrid.fit_answer_flow`)."""
 
     index_split: str = "train"
     index_kind: str = "auto"
@@ -55,6 +57,9 @@ class FitHybridConfig:
     ks: tuple[int, ...] = (4, 8, 16, 32, 64)
     logistic: bool = True
     likelihood: LikelihoodConfig = field(default_factory=lambda: LikelihoodConfig(steps=16))
+    answer_items: int = 500
+    answer_n: int = 32
+    answer_steps: int = 16
     batch_size: int = 1024
     device: str = "cpu"
 
@@ -147,6 +152,29 @@ def fit_hybrid(
     retrieval = fit_weighted_retrieval(nb.xyz, nb.sim, val.xyz.to(nb.xyz.dtype))
     # The answer weighs the neighbours as the GeoScore-fitted retrieval row does (see HybridParams).
     fit.params = replace(fit.params, answer_k=int(retrieval["k"]), answer_tau=float(retrieval["tau"]))
+    answer = None
+    if config.answer_items > 0:
+        t2 = time.perf_counter()
+        m = min(config.answer_items, len(val.ids))
+        model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood)
+        cond = val.cond[:m].to(geo.device)
+        g = torch.Generator(device=geo.device).manual_seed(0)
+        draws = torch.cat(
+            [
+                geo.sample(
+                    cond[lo : lo + 256], config.answer_n, omega=0.0, steps=config.answer_steps, generator=g
+                )
+                for lo in range(0, m, 256)
+            ]
+        )
+        sub = nb.rows(slice(0, m)).head(fit.params.search_k)
+        answer = fit_answer_flow(model, cond, val.xyz[:m], sub, draws)
+        fit.params = replace(fit.params, answer_flow=answer["answer_flow"])
+        answer |= {"items": m, "draws": config.answer_n, "steps": config.answer_steps}
+        say(
+            f"answer: flow share x{answer['answer_flow']:g} (GeoScore {answer['geoscore']:.0f} on {m} validation "
+            f"items) in {time.perf_counter() - t2:.1f} s"
+        )
     say(
         f"hybrid: {fit.params} NLL {fit.nll:.3f} nats (flow alone {fit.flow_nll:.3f}); "
         f"retrieval k={retrieval['k']} tau={retrieval['tau']} GeoScore {retrieval['geoscore']:.0f}"
@@ -169,6 +197,7 @@ def fit_hybrid(
         },
         "fit": {**fit.to_json(), "seconds": time.perf_counter() - t0},
         "retrieval": {k: v for k, v in retrieval.items() if k != "grid"} | {"grid": retrieval["grid"]},
+        "answer": answer,
     }
     atomic_write_text(out / HYBRID_FILE, json.dumps(doc, indent=2) + "\n")
     say(f"wrote {out / HYBRID_FILE}")

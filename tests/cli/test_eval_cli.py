@@ -96,3 +96,26 @@ def test_eval_defaults_and_choices_come_from_evalconfig():
         assert r.exit_code == 2
         text = " ".join(r.output.split())
         assert all(f"'{c}'" in text for c in choices), text
+
+
+def test_eval_several_estimators_weighted_retrieval_and_calibration(tmp_path, store):
+    ckpt = _checkpoint(tmp_path / "rfm", 8, {"name": "test", "dim": 8})
+    out = tmp_path / "out"
+    r = _run("--store", store, "--split", "test", "--checkpoint", ckpt, "--estimators", "sample,median",
+             "--samples", "4", "--baseline", "retrieval", "--baseline", "retrieval-weighted", "--retrieval-k", "8",
+             "--retrieval-tau", "0.1", "--calibration", "--calibration-samples", "8", "--out", out, "--seeds", "0",
+             "--steps", "2", "--nll-steps", "2", "--no-prdc", "--no-plots", "--no-progress")
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    assert [row["name"] for row in report["rows"]] == ["rfm[sample]", "rfm[median]", "retrieval",
+                                                       "retrieval-weighted"]
+    assert [row["estimator"] for row in report["rows"][:2]] == ["sample", "median"]
+    assert report["rows"][3]["k"] == 8 and report["rows"][3]["tau"] == 0.1
+    cal = report["rows"][0]["calibration"]
+    assert set(cal["coverage"]) == {"0.5", "0.9", "0.95"} and cal["n"] == 200
+    assert report["rows"][2]["calibration"] is None
+    assert "**Calibration**" in r.stdout and "| rfm[median] |" in r.stdout
+    bad = _run("--store", store, "--out", out, "--checkpoint", ckpt, "--estimators", "sample,nope")
+    assert isinstance(bad.exception, ConfigError) and "nope" in str(bad.exception)
+    half = _run("--store", store, "--out", out, "--baseline", "retrieval-weighted", "--retrieval-k", "4")
+    assert isinstance(half.exception, ConfigError) and "--retrieval-tau" in str(half.exception)
