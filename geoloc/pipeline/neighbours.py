@@ -34,7 +34,7 @@ import torch
 from geoloc.errors import CheckpointError, ConfigError, InputError
 from geoloc.files import atomic_write, atomic_write_text
 from geoloc.hybrid import Neighbours
-from geoloc.pipeline.loader import iter_eval_batches
+from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.store import FeatureStore
 from geoloc.progress import progress_bar
 from geoloc.sphere import latlon_to_xyz
