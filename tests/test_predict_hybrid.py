@@ -18,6 +18,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from geoloc.checkpoint import save_checkpoint
@@ -110,6 +111,9 @@ def test_predictor_loads_the_hybrid_and_answers_with_max_expected_geoscore(built
     # Best answers by default, in the options, the flow's API and the hybrid's.
     assert PredictOptions().estimator == "geoscore"
     assert inspect.signature(Geolocator.predict).parameters["estimator"].default == "geoscore"
+    cli = {q.name: q for q in typer.main.get_command(app).commands["predict"].params}
+    for opt in ("estimator", "regions", "region_samples"):
+        assert cli[opt].default == getattr(PredictOptions(), opt), opt
     test = built["test"]
     calls = []
     search = h.index.search

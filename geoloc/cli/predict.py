@@ -18,7 +18,7 @@ from geoloc.config import EstimatorName, MapOptions, PredictOptions, choices
 from geoloc.config import MapFormat as MapFormatChoice
 
 MapFormat = choice_enum("MapFormat", MapFormatChoice)
-_ESTIMATORS = ", ".join(e for e in choices(EstimatorName) if e != "sample")
+_ESTIMATORS = ", ".join(e for e in choices(EstimatorName) if e not in ("sample", "geoscore"))
 
 
 def register(app: typer.Typer) -> None:
@@ -28,14 +28,17 @@ def register(app: typer.Typer) -> None:
 
 def predict(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", "-c", help="Checkpoint directory (geoloc train "
-                                             "or geoloc convert plonk).", show_default=False)],
+                                             "or geoloc convert plonk), or a hybrid's (holds hybrid.json).",
+                                             show_default=False)],
     inputs: Annotated[list[str] | None, typer.Argument(help="Image files, folders of images, or dataset "
                                                             "manifests (a .toml path or a shipped name).",
                                                        show_default=False)] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="A text to locate (text backbones such as "
                                                    "minilm); repeat for several.")] = None,
-    estimator: Annotated[str, typer.Option(help="Point estimate: sample (one guided draw, the paper), "
-                                                f"{_ESTIMATORS}.")] = default(PredictOptions, "estimator"),
+    estimator: Annotated[str, typer.Option(help="Point estimate: geoscore (max expected GeoScore, the best "
+                                                "answer), sample (one guided draw: the paper's protocol, "
+                                                f"geoloc eval's default), {_ESTIMATORS}.")] = default(
+        PredictOptions, "estimator"),
     top_k: Annotated[int, typer.Option(help="Distinct locations to report per item, with their mass.",
                                        min=0)] = default(PredictOptions, "top_k"),
     samples: Annotated[int, typer.Option(help="Model draws behind the top-k and sample-based estimators.",
@@ -47,6 +50,11 @@ def predict(
     localizability: Annotated[bool, typer.Option(help="Also estimate localizability (bits; an exact-likelihood "
                                                       "ODE per sample, slow).")] = default(PredictOptions,
                                                                                            "localizability"),
+    regions: Annotated[bool, typer.Option(help="Report the areas (km²) of the 50% and 90% highest-density "
+                                               "regions (exact likelihoods of --region-samples draws).")] = default(
+        PredictOptions, "regions"),
+    region_samples: Annotated[int, typer.Option(help="Exact draws behind the region areas.", min=2)] = default(
+        PredictOptions, "region_samples"),
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write rows to a .csv or .parquet file.")] = None,
     geojson: Annotated[Path | None, typer.Option(help="Write a GeoJSON FeatureCollection.")] = None,
     maps: Annotated[Path | None, typer.Option(help="Write a density map per item into this folder.")] = None,
@@ -98,7 +106,8 @@ def predict(
 
     predictor = load_predictor(checkpoint, device=device, backbone=backbone, weights=weights)
     options = PredictOptions(estimator=estimator, top_k=top_k, samples=samples, omega=omega, steps=steps,
-                             localizability=localizability, batch_size=batch_size, seed=seed,
+                             localizability=localizability, regions=regions, region_samples=region_samples,
+                             batch_size=batch_size, seed=seed,
                              keep_embeddings=maps is not None, keep_samples=maps is not None)
     results = run_predict(predictor, list(inputs or []), list(text or []), options, split=split, root=root,
                           limit=limit, max_maps=max_maps, progress=progress)

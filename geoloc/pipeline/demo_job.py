@@ -53,7 +53,8 @@ def _train(store: Path, out: Path, preset: str, steps: int, progress: bool) -> P
 def _maps(rfm: Path, names: tuple[tuple[str, str], ...], out: Path, report: DemoReport) -> None:
     """Top places and density maps for the demo names, through the same API as ``geoloc predict``."""
     predictor = Predictor.from_pretrained(rfm)
-    options = PredictOptions(top_k=3, samples=256, steps=64, keep_embeddings=True, keep_samples=True)
+    # regions=False: the demo reports top places; the maps outline the regions from their own density grid.
+    options = PredictOptions(top_k=3, samples=256, steps=64, keep_embeddings=True, keep_samples=True, regions=False)
     results = predictor.predict([n for n, _ in names], options)
     for res in results:
         report.top_places[res.input] = [
