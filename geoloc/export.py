@@ -42,6 +42,17 @@ def _place_cols(prefix: str, place: Any) -> dict[str, Any]:
     return {f"{prefix}": place.label, f"{prefix}_cc": place.cc, f"{prefix}_km": _r(place.distance_km, 1)}
 
 
+def _levels(predictions: Sequence[Any]) -> list[float]:
+    """The region levels any prediction carries, ascending (one column each, in every row)."""
+    return sorted({float(a) for p in predictions for a in (getattr(p, "region_km2", None) or {})})
+
+
+def _region_cols(p: Any, levels: Sequence[float]) -> dict[str, Any]:
+    """``region50_km2``, ``region90_km2``, ...: the area of each highest-density region (None: not computed)."""
+    areas = getattr(p, "region_km2", None) or {}
+    return {f"region{100 * a:g}_km2": _r(areas.get(a), 1) for a in levels}
+
+
 def prediction_rows(predictions: Sequence[Any], top_k: int | None = None) -> list[dict[str, Any]]:
     """One dict per :class:`~geoloc.predict.ItemPrediction`, with the same columns in every row.
 
@@ -49,9 +60,11 @@ def prediction_rows(predictions: Sequence[Any], top_k: int | None = None) -> lis
     place, place_cc, place_km, localizability_bits``, then for i in 1..k ``mode{i}_lat, mode{i}_lon,
     mode{i}_mass, mode{i}_place``, ``other_mass``, ``true_lat, true_lon, error_km``, ``error``. ``query``: the
     text of a text input; ``estimate_mode``: the i of the mode holding the estimate, −1 for none of them
-    (see :class:`~geoloc.predict.ItemPrediction`). ``top_k`` fixes k (default: the most modes any row has).
+    (see :class:`~geoloc.predict.ItemPrediction`). ``region50_km2, region90_km2``: the areas of the
+    highest-density regions, when computed. ``top_k`` fixes k (default: the most modes any row has).
     """
     k = top_k if top_k is not None else max((len(p.modes) for p in predictions), default=0)
+    levels = _levels(predictions)
     rows = []
     for p in predictions:
         row: dict[str, Any] = {
@@ -60,7 +73,7 @@ def prediction_rows(predictions: Sequence[Any], top_k: int | None = None) -> lis
             "estimate_kind": getattr(p, "estimate_kind", "") or None,
             "estimate_mode": getattr(p, "estimate_mode", None),
             "estimate_label": getattr(p, "estimate_label", "") or None, **_place_cols("place", p.place),
-            "localizability_bits": _r(p.localizability_bits, 4),
+            "localizability_bits": _r(p.localizability_bits, 4), **_region_cols(p, levels),
         }
         for i in range(k):
             m = p.modes[i] if i < len(p.modes) else None
@@ -120,6 +133,7 @@ def to_geojson(predictions: Sequence[Any]) -> dict[str, Any]:
     top-k mode (``role: "mode"``, ``rank``, ``mass``); inputs that failed get a Feature with a null geometry,
     ``role: "failed"`` and their ``error`` (RFC 7946 §3.2). Coordinates are ``[lon, lat]`` degrees."""
     features: list[dict[str, Any]] = []
+    levels = _levels(predictions)
     for p in predictions:
         base = {"id": p.id, "query": getattr(p, "query", "") or p.input, "input": p.input}
         if not p.ok or p.lat is None:
@@ -132,7 +146,7 @@ def to_geojson(predictions: Sequence[Any]) -> dict[str, Any]:
             "estimate_mode": getattr(p, "estimate_mode", None),
             "estimate_label": getattr(p, "estimate_label", "") or None,
             "place": None if p.place is None else p.place.label,
-            "localizability_bits": _r(p.localizability_bits, 4),
+            "localizability_bits": _r(p.localizability_bits, 4), **_region_cols(p, levels),
         }
         if p.true_lat is not None:
             props.update({"true_lat": _r(p.true_lat), "true_lon": _r(p.true_lon), "error_km": _r(p.error_km, 3)})
@@ -165,7 +179,8 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
     Columns: id, the query when it is not the id (texts from a manifest), estimate (lat, lon), nearest place,
     which mode the estimate is in (``in mode #1``, ``outside the top-3 modes``; "guided sample" for a guided
     draw) when known, the top modes as ``mass place``, localizability (bits) when computed, and the error in
-    km when the truth is known. Failed inputs show ``error: <reason>``.
+    km when the truth is known, and the areas of the highest-density regions (``50% km²``) when computed.
+    Failed inputs show ``error: <reason>``.
     """
     def query(p: Any) -> str:  # the text of a text query whose id is not that text (manifest id, slug)
         q = getattr(p, "query", "") or ""
@@ -177,7 +192,8 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
     show_err = any(p.error_km is not None for p in predictions)
     header = ["id"] + ["query"] * show_query + ["estimate", "place"] + ["estimate is"] * show_where
     header += [f"#{i + 1}" for i in range(top_k)]
-    header += ["loc bits"] * show_loc + ["error km"] * show_err
+    levels = _levels(predictions)
+    header += ["loc bits"] * show_loc + [f"{100 * a:g}% km²" for a in levels] + ["error km"] * show_err
     lines = []
     for p in predictions:
         head = [_cut(p.id, width)] + [_cut(query(p), width)] * show_query
@@ -193,6 +209,9 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
                                                                      f"{m.lat:.2f},{m.lon:.2f}"), width))
         if show_loc:
             row.append("" if p.localizability_bits is None else f"{p.localizability_bits:.2f}")
+        for a in levels:
+            area = (getattr(p, "region_km2", None) or {}).get(a)
+            row.append("" if area is None else f"{area:,.0f}")
         if show_err:
             row.append("" if p.error_km is None else f"{p.error_km:.0f}")
         lines.append(row)

@@ -5,10 +5,13 @@ and ``geoloc predict`` use: ``sample``, ``log_prob``, ``localizability`` and ``p
 the top-k distinct places with their probability mass, and optionally the localizability).
 
 Point estimates (``estimator=``), each optimal for a different metric:
-- ``sample``: one guided draw with ω = 2 — the paper's protocol (Table 1); vMF families use their mean
-  direction instead (# reference differs: it reports a random vMF draw, docs/reference-behaviour.md §16.11);
-- ``median`` (mean km), ``geoscore`` (expected GeoScore), ``mode`` (small-radius accuracy), ``mean``,
-  ``best-of-n`` (the reference's "swarm": the most likely of n unguided draws): see ``estimators.py``.
+- ``geoscore`` (the default of ``predict`` and of ``geoloc predict``): the draw maximising the expected
+  GeoScore under the model — the best answer the model can give (issue 13);
+- ``sample``: one guided draw with ω = 2 — the paper's protocol (Table 1), which stays ``geoloc eval``'s
+  default for comparability; vMF families use their mean direction instead (# reference differs: it
+  reports a random vMF draw, docs/reference-behaviour.md §16.11);
+- ``median`` (mean km), ``mode`` (small-radius accuracy), ``mean``, ``best-of-n`` (the reference's
+  "swarm": the most likely of n unguided draws): see ``estimators.py``.
 """
 
 from __future__ import annotations
@@ -182,6 +185,26 @@ class Geolocator:
         return self.family.log_prob(self.net, xyz, cond, config or self.likelihood_config)
 
     @torch.no_grad()
+    def sample_with_log_prob(
+        self, cond: torch.Tensor, n: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` exact draws per item and their exact log-densities: ``((B, n, 3), (B, n))``.
+
+        Exact: for ODE families the draws come from the likelihood ODE run forward, so each log-density is
+        that of the density the draw came from (what localizability and region areas need). Same signature
+        as :meth:`geoloc.hybrid.HybridGeolocator.sample_with_log_prob`.
+        """
+        cond = self._cond(cond)
+        b = cond.shape[0]
+        flat = cond.repeat_interleave(n, dim=0)
+        if isinstance(self.family, OdeFamily):
+            x = self.family.sample_exact(self.net, flat, self.likelihood_config, generator)
+        else:
+            x = self.family.sample(self.net, cond, n, self.sample_config, generator).reshape(-1, 3)
+        lp = self.family.log_prob(self.net, x, flat, self.likelihood_config)
+        return x.reshape(b, n, 3), lp.reshape(b, n)
+
+    @torch.no_grad()
     def localizability(
         self, cond: torch.Tensor, n: int = 256, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -191,35 +214,30 @@ class Geolocator:
         estimate is unbiased up to discretisation. # reference differs: its pipeline divides by an extra 4π
         (docs/reference-behaviour.md §9.3, §15.8). For R³ families the density is per unit volume, so values are not comparable with S².
         """
-        cond = self._cond(cond)
-        b = cond.shape[0]
-        flat = cond.repeat_interleave(n, dim=0)
-        if isinstance(self.family, OdeFamily):
-            x = self.family.sample_exact(self.net, flat, self.likelihood_config, generator)
-            lp = self.family.log_prob(self.net, x, flat, self.likelihood_config)
-        else:
-            x = self.family.sample(self.net, cond, n, self.sample_config, generator).reshape(-1, 3)
-            lp = self.family.log_prob(self.net, x, flat, self.likelihood_config)
-        return lp.reshape(b, n).mean(-1) / math.log(2)
+        _, lp = self.sample_with_log_prob(cond, n, generator)
+        return lp.mean(-1) / math.log(2)
 
     @torch.no_grad()
     def predict(
         self,
         cond: torch.Tensor,
         *,
-        estimator: str = "sample",
+        estimator: str = "geoscore",
         n: int = 256,
         omega: float | None = None,
         top_k: int = 0,
         localizability: bool = False,
         keep_samples: bool = False,
         generator: torch.Generator | None = None,
+        steps: int | None = None,
     ) -> Prediction:
         """Point estimate per item, plus optional top-k modes (from ``n`` unguided draws) and localizability.
 
-        ``estimator="sample"`` draws one sample with guidance ``omega`` (default 2, the paper's protocol);
-        the others use ``n`` draws with ``omega`` (default 0, the model's own distribution). With top-k, the
-        estimate is placed in the basin of one of the modes or outside them (``Prediction.estimate_mode``).
+        Default: ``geoscore``, the draw that maximises the expected GeoScore (the best answer; issue 13).
+        ``estimator="sample"`` draws one sample with guidance ``omega`` (default 2, the paper's protocol,
+        ``geoloc eval``'s default); the others use ``n`` draws with ``omega`` (default 0, the model's own
+        distribution). ``steps``: sampler steps (None: ``sample_config``'s). With top-k, the estimate is placed
+        in the basin of one of the modes or outside them (``Prediction.estimate_mode``).
         """
         from geoloc.estimators import ESTIMATORS, basin_of, top_k_modes
 
@@ -231,12 +249,12 @@ class Geolocator:
             kind = "mean-direction"
             if point is None:
                 w = 2.0 if omega is None else float(omega)
-                point = self.sample(cond, 1, omega=w, generator=generator)[:, 0]
+                point = self.sample(cond, 1, omega=w, steps=steps, generator=generator)[:, 0]
                 kind = "guided-sample" if w != 0.0 else "sample"
         elif estimator in ESTIMATORS:
             w = 0.0 if omega is None else float(omega)
             kind = f"guided-{estimator}" if w != 0.0 else estimator
-            samples = self.sample(cond, n, omega=w, generator=generator)
+            samples = self.sample(cond, n, omega=w, steps=steps, generator=generator)
             lp = None
             if ESTIMATORS[estimator].log_prob == "required":
                 flat = samples.reshape(-1, 3)
@@ -247,7 +265,7 @@ class Geolocator:
         topk = None
         if top_k > 0:
             if samples is None or (omega not in (None, 0.0) and estimator != "sample"):
-                samples = self.sample(cond, n, omega=0.0, generator=generator)
+                samples = self.sample(cond, n, omega=0.0, steps=steps, generator=generator)
             topk = top_k_modes(samples, k=top_k)
             # Which reported mode (if any) the estimate belongs to: the same KDE climb as the modes'.
             estimate_mode = _within_reach(

@@ -26,11 +26,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from geoloc.calibration import region_area_km2
 from geoloc.config import PredictOptions
 from geoloc.errors import ConfigError
+from geoloc.hybrid import HybridGeolocator
 from geoloc.sphere import haversine_km
 
-__all__ = ["EmbeddingPredictor", "ItemPrediction", "Mode", "Place", "PredictOptions", "nearest_places"]
+__all__ = [
+    "EmbeddingPredictor",
+    "ItemPrediction",
+    "Mode",
+    "Place",
+    "PredictOptions",
+    "batch_context",
+    "exact_summaries",
+    "nearest_places",
+]
 
 
 @dataclass(frozen=True)
@@ -73,8 +84,9 @@ class ItemPrediction:
     ``estimate_mode``: the rank (1 = ``modes[0]``, as ``#1`` / ``mode1_*`` in the outputs) of the mode whose
     basin holds the estimate, −1 when it lies outside every reported mode, None without top-k.
     ``modes``: the top-k locations, heaviest first, and ``other_mass`` the mass outside them;
-    ``localizability_bits``: E_p[log₂ p] (higher = more localizable), when asked for; ``place``: the
-    nearest place of the estimate; ``true_lat``/``true_lon`` and ``error_km``: when the input came with
+    ``localizability_bits``: E_p[log₂ p] (higher = more localizable), when asked for; ``region_km2``: level →
+    area in km² of the highest-density region holding that share of the mass (e.g. ``{0.5: 1.2e4, 0.9:
+    3.1e5}``), when asked for; ``place``: the nearest place of the estimate; ``true_lat``/``true_lon`` and ``error_km``: when the input came with
     coordinates (a manifest). ``embedding`` and ``samples`` (unit vectors ``(n, 3)``) are kept only when
     asked for (density maps use them).
     """
@@ -92,6 +104,7 @@ class ItemPrediction:
     modes: list[Mode] = field(default_factory=list)
     other_mass: float | None = None
     localizability_bits: float | None = None
+    region_km2: dict[float, float] = field(default_factory=dict)
     place: Place | None = None
     true_lat: float | None = None
     true_lon: float | None = None
@@ -203,14 +216,41 @@ def nearest_places(gazetteer: Any, latlon: np.ndarray) -> list[Place | None]:
     return out
 
 
+def batch_context(geo: Any, cond: torch.Tensor) -> dict[str, Any]:
+    """What every verb of ``geo`` can share for one batch: a hybrid's neighbours (searched once); nothing
+    for a plain geolocator."""
+    return {"neighbours": geo.neighbours(cond)} if isinstance(geo, HybridGeolocator) else {}
+
+
+def exact_summaries(
+    geo: Any, cond: torch.Tensor, opts: PredictOptions, generator: torch.Generator | None, ctx: dict[str, Any]
+) -> tuple[np.ndarray | None, dict[float, np.ndarray]]:
+    """Localizability (bits, ``(B,)``) and region areas (level → km² ``(B,)``), as ``opts`` asks, from one
+    set of exact draws with exact log-densities per item (the most either asks for).
+
+    Region areas need a density on S² (a flow in R³ has a density per unit volume): none for R³ families.
+    """
+    on_sphere = isinstance(geo, HybridGeolocator) or geo.family.nll_space() == "sphere"
+    want_regions = opts.regions and bool(opts.region_levels) and on_sphere
+    if not (opts.localizability or want_regions):
+        return None, {}
+    n = max(opts.localizability_samples * opts.localizability, opts.region_samples * want_regions)
+    _, lp = geo.sample_with_log_prob(cond, n, generator=generator, **ctx)
+    loc = (lp.mean(-1) / math.log(2)).cpu().numpy() if opts.localizability else None
+    areas = {float(a): region_area_km2(lp, a) for a in opts.region_levels} if want_regions else {}
+    return loc, areas
+
+
 class EmbeddingPredictor:
-    """A :class:`~geoloc.geolocator.Geolocator` ready to answer for embeddings, plus an optional gazetteer
-    (anything with ``nearest(latlon)`` and ``places``, e.g. :class:`geoloc.gazetteer.Gazetteer`) for the
-    nearest places."""
+    """A :class:`~geoloc.geolocator.Geolocator` or :class:`~geoloc.hybrid.HybridGeolocator` ready to answer
+    for embeddings, plus an optional gazetteer (anything with ``nearest(latlon)`` and ``places``, e.g.
+    :class:`geoloc.gazetteer.Gazetteer`) for the nearest places.
+
+    Both expose ``predict`` and ``sample_with_log_prob``; a hybrid's neighbours are searched once per batch
+    and handed to every verb (``neighbours=``)."""
 
     def __init__(self, geolocator: Any, gazetteer: Any = None) -> None:
         self.geolocator = geolocator
-        self._sample_config = geolocator.sample_config
         self._gazetteer = gazetteer
 
     @property
@@ -269,20 +309,20 @@ class EmbeddingPredictor:
         queries: list[str] | None = None,
     ) -> list[ItemPrediction]:
         geo = self.geolocator
-        geo.sample_config = replace(self._sample_config, steps=opts.steps or self._sample_config.steps)
         gen = torch.Generator(device=geo.device).manual_seed(opts.seed) if opts.seed is not None else None
+        ctx = batch_context(geo, cond)
         pred = geo.predict(
             cond,
             estimator=opts.estimator,
             n=opts.samples,
+            steps=opts.steps,
             omega=opts.omega,
             top_k=opts.top_k,
             keep_samples=opts.keep_samples,
             generator=gen,
+            **ctx,
         )
-        loc = None
-        if opts.localizability:
-            loc = geo.localizability(cond, n=opts.localizability_samples, generator=gen).cpu().numpy()
+        loc, areas = exact_summaries(geo, cond, opts, gen, ctx)
         latlon = pred.latlon.double().cpu().numpy()
         topk = pred.topk
         k = 0 if topk is None else topk.latlon.shape[1]
@@ -325,6 +365,7 @@ class EmbeddingPredictor:
                 modes=modes,
                 other_mass=None if topk is None else float(topk.other_mass[b]),
                 localizability_bits=None if loc is None else float(loc[b]),
+                region_km2={a: float(v[b]) for a, v in areas.items()},
                 place=None if places is None else places[b],
                 embedding=cond[b].detach().cpu().numpy() if opts.keep_embeddings else None,
                 samples=(

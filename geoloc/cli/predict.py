@@ -41,7 +41,8 @@ def predict(
         typer.Option(
             "--checkpoint",
             "-c",
-            help="Checkpoint directory (geoloc train or geoloc convert plonk).",
+            help="Checkpoint directory (geoloc train or geoloc convert plonk), or a hybrid's (holds "
+            "hybrid.json).",
             show_default=False,
         ),
     ],
@@ -75,12 +76,22 @@ def predict(
     estimator: Annotated[
         Estimator,
         typer.Option(
-            help="Point estimate: sample (one guided draw, ω=2, the "
-            "paper's protocol; labelled as such, since it is not "
-            "drawn from the distribution the modes describe), or "
-            "a statistic of the model's draws."
+            help="Point estimate: geoscore (default: the draw maximising the expected GeoScore, the best "
+            "answer), sample (one guided draw, ω=2: the paper's protocol and geoloc eval's default; labelled "
+            "as such, since it is not drawn from the distribution the modes describe), or another statistic "
+            "of the model's draws."
         ),
     ] = Estimator(default(PredictOptions, "estimator")),
+    regions: Annotated[
+        bool,
+        typer.Option(
+            help="Report the areas (km²) of the 50% and 90% highest-density regions (exact likelihoods of "
+            "--region-samples draws)."
+        ),
+    ] = default(PredictOptions, "regions"),
+    region_samples: Annotated[
+        int, typer.Option(help="Exact draws behind the region areas.", min=2)
+    ] = default(PredictOptions, "region_samples"),
     top_k: Annotated[
         int, typer.Option(help="Distinct locations to report per item, with their mass.", min=0)
     ] = default(PredictOptions, "top_k"),
@@ -213,6 +224,8 @@ def predict(
         omega=omega,
         steps=steps,
         localizability=localizability,
+        regions=regions,
+        region_samples=region_samples,
         batch_size=batch_size,
         seed=seed,
         keep_embeddings=want_maps,

@@ -174,7 +174,7 @@ def _showcase(
     predictor = Predictor.from_pretrained(rfm)
     texts = [n for n, _ in config.names]
     options = PredictOptions(
-        top_k=3, samples=256, steps=config.eval_steps, keep_embeddings=True, keep_samples=True
+        top_k=3, samples=256, steps=config.eval_steps, keep_embeddings=True, keep_samples=True, regions=False
     )
     results = predictor.predict(texts, options)
     cond = torch.from_numpy(np.stack([r.embedding for r in results])).float()

@@ -27,12 +27,13 @@ import torch
 
 from geoloc.checkpoint import read_config
 from geoloc.config import LikelihoodConfig
-from geoloc.errors import CheckpointError, ConfigError
+from geoloc.errors import CheckpointError, ConfigError, GeolocError
 from geoloc.files import atomic_write_text
 from geoloc.geolocator import Geolocator
 from geoloc.hybrid import HybridGeolocator, HybridParams, fit_answer_flow, fit_hybrid_params
 from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.neighbours import NeighbourIndex, store_identity
+from geoloc.pipeline.store import MANIFEST
 from geoloc.retrieval import fit_weighted_retrieval
 from geoloc.sphere import latlon_to_xyz
 
@@ -204,8 +205,15 @@ def fit_hybrid(
     return doc
 
 
-def load_hybrid(directory: str | Path, device: str = "cpu") -> HybridGeolocator:
-    """Load a hybrid checkpoint: ``hybrid.json`` + its neighbour index + the flow it names."""
+def load_hybrid(directory: str | Path, device: str = "cpu", *, verify_store: bool = True) -> HybridGeolocator:
+    """Load a hybrid checkpoint: ``hybrid.json`` + its neighbour index + the flow it names.
+
+    The index must be the one ``hybrid.json`` records (rows, dimension, database checksum) and take the
+    flow's features; the store it was built from must still be where it was, unchanged (same shards), so
+    the neighbours are the database the hybrid claims. Each failure is one line naming the file and what
+    to do. ``verify_store=False`` trusts the index alone (e.g. a hybrid copied without its store: the index
+    files hold everything prediction needs).
+    """
     d = Path(directory)
     path = d / HYBRID_FILE
     if not path.exists():
@@ -214,9 +222,85 @@ def load_hybrid(directory: str | Path, device: str = "cpu") -> HybridGeolocator:
         doc = json.loads(path.read_text())
         params = HybridParams.from_json(doc["params"])
         lik = LikelihoodConfig(**doc.get("likelihood", {}))
+        files = dict(doc["index"]["files"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: missing or bad field ({e})") from e
-    flow_dir = d if doc.get("flow", ".") == "." else Path(doc["flow"])
+    ref = doc.get("flow", ".")
+    flow_dir = d if ref == "." else (Path(ref) if Path(ref).is_absolute() else d / ref)
+    if not (flow_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: the flow checkpoint it names ({flow_dir}) has no config.json; restore that folder "
+            f"or edit 'flow' in {HYBRID_FILE} to point at it"
+        )
+    for role in ("index", "xyz"):
+        f = d / files.get(role, "")
+        if role not in files or not f.is_file():
+            raise CheckpointError(
+                f"{f}: the hybrid's neighbour {role} file is missing; copy the neighbours.* files beside "
+                f"{HYBRID_FILE}, or refit with geoloc.pipeline.fit_hybrid.fit_hybrid"
+            )
     geo = Geolocator.from_pretrained(flow_dir, device=device)
     index = NeighbourIndex.load(d)
+    _check_index(doc, index, d, geo.cond_dim)
+    _check_backbone(doc, geo, path)
+    if verify_store:
+        for rec in doc.get("database") or []:
+            _check_store(rec, path)
     return HybridGeolocator(geo, index, params, likelihood_config=lik, info=doc)
+
+
+def _check_index(doc: dict[str, Any], index: NeighbourIndex, d: Path, cond_dim: int) -> None:
+    """The loaded index is the one ``hybrid.json`` recorded, and takes the flow's features."""
+    f = d / doc["index"]["files"]["index"]
+    want_rows, want_dim = doc["index"].get("rows"), doc["index"].get("dim")
+    if (want_rows is not None and len(index) != int(want_rows)) or (
+        want_dim is not None and index.dim != int(want_dim)
+    ):
+        raise CheckpointError(
+            f"{f}: holds {len(index):,} rows of {index.dim}-d features but {HYBRID_FILE} records "
+            f"{want_rows:,} of {want_dim}-d; the index was replaced: refit with geoloc.pipeline.fit_hybrid"
+        )
+    want = [s.get("shards_sha256") for s in doc["index"].get("stores") or []]
+    got = [s.get("shards_sha256") for s in index.meta.get("stores") or []]
+    if want and got and want != got:
+        raise CheckpointError(
+            f"{d / 'neighbours.json'}: the index was built from other store shards than {HYBRID_FILE} "
+            "records; refit with geoloc.pipeline.fit_hybrid"
+        )
+    if index.dim != cond_dim:
+        raise CheckpointError(
+            f"{f}: {index.dim}-d features, but the flow takes {cond_dim}-d; the index and the flow come "
+            "from different backbones: refit with geoloc.pipeline.fit_hybrid"
+        )
+
+
+def _check_backbone(doc: dict[str, Any], geo: Geolocator, path: Path) -> None:
+    """The database was embedded with the backbone the flow was trained on (when both record one)."""
+    flow_bb = geo.backbone.get("name")
+    for rec in doc.get("database") or []:
+        db_bb = (rec.get("backbone") or {}).get("name")
+        if flow_bb and db_bb and db_bb != flow_bb:
+            raise CheckpointError(
+                f"{path}: the store {rec.get('path')} holds {db_bb!r} features but the flow was trained on "
+                f"{flow_bb!r}; refit against a store of {flow_bb!r} features (geoloc.pipeline.fit_hybrid)"
+            )
+
+
+def _check_store(rec: dict[str, Any], path: Path) -> None:
+    """The store the hybrid retrieves from is where ``hybrid.json`` says, with the same shards."""
+    store = Path(rec.get("path", ""))
+    if not (store / MANIFEST).is_file():
+        raise CheckpointError(
+            f"{store}: the store this hybrid retrieves from ({path} 'database') is missing; restore it "
+            "there, refit against the store you have (geoloc.pipeline.fit_hybrid), or load with "
+            "verify_store=False to trust the index alone"
+        )
+    try:
+        now = store_identity(store, rec.get("split", "train"))
+    except (OSError, ValueError, GeolocError) as e:
+        raise CheckpointError(f"{store}: cannot read the store this hybrid retrieves from ({e})") from e
+    if now.get("shards_sha256") != rec.get("shards_sha256"):
+        raise CheckpointError(
+            f"{store}: changed since the hybrid was fitted ({rec.get('rows', '?'):,} → {now['rows']:,} "
+            f"rows of split {rec.get('split')!r}, other shards); refit with geoloc.pipeline.fit_hybrid"
+        )

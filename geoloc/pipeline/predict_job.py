@@ -48,8 +48,10 @@ from geoloc.export import density_features, density_rows
 from geoloc.files import atomic_write
 from geoloc.gazetteer import Gazetteer
 from geoloc.geolocator import Geolocator
+from geoloc.hybrid_bound import bind_batch
 from geoloc.maps import map_title, render_html, render_png
 from geoloc.pipeline.backbones import load_backbone as _load_backbone
+from geoloc.pipeline.fit_hybrid import HYBRID_FILE, load_hybrid
 from geoloc.pipeline.items import Failure, Item
 from geoloc.pipeline.manifests import load_manifest
 from geoloc.pipeline.readers import iter_items
@@ -67,6 +69,7 @@ __all__ = [
     "check_outputs",
     "collect_inputs",
     "collect_records",
+    "is_hybrid",
     "load_predictor",
     "read_texts",
     "run_predict",
@@ -167,18 +170,25 @@ class Predictor(EmbeddingPredictor):
         weights: str | Path | None = None,
         dtype: str = "auto",
         load_backbone: bool = True,
+        verify_store: bool = True,
     ) -> Predictor:
         """Load a checkpoint directory and the backbone its ``config.json`` records.
 
-        ``backbone`` overrides the recorded name (for checkpoints trained on imported features, which record
+        A directory holding ``hybrid.json`` loads the hybrid (:func:`~geoloc.pipeline.fit_hybrid.load_hybrid`:
+        the flow checkpoint it names, its neighbour index, the store identity checked unless
+        ``verify_store=False``); the backbone is the flow's. ``backbone`` overrides the recorded name (for checkpoints trained on imported features, which record
         none); ``weights``: local backbone weights instead of the offline Hugging Face cache.
         ``load_backbone=False`` gives a predictor for embeddings only (:meth:`predict_embeddings`).
         """
         dev = str(resolve_device(device))
-        geo = Geolocator.from_pretrained(checkpoint, device=dev)
+        if is_hybrid(checkpoint):
+            geo: Any = load_hybrid(checkpoint, device=dev, verify_store=verify_store)
+            recorded = geo.flow.backbone
+        else:
+            geo = Geolocator.from_pretrained(checkpoint, device=dev)
+            recorded = geo.backbone
         bb = None
         if load_backbone:
-            recorded = geo.backbone
             name = backbone or recorded.get("name")
             if not name:
                 raise CheckpointError(
@@ -310,10 +320,18 @@ def _failed(rec: Item, reason: str) -> ItemPrediction:
 
 
 # ------------------------------------------------------------------------------------------ the job
+def is_hybrid(checkpoint: str | Path) -> bool:
+    """Whether ``checkpoint`` is a hybrid checkpoint (holds ``hybrid.json``)."""
+    return (Path(checkpoint) / HYBRID_FILE).is_file()
+
+
 def load_predictor(checkpoint: str | Path, **kwargs: Any) -> Predictor:
-    """:meth:`Predictor.from_pretrained` after checking that ``checkpoint`` is a checkpoint directory."""
-    if not (Path(checkpoint) / "config.json").is_file():
-        raise InputError(f"{checkpoint}: not a checkpoint directory (no config.json); pass --checkpoint DIR")
+    """:meth:`Predictor.from_pretrained` after checking that ``checkpoint`` is a checkpoint directory (a
+    flow's ``config.json`` or a hybrid's ``hybrid.json``)."""
+    if not (is_hybrid(checkpoint) or (Path(checkpoint) / "config.json").is_file()):
+        raise InputError(
+            f"{checkpoint}: not a checkpoint directory (no config.json or {HYBRID_FILE}); pass --checkpoint DIR"
+        )
     return Predictor.from_pretrained(checkpoint, **kwargs)
 
 
@@ -500,11 +518,12 @@ def write_maps(
             seeds = None
             if all(r.samples is not None for _, r in part):
                 seeds = torch.as_tensor(np.stack([r.samples for _, r in part]), dtype=torch.float32)
-            dmaps = density_maps(geo, cond, cfg, seeds=seeds, generator=gen)
+            bound = bind_batch(geo, cond)  # a hybrid searches its neighbours once per chunk
+            dmaps = density_maps(bound, cond, cfg, seeds=seeds, generator=gen)
             paths = None
             if trajectories > 0:
                 traj: list[Any] = []
-                geo.sample(cond, trajectories, omega=0.0, generator=gen, trajectory=traj)
+                bound.sample(cond, trajectories, omega=0.0, generator=gen, trajectory=traj)
                 if traj:  # (B·n, T, 3) states from noise to data → (B, n, T, 2) lat/lon
                     states = torch.cat(traj, dim=0)
                     paths = (

@@ -74,7 +74,7 @@ def _run(*args):
 def test_folder_of_images_with_bad_files(tmp_path, vmf_ckpt):
     photos = write_images(tmp_path / "photos")
     r = _run(photos, tmp_path / "missing.jpg", "-c", vmf_ckpt, "--out", tmp_path / "p.csv", "--geojson",
-             tmp_path / "p.geojson", "--samples", "32", "--steps", "4", "--no-progress")
+             tmp_path / "p.geojson", "--samples", "32", "--steps", "4", "--no-progress", "--estimator", "sample")
     assert r.exit_code == 0, r.output
     assert "5 item(s), 3 located, 2 failed" in r.output
     assert "Paris" in r.output and "cannot decode image" in r.output and "no such file" in r.output
@@ -107,7 +107,8 @@ def test_manifest_items_carry_the_truth(tmp_path, vmf_ckpt):
         'description = "t"\n[columns]\nid = "id"\nlat = "lat"\nlon = "lon"\nimage_path = "path"\n'
         '[splits.test]\ntable = "test.csv"\nimages = "images"\n')
     r = _run(tmp_path / "mine.toml", "--root", root, "-c", vmf_ckpt, "--out", tmp_path / "p.parquet",
-             "--samples", "16", "--steps", "4", "--no-progress", "--split", "test")
+             "--samples", "16", "--steps", "4", "--no-progress", "--split", "test",
+             "--estimator", "sample")
     assert r.exit_code == 0, r.output
     t = pq.read_table(tmp_path / "p.parquet").to_pylist()
     by_id = {row["id"]: row for row in t}
