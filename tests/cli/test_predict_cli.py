@@ -232,7 +232,7 @@ def test_texts_from_stdin(text_ckpt):
 
 def test_json_to_stdout_logs_to_stderr(tmp_path, vmf_ckpt):
     photos = write_images(tmp_path / "photos", n=2)
-    r = _run(photos, "-c", vmf_ckpt, "--samples", "32", "--steps", "2", "--format", "json",
+    r = _run(photos, "-c", vmf_ckpt, "--samples", "32", "--steps", "2", "--format", "json", "--estimator", "sample",
              "--out", tmp_path / "p.parquet")
     assert r.exit_code == 0, r.output
     recs = json.loads(r.stdout)  # stdout is nothing but the JSON list
