@@ -29,6 +29,8 @@ import datetime as dt
 import glob
 import hashlib
 import json
+import shutil
+import sys
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,12 +49,14 @@ from geoloc.pipeline.source_parquet import ParquetSource
 from geoloc.pipeline.source_wds import WdsSource
 from geoloc.pipeline.store import (
     FAILURE_SCHEMA,
+    WRITE_LOCK,
     BackboneInfo,
     FeatureStore,
     IdIndex,
     build_table,
     finite_rows_f16,
     hash_ids,
+    writer_lock,
 )
 from geoloc.progress import progress_bar
 
@@ -354,6 +358,22 @@ def import_embeddings(cfg: ImportConfig) -> ImportReport:
     if cfg.chunk_rows <= 0 or cfg.shard_rows <= 0:
         raise InputError("chunk_rows and shard_rows must be positive")
     src = open_source(cfg)
+    root = Path(cfg.store)
+    fresh = not root.exists()
+    try:
+        # The lock comes before the store's ids are read: see writer_lock.
+        with writer_lock(root, "`geoloc store import`", wait_s=cfg.wait_s, notify=_tell):
+            return _import_locked(cfg, src)
+    finally:
+        if fresh and root.is_dir() and [p.name for p in root.iterdir()] == [WRITE_LOCK]:
+            shutil.rmtree(root, ignore_errors=True)  # nothing was imported: leave no empty store behind
+
+
+def _tell(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _import_locked(cfg: ImportConfig, src: Source) -> ImportReport:
     existing: FeatureStore | None = None
     if (Path(cfg.store) / "store.json").exists():
         existing = FeatureStore.open(cfg.store)

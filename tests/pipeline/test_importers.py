@@ -390,3 +390,57 @@ def test_a_source_with_nothing_usable_raises(tmp_path):
     _write_tar(tmp_path / "a.tar", [{"__key__": "x", "json": b"{}"}])
     with pytest.raises(InputError, match="no usable embedding"):
         import_embeddings(_cfg(tmp_path / "a.tar", tmp_path / "s"))
+
+
+# ------------------------------------------------------------------------------- concurrent writers (issue 11)
+def test_two_concurrent_importers_with_overlapping_ids_store_every_id_once(tmp_path):
+    """Both importers are held at the writer lock, then released at the same instant: the second one to get
+    the lock must see the first one's ids (the lock is taken before ids are read)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from geoloc.pipeline.store import writer_lock
+
+    ids, lat, lon, emb, _ = _data(9000, 16)
+    for name, sl in (("a", slice(0, 6000)), ("b", slice(3000, 9000))):   # 3,000 ids in both files
+        pq.write_table(pa.table({"id": ids[sl], "lat": lat[sl], "lon": lon[sl], "emb": _fixed_list(emb[sl])}),
+                       tmp_path / f"{name}.parquet")
+    root = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs, errs = [], []
+    with writer_lock(root, "test holder"):
+        for name in ("a", "b"):
+            err = tmp_path / f"{name}.err"
+            errs.append(err)
+            args = [sys.executable, "-m", "geoloc.cli", "store", "import", str(tmp_path / f"{name}.parquet"),
+                    "--store", str(root), "--backbone", "streetclip", "--no-progress", "--wait", "300",
+                    "--chunk-rows", "1000"]
+            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=err.open("w"), text=True))
+        deadline = time.monotonic() + 240
+        while not all("test holder" in e.read_text() for e in errs):   # both are waiting at the lock
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.read_text() for e in errs]
+    assert all("waiting up to 300 s" in e.read_text() for e in errs)
+    store = FeatureStore.open(root)
+    got = store.connect().sql("SELECT id FROM features").fetchall()
+    assert len(got) == 9000 and len({r[0] for r in got}) == 9000          # every id exactly once
+    assert store.verify().ok
+    imported = sorted(int(o.split("imported ")[1].split(",")[0]) for o in outs)
+    assert imported == [3000, 6000]            # the later one skipped the 3,000 ids the first had stored
+
+
+def test_a_second_importer_without_wait_exits_with_one_line(tmp_path):
+    from geoloc.pipeline.store import writer_lock
+
+    ids, lat, lon, emb, _ = _data(20, 8)
+    pq.write_table(pa.table({"id": ids, "lat": lat, "lon": lon, "emb": _fixed_list(emb)}), tmp_path / "a.parquet")
+    root = tmp_path / "store"
+    with writer_lock(root, "`geoloc embed`"), pytest.raises(StoreError) as e:
+        import_embeddings(_cfg(tmp_path / "a.parquet", root))
+    assert "another `geoloc embed` (pid" in str(e.value) and "\n" not in str(e.value)
+    assert not (root / "store.json").exists()                 # nothing was written
+    assert import_embeddings(_cfg(tmp_path / "a.parquet", root)).imported == 20   # lock gone with its holder
