@@ -444,3 +444,49 @@ def test_a_second_importer_without_wait_exits_with_one_line(tmp_path):
     assert "another `geoloc embed` (pid" in str(e.value) and "\n" not in str(e.value)
     assert not (root / "store.json").exists()                 # nothing was written
     assert import_embeddings(_cfg(tmp_path / "a.parquet", root)).imported == 20   # lock gone with its holder
+
+
+def _scramble_row_group(path: Path, rg: int, column: str = "emb") -> int:
+    """Overwrite the middle of one row group's column chunk with random bytes; returns its row count."""
+    md = pq.ParquetFile(path).metadata
+    names = [md.schema.column(i).path.split(".")[0] for i in range(md.num_columns)]
+    col = md.row_group(rg).column(names.index(column))
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    size = col.total_compressed_size
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(1)
+    data[start + 64: start + size - 64] = rng.integers(0, 256, size - 128, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return md.row_group(rg).num_rows
+
+
+def test_a_corrupt_row_group_counts_all_its_rows_and_trips_the_limit(tmp_path):
+    ids, lat, lon, emb, _ = _data(10_000, 32)
+    src = tmp_path / "src.parquet"
+    pq.write_table(pa.table({"id": ids, "lat": lat, "lon": lon, "emb": _fixed_list(emb)}), src,
+                   row_group_size=2000, compression="zstd")
+    assert _scramble_row_group(src, 2) == 2000
+    rep = import_embeddings(_cfg(src, tmp_path / "s", chunk_rows=500))
+    assert (rep.rows_read, rep.imported, rep.failed, rep.lost_rows) == (10_000, 8000, 2000, 2000)
+    assert rep.failure_rate == pytest.approx(0.2) and not rep.ok            # 20% > the 5% default limit
+    assert "lost: 2000 row(s)" in rep.summary() and "src.parquet:row 4000" in rep.summary()
+    (fail,) = FeatureStore.open(tmp_path / "s").failures_table().to_pylist()
+    assert fail["source"].endswith("src.parquet:row 4000")
+    assert "row group 2 skipped, 2000 row(s) lost (rows 4000–5999)" in fail["reason"]
+    # Other row groups were still imported: rows after the corrupt one are in the store.
+    assert {"r3999", "r6000", "r9999"} <= FeatureStore.open(tmp_path / "s").existing_ids()
+    assert "r4000" not in FeatureStore.open(tmp_path / "s").existing_ids()
+
+
+def test_a_truncated_file_of_unknown_size_trips_the_limit(tmp_path):
+    ids, lat, lon, emb, _ = _data(3000, 8)
+    (tmp_path / "d").mkdir()
+    for k in range(3):
+        sl = slice(1000 * k, 1000 * (k + 1))
+        pq.write_table(pa.table({"id": ids[sl], "lat": lat[sl], "lon": lon[sl], "emb": _fixed_list(emb[sl])}),
+                       tmp_path / "d" / f"{k}.parquet")
+    data = (tmp_path / "d" / "1.parquet").read_bytes()
+    (tmp_path / "d" / "1.parquet").write_bytes(data[: len(data) // 2])      # footer gone: size unknown
+    rep = import_embeddings(_cfg(tmp_path / "d", tmp_path / "s"))
+    assert (rep.imported, rep.lost_unknown) == (2000, 1)
+    assert not rep.ok and "unknown size" in rep.summary()
