@@ -433,6 +433,8 @@ def hash_ids(ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> tuple[np.ndarra
 
 
 WRITE_LOCK = ".write-lock"
+CHECK_CACHE = ".checked.json"  # shard → [size:mtime_ns, sha256] as last checked by a reader
+_CHECKED: dict[str, dict[str, str]] = {}  # the same, in this process (resolved path → {size:mtime: sha256})
 
 
 def _lock_holder(root: Path) -> str:
@@ -884,6 +886,48 @@ class FeatureStore:
                         p.unlink()
                 fsync_dir(self.root / "shards")
         return removed, rewritten
+
+    def check_shards(self, paths: Sequence[Path] | None = None) -> None:
+        """Readers' guard: each listed shard (or those of ``paths``) must still match the manifest's sha256.
+
+        A one-line :class:`StoreError` naming the first shard that is missing or changed, and pointing at
+        ``geoloc store verify``. Cheap on a second run: a digest is computed once per (file, size, mtime) and
+        remembered in this process and in ``STORE/.checked.json`` (best effort: a read-only store just
+        rehashes), so a training run on an unchanged store re-reads nothing.
+        """
+        wanted = None if paths is None else {Path(p).resolve() for p in paths}
+        cache_path = self.root / CHECK_CACHE
+        try:
+            disk = json.loads(cache_path.read_text())
+            if not isinstance(disk, dict):
+                disk = {}
+        except (OSError, ValueError):
+            disk = {}
+        dirty = False
+        for r in self._manifest["shards"]:
+            path = self.root / r["file"]
+            if wanted is not None and path.resolve() not in wanted:
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                raise StoreError(f"{self.root}: shard {r['file']} is listed but missing; run "
+                                 f"`geoloc store verify {self.root}`") from None
+            key = f"{st.st_size}:{st.st_mtime_ns}"
+            digest = _CHECKED.get(str(path.resolve()), {}).get(key) or (
+                disk[r["file"]][1] if isinstance(disk.get(r["file"]), list) and disk[r["file"]][0] == key else None)
+            if digest is None:
+                digest = sha256_file(path)
+            if digest != r.get("sha256"):
+                raise StoreError(f"{self.root}: shard {r['file']} does not match its checksum in {MANIFEST} "
+                                 f"(changed or corrupted on disk); run `geoloc store verify {self.root}`")
+            _CHECKED[str(path.resolve())] = {key: digest}
+            if disk.get(r["file"]) != [key, digest]:
+                disk[r["file"]] = [key, digest]
+                dirty = True
+        if dirty:
+            with contextlib.suppress(OSError):
+                atomic_write_bytes(cache_path, json.dumps(disk).encode())
 
     def orphans(self) -> list[Path]:
         """Files in shards/ and failures/ that store.json does not list (incl. stale temporaries)."""
