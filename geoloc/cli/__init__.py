@@ -10,6 +10,7 @@ Heavy libraries (torch, transformers, open_clip, ray) are imported inside comman
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -42,4 +43,12 @@ def main() -> None:
         if os.environ.get("GEOLOC_DEBUG") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        # Disk full: one line, not a 60-line traceback (every write is atomic, so the data stays consistent).
+        if e.errno != errno.ENOSPC or os.environ.get("GEOLOC_DEBUG") == "1":
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: no space left on device{where}; free some space and run the command again (what was "
+              "already committed is intact)", file=sys.stderr)
         sys.exit(1)

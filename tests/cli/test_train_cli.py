@@ -51,3 +51,37 @@ def test_train_errors_are_one_line(tmp_path):
     r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "x"), "--steps", "2",
                             "--init-from", str(tmp_path / "w"), *FAST])
     assert r.exit_code != 0 and "24" in str(r.exception) and "16" in str(r.exception)
+
+
+def test_bad_steps_and_init_from_into_itself_are_one_line_errors(tmp_path):
+    make_store(tmp_path / "store", 200, 16, shards=1)
+    for steps in ("0", "-5"):
+        r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "o"),
+                                "--steps", steps, *FAST])
+        assert r.exit_code != 0 and f"--steps must be a positive number of training steps, got {steps}" in str(
+            r.exception)
+        assert not (tmp_path / "o" / "model.safetensors").exists()          # no untrained checkpoint
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "o"),
+                            "--steps", "2", *FAST])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "o"),
+                            "--steps", "4", "--init-from", str(tmp_path / "o"), *FAST])
+    assert r.exit_code != 0 and "are the same directory" in str(r.exception) and "pick another --out" in str(
+        r.exception)
+
+
+def test_a_short_finetune_schedule_decays():
+    from dataclasses import replace
+
+    from geoloc.config import TrainConfig
+    from geoloc.pipeline.train_job import fit_finetune_schedule
+    from geoloc.train import lr_at
+
+    cfg = replace(TrainConfig(), steps=100)
+    cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=500, lr=1.0))
+    fitted = fit_finetune_schedule(cfg)
+    assert fitted.optim.warmup_steps == 10
+    assert lr_at(99, 1.0, fitted.optim.warmup_steps, 100) < 0.01       # ends decayed, not at the peak
+    assert lr_at(99, 1.0, 500, 100) > 0.19                              # what the unfitted schedule did
+    long = replace(cfg, steps=100_000)
+    assert fit_finetune_schedule(long).optim.warmup_steps == 500        # long runs keep the preset's warm-up
