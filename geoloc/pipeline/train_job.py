@@ -16,6 +16,7 @@ import torch
 from geoloc.checkpoint import read_config
 from geoloc.config import TrainConfig
 from geoloc.errors import ConfigError, StoreError
+from geoloc.pipeline.engines import sigterm_as_interrupt
 from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.loader import FeatureLoader
 from geoloc.pipeline.selection import StoreSpec
@@ -112,7 +113,8 @@ def run_train(
     provenance = loader.describe()
     backbone = provenance["stores"][0]["backbone"]
     meta = {"backbone": backbone, "data": provenance}
-    return train(
-        config, loader, out_dir, loader.dim, val=val, meta=meta, init_from=init_from, resume=resume,
-        progress=progress, stop_after=stop_after,
-    )
+    with sigterm_as_interrupt():  # SIGTERM too writes a checkpoint at the current step (geoloc.train)
+        return train(
+            config, loader, out_dir, loader.dim, val=val, meta=meta, init_from=init_from, resume=resume,
+            progress=progress, stop_after=stop_after,
+        )
