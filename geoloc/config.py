@@ -242,6 +242,7 @@ class ImportConfig:
     max_failure_rate: float = 0.05
     task: str | None = None
     progress: bool = True
+    wait_s: float = 0.0  # another writer holds the store: wait this long for it (0 = exit with one line)
 
 
 EmbedDtype = Literal["auto", "fp32", "bf16"]
@@ -294,6 +295,7 @@ class EmbedConfig:
     progress: bool = True
     replicas: int | None = None
     ray_address: str | None = None
+    wait_s: float = 0.0  # another writer holds the store: wait this long for it (0 = exit with one line)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid field."""

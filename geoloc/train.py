@@ -21,6 +21,7 @@ Design points:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,10 +41,23 @@ from geoloc.config import SampleConfig, TrainConfig, config_to_dict
 from geoloc.devices import resolve_autocast, resolve_device
 from geoloc.errors import CheckpointError, TrainingError
 from geoloc.families import Family, check_cond, check_xyz, make_family
+from geoloc.files import atomic_write_text
 from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
 from geoloc.sphere import EARTH_RADIUS_KM, angle
 
 __all__ = ["TrainResult", "lr_at", "train"]
+
+
+def _truncate_metrics(log_path: Path, step: int) -> None:
+    """On resume, drop records past the resumed step (written after the last checkpoint by a run that then
+    crashed) and mark the resume, so a plotted curve has each step once."""
+    kept = []
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            if int(json.loads(line).get("step", 0)) <= step:
+                kept.append(line)
+    kept.append(json.dumps({"resumed_at_step": step}))
+    atomic_write_text(log_path, "\n".join(kept) + "\n")
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -189,6 +203,8 @@ def train(
     log_path = out_dir / "metrics.jsonl"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if step > 0 and log_path.exists():
+            _truncate_metrics(log_path, step)
 
     def checkpoint(at_step: int) -> None:
         if rank != 0:
@@ -270,6 +286,12 @@ def train(
                 bar.update(1)
             if step % config.ckpt_every == 0 and step < config.steps:
                 checkpoint(step)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the pipeline maps it to this): keep the work done
+        checkpoint(step)
+        if rank == 0:
+            print(f"interrupted: checkpoint written at step {step} in {out_dir}; run the same command to resume",
+                  file=sys.stderr)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -13,6 +13,7 @@ and indented blocks of a command's help (its examples) keep their lines instead 
 
 from __future__ import annotations
 
+import errno
 import inspect
 import os
 import re
@@ -86,4 +87,12 @@ def main() -> None:
         if os.environ.get("GEOLOC_DEBUG") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        # Disk full: one line, not a 60-line traceback (every write is atomic, so the data stays consistent).
+        if e.errno != errno.ENOSPC or os.environ.get("GEOLOC_DEBUG") == "1":
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: no space left on device{where}; free some space and run the command again (what was "
+              "already committed is intact)", file=sys.stderr)
         sys.exit(1)

@@ -58,6 +58,9 @@ def embed(
     max_failure_rate: Annotated[float, typer.Option(help="Exit 1 if more than this fraction of items fail.",
                                                     min=0.0, max=1.0)] = default(EmbedConfig, "max_failure_rate"),
     progress: ProgressOpt = default(EmbedConfig, "progress"),
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait when another writer holds the store "
+                                                       "(0 = exit at once).", min=0.0)] = default(EmbedConfig,
+                                                                                                  "wait_s"),
 ) -> None:
     """Embed a dataset with a frozen backbone into a feature store (incremental and resumable).
 
@@ -77,6 +80,7 @@ def embed(
         weights=weights, batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype.value,
         shard_size=shard_size, flush_interval_s=flush_minutes * 60.0, limit=limit, engine=engine.value,
         max_failure_rate=max_failure_rate, progress=progress, replicas=replicas,
+        wait_s=wait,
     )
     report = run_embed(config)
     typer.echo(report.summary())

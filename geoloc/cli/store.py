@@ -162,6 +162,22 @@ def verify(
         raise typer.Exit(1)
 
 
+@store_app.command("repair")
+def repair(
+    store: StoreArg,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for a running writer.", min=0.0)] = 0.0,
+) -> None:
+    """Remove duplicate ids (keeping the first copy); affected shards are rewritten atomically.
+
+    Example:
+        geoloc store repair features/demo
+    """
+    from geoloc.pipeline.store import repair_store
+
+    removed, rewritten = repair_store(store, wait_s=wait)
+    typer.echo(f"{store}: removed {removed} duplicate row(s), rewrote {rewritten} shard(s)")
+
+
 @store_app.command("failures")
 def failures(
     store: StoreArg,
@@ -212,6 +228,9 @@ def import_(
     chunk_rows: Annotated[int, typer.Option(help="Rows per processing chunk (bounds memory).", min=1)] = default(
         ImportConfig, "chunk_rows"),
     progress: ProgressOpt = default(ImportConfig, "progress"),
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait when another writer holds the store "
+                                                       "(0 = exit at once).", min=0.0)] = default(ImportConfig,
+                                                                                                  "wait_s"),
 ) -> None:
     """Import precomputed embeddings (webdataset tars, Parquet, or .npy + metadata) into a feature store.
 
@@ -228,7 +247,7 @@ def import_(
         source=source, store=store, backbone=backbone, revision=revision, split=split, kind=kind.value,
         id_col=id_col, lat_col=lat_col, lon_col=lon_col, emb_col=emb_col, emb_key=emb_key, metadata=metadata,
         labels=tuple(x.strip() for x in labels.split(",") if x.strip()), chunk_rows=chunk_rows,
-        max_failure_rate=max_failure_rate, progress=progress,
+        max_failure_rate=max_failure_rate, progress=progress, wait_s=wait,
     )
     report = import_embeddings(cfg)
     typer.echo(report.summary())

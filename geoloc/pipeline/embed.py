@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import math
 import os
 import re
+import sys
 import time
 import zlib
 from collections.abc import Container, Iterator, Sequence
@@ -46,7 +46,7 @@ from geoloc.pipeline.backbones import Backbone, load_backbone
 from geoloc.pipeline.engines import ENGINES, EngineOptions
 from geoloc.pipeline.items import Failure, Item
 from geoloc.pipeline.manifests import load_manifest
-from geoloc.pipeline.store import BackboneInfo, FeatureStore, build_table
+from geoloc.pipeline.store import BackboneInfo, FeatureStore, build_table, writer_lock
 
 __all__ = [
     "EmbedConfig",
@@ -521,22 +521,15 @@ def _check_same_weights(store_root: Path, info: BackboneInfo) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive_job(store_root: Path) -> Iterator[None]:
-    """One embed job per store at a time: two concurrent jobs would both embed the same missing ids.
-
-    An ``flock`` on ``STORE/.embed-lock``, released by the kernel even on SIGKILL.
-    """
-    store_root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store_root / ".embed-lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{store_root}: another `geoloc embed` is writing to this store; wait for it to "
-                             "finish (or stop it) and run again") from None
+def _exclusive_job(store_root: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """One writing job per store at a time (:func:`geoloc.pipeline.store.writer_lock`, shared with
+    ``store import``): two concurrent jobs would both write the ids missing when they started."""
+    with writer_lock(store_root, "`geoloc embed`", wait_s=wait_s, notify=_tell):
         yield
-    finally:
-        os.close(fd)
+
+
+def _tell(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _task_name() -> str:
@@ -570,7 +563,7 @@ def run_embed(config: EmbedConfig, source: ItemSource | None = None) -> EmbedRep
     source_record = {"name": source.name, "kind": "embed", "manifest_sha256": source.sha256,
                      "backbone_licence": backbone.licence, "engine": config.engine,
                      "dtype": str(backbone.dtype).removeprefix("torch.") if config.engine == "local" else config.dtype}
-    with _exclusive_job(store_root):
+    with _exclusive_job(store_root, config.wait_s):
         store = FeatureStore.create(store_root, info, label_columns=source.label_columns, source=source_record)
         try:
             return _run_job(config, source, backbone, device, store, started)

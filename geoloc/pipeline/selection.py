@@ -162,6 +162,7 @@ def select_stores(
         listed = st.shard_paths(split)
         records = [by_path[p] for p in listed]
         paths = [p.resolve() for p in listed]
+        st.check_shards(listed)  # a changed or corrupted shard stops here, before a single row is read
         counts: dict[str, int] = {}
         if paths:
             q = (

@@ -64,6 +64,9 @@ class Chunk:
     split: pa.Array | None
     where: Callable[[np.ndarray], list[str]]
     failures: list[Failure] = field(default_factory=list)
+    # Source rows that ``failures`` stand for (an unreadable row group or file): counted as failed rows so
+    # the failure rate is honest; ``None`` when unknown (a file whose metadata cannot be read: ≥1 row).
+    lost_rows: int | None = 0
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -53,43 +53,56 @@ class ParquetSource(ParquetLike):
                 self.total += open_parquet(f).metadata.num_rows
 
     def chunks(self) -> Iterator[Chunk]:
+        """Row group by row group; an unreadable row group or file becomes one failure that counts all its
+        rows (from the Parquet metadata; unknown when even the footer is unreadable), and reading goes on
+        with the next row group or file."""
         for path in self.files:
-            offset = 0
+            pf = None
             try:
                 pf = open_parquet(path)
                 absent = [c for c in self.read_cols if c not in pf.schema_arrow.names]
                 if absent:
                     raise InputError(f"missing column(s) {absent} that {self.files[0].name} has")
-                for rg in range(pf.num_row_groups):
+            except (InputError, OSError, pa.ArrowException) as e:
+                rows = pf.metadata.num_rows if pf is not None else None
+                yield self._lost(path, 0, rows, _why(e), "file skipped")
+                continue
+            offset = 0
+            for rg in range(pf.num_row_groups):
+                rg_rows = pf.metadata.row_group(rg).num_rows
+                done = 0
+                try:
                     ids = pf.read_row_group(rg, columns=[self.id_col]).column(0)
                     if self._all_known(ids):
                         yield self._stored_chunk(ids, path, offset)
-                        offset += len(ids)
+                        done = len(ids)
                         continue
-                    for batch in pf.iter_batches(
-                        batch_size=self.cfg.chunk_rows,
-                        row_groups=[rg],
-                        columns=self.read_cols,
-                        use_threads=True,
-                    ):
+                    for batch in pf.iter_batches(batch_size=self.cfg.chunk_rows, row_groups=[rg],
+                                                 columns=self.read_cols, use_threads=True):
                         emb, bad = self._embeddings(batch)
-                        yield self._chunk(batch, emb, bad, path, offset)
-                        offset += batch.num_rows
-            except (InputError, OSError, pa.ArrowException) as e:
-                # One bad file of many: record it and go on with the next file.
-                what = (
-                    str(e).split(": ", 1)[-1]
-                    if isinstance(e, InputError)
-                    else f"unreadable Parquet data ({type(e).__name__}: {e})"
-                )
-                yield _empty_chunk(
-                    Failure(
-                        id="",
-                        source=f"{path}:row {offset}",
-                        split=self.cfg.split or "",
-                        reason=f"{what}; rest of file skipped",
-                    )
-                )
+                        chunk = self._chunk(batch, emb, bad, path, offset + done)
+                        done += batch.num_rows
+                        yield chunk
+                except (InputError, OSError, pa.ArrowException) as e:
+                    yield self._lost(path, offset + done, rg_rows - done, _why(e), f"row group {rg} skipped")
+                    # The buffered stream is left mid-page after a decode error: reopen for the next group.
+                    try:
+                        pf = open_parquet(path)
+                    except InputError as e2:
+                        rest = pf.metadata.num_rows - offset - rg_rows
+                        yield self._lost(path, offset + rg_rows, rest, _why(e2), "rest of file skipped")
+                        break
+                finally:
+                    offset += rg_rows
+
+    def _lost(self, path: object, offset: int, rows: int | None, what: str, skipped: str) -> Chunk:
+        span = (f"{rows} row(s) lost (rows {offset}–{offset + rows - 1})" if rows
+                else "row count unknown, ≥1 row lost" if rows is None else "0 rows")
+        return _empty_chunk(
+            Failure(id="", source=f"{path}:row {offset}", split=self.cfg.split or "",
+                    reason=f"{what}; {skipped}, {span}"),
+            rows,
+        )
 
     def _embeddings(self, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         n = batch.num_rows
@@ -147,8 +160,14 @@ class ParquetSource(ParquetLike):
         raise InputError(f"column {self.emb_cols[0]!r} has type {t}, not a list of numbers")
 
 
-def _empty_chunk(failure: Failure) -> Chunk:
-    """A chunk with no rows that only carries a failure without a row (an unreadable file)."""
+def _why(e: BaseException) -> str:
+    """One line: Arrow's messages can hold newlines (thrift errors), which would garble a failures table."""
+    text = " ".join(str(e).split())
+    return text.split(": ", 1)[-1] if isinstance(e, InputError) else f"unreadable Parquet data ({type(e).__name__}: {text})"
+
+
+def _empty_chunk(failure: Failure, lost_rows: int | None = 1) -> Chunk:
+    """A chunk with no rows that carries the failure of an unreadable region and how many rows it held."""
     return Chunk(
         ids=pa.array([], pa.string()),
         lat=np.empty(0),
@@ -159,6 +178,7 @@ def _empty_chunk(failure: Failure) -> Chunk:
         split=None,
         where=lambda idx: [],
         failures=[failure],
+        lost_rows=lost_rows,
     )
 
 

@@ -27,7 +27,8 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,10 @@ __all__ = [
     "failure_table",
     "finite_rows_f16",
     "hash_ids",
+    "repair_store",
     "store_schema",
+    "writer_is_live",
+    "writer_lock",
 ]
 
 FORMAT = "geoloc-feature-store"
@@ -269,6 +273,9 @@ class VerifyReport:
     failures: int = 0
     problems: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    in_progress: list[str] = field(default_factory=list)  # unlisted files of a live writer (not problems)
+    holder: str = ""
+    duplicate_ids: int = 0
 
     @property
     def ok(self) -> bool:
@@ -277,7 +284,14 @@ class VerifyReport:
     def summary(self) -> str:
         head = (f"{self.root}: {self.shards} shard(s), {self.rows} row(s), {self.failures} failure(s): "
                 f"{'OK' if self.ok else f'{len(self.problems)} problem(s)'}")
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+        lines = [head, *(f"  - {p}" for p in self.problems)]
+        if self.in_progress:
+            lines.append(f"  note: {len(self.in_progress)} unlisted file(s) belong to a live {self.holder} "
+                         "(in progress, not orphans)")
+        if self.duplicate_ids:
+            lines.append(f"  fix: `geoloc store repair {self.root}` removes the {self.duplicate_ids} duplicate "
+                         "id(s), keeping the first copy")
+        return "\n".join(lines)
 
 
 class IdIndex:
@@ -416,6 +430,79 @@ def hash_ids(ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> tuple[np.ndarra
             h = _splitmix(h ^ (lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15 + k)))
             out.append(h & _MASK64)
     return out[0], out[1]
+
+
+WRITE_LOCK = ".write-lock"
+CHECK_CACHE = ".checked.json"  # shard → [size:mtime_ns, sha256] as last checked by a reader
+_CHECKED: dict[str, dict[str, str]] = {}  # the same, in this process (resolved path → {size:mtime: sha256})
+
+
+def _lock_holder(root: Path) -> str:
+    """Who holds the writer lock, as its holder wrote it ("`geoloc embed` (pid 123)"), or a generic name."""
+    try:
+        text = (root / WRITE_LOCK).read_text().strip()
+    except OSError:
+        text = ""
+    return text or "writer"
+
+
+@contextlib.contextmanager
+def writer_lock(root: str | os.PathLike, what: str, *, wait_s: float = 0.0,
+                notify: Callable[[str], None] | None = None) -> Iterator[None]:
+    """One writing job per store at a time (``embed``, ``store import``, ``store repair``, any future writer).
+
+    Taken *before* the job reads which ids the store already holds: two jobs that each checked the ids and
+    then wrote would both add the ids missing at that moment — duplicates. An exclusive ``flock`` on
+    ``STORE/.write-lock``, released by the kernel even on SIGKILL. The holder writes ``what`` and its pid
+    into the file so a second writer can say who is in the way. When the lock is busy: with ``wait_s`` > 0,
+    say so once through ``notify`` and poll until it frees or ``wait_s`` runs out; then (or at once with
+    ``wait_s`` = 0) raise a one-line :class:`StoreError`.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # At least a moment's grace: `verify` probes the lock briefly and must not make a writer fail.
+        deadline = time.monotonic() + max(0.5, wait_s)
+        told = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = _lock_holder(root)
+                if time.monotonic() >= deadline:
+                    waited = f" (waited {wait_s:g} s)" if wait_s > 0 else ""
+                    raise StoreError(f"{root}: another {holder} is writing to this store{waited}; wait for it "
+                                     "to finish (or pass --wait SECONDS) and run again") from None
+                if not told and notify is not None and wait_s > 0:
+                    notify(f"{root}: another {holder} is writing to this store; waiting up to {wait_s:g} s ...")
+                    told = True
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} (pid {os.getpid()})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def writer_is_live(root: str | os.PathLike) -> bool:
+    """Is a writing job (embed, import, repair) running on this store right now, i.e. holding its lock?
+
+    Only the job lock counts, not a bare write-open :class:`FeatureStore`: a job holds the lock from before
+    it reads the store's ids until its last commit, so unlisted files seen meanwhile are its work in progress.
+    """
+    path = Path(root) / WRITE_LOCK
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 class FeatureStore:
@@ -754,6 +841,94 @@ class FeatureStore:
             self.commit([], [record])
         return record
 
+    def remove_duplicate_ids(self) -> tuple[int, int]:
+        """Drop every repeated id, keeping its first copy in commit order; returns (rows removed, shards
+        rewritten). Each affected shard is rewritten atomically under a new name, the manifest swapped in
+        one atomic write, and only then are the old files deleted — a crash at any point leaves either the
+        old or the new store plus orphans that the next write-open removes. Run it under :func:`writer_lock`
+        (``geoloc store repair`` does) so no writer adds ids meanwhile.
+        """
+        self._require_writable()
+        removed = rewritten = 0
+        with self._locked(self.root):
+            manifest = self._read_manifest(self.root)
+            index = IdIndex()
+            records: list[dict] = []
+            stale: list[Path] = []
+            for r in manifest["shards"]:
+                path = self.root / r["file"]
+                ids = pq.read_table(path, columns=["id"]).column("id")
+                h1, h2 = hash_ids(ids)
+                keep = np.zeros(len(h1), bool)
+                keep[np.unique(np.stack([h1, h2], 1), axis=0, return_index=True)[1]] = True
+                keep &= ~index.contains_hashes(h1, h2)
+                index.add_hashes(h1[keep], h2[keep])
+                if keep.all():
+                    records.append(r)
+                    continue
+                removed += int((~keep).sum())
+                rewritten += 1
+                stale.append(path)
+                if keep.any():
+                    table = pq.read_table(path).filter(pa.array(keep))
+                    new = self._next_path("shard", "repair")
+                    counts = pc.value_counts(table.column("split")).to_pylist()
+                    records.append({"file": new.relative_to(self.root).as_posix(), "rows": table.num_rows,
+                                    "sha256": _write_parquet_atomic(table, new),
+                                    "splits": dict(sorted((c["values"], int(c["counts"])) for c in counts))})
+            if stale:
+                manifest["shards"] = records
+                manifest["updated"] = _now()
+                self._write_manifest(self.root, manifest)
+                self._manifest = manifest
+                for p in stale:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                fsync_dir(self.root / "shards")
+        return removed, rewritten
+
+    def check_shards(self, paths: Sequence[Path] | None = None) -> None:
+        """Readers' guard: each listed shard (or those of ``paths``) must still match the manifest's sha256.
+
+        A one-line :class:`StoreError` naming the first shard that is missing or changed, and pointing at
+        ``geoloc store verify``. Cheap on a second run: a digest is computed once per (file, size, mtime) and
+        remembered in this process and in ``STORE/.checked.json`` (best effort: a read-only store just
+        rehashes), so a training run on an unchanged store re-reads nothing.
+        """
+        wanted = None if paths is None else {Path(p).resolve() for p in paths}
+        cache_path = self.root / CHECK_CACHE
+        try:
+            disk = json.loads(cache_path.read_text())
+            if not isinstance(disk, dict):
+                disk = {}
+        except (OSError, ValueError):
+            disk = {}
+        dirty = False
+        for r in self._manifest["shards"]:
+            path = self.root / r["file"]
+            if wanted is not None and path.resolve() not in wanted:
+                continue
+            try:
+                st = path.stat()
+            except OSError:
+                raise StoreError(f"{self.root}: shard {r['file']} is listed but missing; run "
+                                 f"`geoloc store verify {self.root}`") from None
+            key = f"{st.st_size}:{st.st_mtime_ns}"
+            digest = _CHECKED.get(str(path.resolve()), {}).get(key) or (
+                disk[r["file"]][1] if isinstance(disk.get(r["file"]), list) and disk[r["file"]][0] == key else None)
+            if digest is None:
+                digest = sha256_file(path)
+            if digest != r.get("sha256"):
+                raise StoreError(f"{self.root}: shard {r['file']} does not match its checksum in {MANIFEST} "
+                                 f"(changed or corrupted on disk); run `geoloc store verify {self.root}`")
+            _CHECKED[str(path.resolve())] = {key: digest}
+            if disk.get(r["file"]) != [key, digest]:
+                disk[r["file"]] = [key, digest]
+                dirty = True
+        if dirty:
+            with contextlib.suppress(OSError):
+                atomic_write_bytes(cache_path, json.dumps(disk).encode())
+
     def orphans(self) -> list[Path]:
         """Files in shards/ and failures/ that store.json does not list (incl. stale temporaries)."""
         listed = {r["file"] for r in self._manifest["shards"]} | {r["file"] for r in self._manifest["failures"]}
@@ -841,6 +1016,7 @@ class FeatureStore:
             dup_within = len(h1) - len(np.unique(np.stack([h1, h2], 1), axis=0))
             dup_across = int(index.contains_hashes(h1, h2).sum())
             if dup_within or dup_across:
+                report.duplicate_ids += dup_within + dup_across
                 report.problems.append(f"{r['file']}: {dup_within + dup_across} duplicate id(s)")
             index.add_hashes(h1, h2)
         for r in self._manifest["failures"]:
@@ -851,7 +1027,11 @@ class FeatureStore:
             report.failures += n
             if n != int(r["rows"]):
                 report.problems.append(f"{r['file']}: {n} rows on disk, {r['rows']} listed")
-        report.orphans = [p.relative_to(self.root).as_posix() for p in self.orphans()]
+        unlisted = [p.relative_to(self.root).as_posix() for p in self.orphans()]
+        if unlisted and writer_is_live(self.root):
+            report.in_progress, report.holder = unlisted, _lock_holder(self.root)
+        else:
+            report.orphans = unlisted
         for o in report.orphans:
             report.problems.append(f"{o}: orphan file not listed in {MANIFEST} (removed on the next write)")
         return report
@@ -883,3 +1063,14 @@ def _view_sql(name: str, paths: Sequence[Path], schema: pa.Schema, emb_dim: int 
         return f"CREATE VIEW {name} AS SELECT {', '.join(c[1] for c in cols)} WHERE false"
     files = ", ".join(sql_str(str(p.resolve())) for p in paths)
     return f"CREATE VIEW {name} AS SELECT {', '.join(c[0] for c in cols)} FROM read_parquet([{files}])"
+
+
+def repair_store(root: str | os.PathLike, *, wait_s: float = 0.0) -> tuple[int, int]:
+    """``geoloc store repair``: under the writer lock, remove duplicate ids keeping the first copy.
+
+    Returns (rows removed, shards rewritten); see :meth:`FeatureStore.remove_duplicate_ids`.
+    """
+    root = Path(root)
+    backbone = FeatureStore.open(root).backbone
+    with writer_lock(root, "`geoloc store repair`", wait_s=wait_s), FeatureStore.create(root, backbone) as store:
+        return store.remove_duplicate_ids()

@@ -16,6 +16,7 @@ import torch
 from geoloc.checkpoint import read_config
 from geoloc.config import TrainConfig
 from geoloc.errors import ConfigError, StoreError
+from geoloc.pipeline.engines import sigterm_as_interrupt
 from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.loader import FeatureLoader
 from geoloc.pipeline.selection import StoreSpec
@@ -23,6 +24,21 @@ from geoloc.sphere import latlon_to_xyz
 from geoloc.train import TrainResult, train
 
 __all__ = ["run_train"]
+
+
+FINETUNE_WARMUP_FRACTION = 0.1
+
+
+def fit_finetune_schedule(config: TrainConfig) -> TrainConfig:
+    """A fine-tune's warm-up is at most 10% of its steps, so a short run (``--steps 100`` from the small
+    preset's 500-step warm-up) still decays instead of ending at the peak learning rate.
+
+    The weights start trained, so a long warm-up buys nothing.
+    """
+    cap = max(1, int(config.steps * FINETUNE_WARMUP_FRACTION))
+    if config.optim.warmup_steps <= cap:
+        return config
+    return replace(config, optim=replace(config.optim, warmup_steps=cap))
 
 
 def _validation_pairs(config: TrainConfig, stores: list[str], dim: int, backbone: str):
@@ -56,6 +72,13 @@ def run_train(
 
     if not config.data.stores:
         raise ConfigError("no feature store given; pass --store DIR (repeat for several, DIR:WEIGHT to mix)")
+    if config.steps <= 0:
+        raise ConfigError(f"--steps must be a positive number of training steps, got {config.steps}")
+    if init_from is not None:
+        if Path(init_from).resolve() == Path(out_dir).resolve():
+            raise ConfigError(f"--init-from and --out are the same directory ({out_dir}); a fine-tune writes a "
+                              "new run: pick another --out (to continue that run itself, drop --init-from)")
+        config = fit_finetune_schedule(config)
     specs = [StoreSpec.parse(s) for s in config.data.stores]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -90,7 +113,8 @@ def run_train(
     provenance = loader.describe()
     backbone = provenance["stores"][0]["backbone"]
     meta = {"backbone": backbone, "data": provenance}
-    return train(
-        config, loader, out_dir, loader.dim, val=val, meta=meta, init_from=init_from, resume=resume,
-        progress=progress, stop_after=stop_after,
-    )
+    with sigterm_as_interrupt():  # SIGTERM too writes a checkpoint at the current step (geoloc.train)
+        return train(
+            config, loader, out_dir, loader.dim, val=val, meta=meta, init_from=init_from, resume=resume,
+            progress=progress, stop_after=stop_after,
+        )

@@ -181,3 +181,19 @@ def test_import_then_train_then_eval(tmp_path, kind):
     assert r.exit_code == 0, r.output
     report = json.loads((ev / "report.json").read_text())
     assert report["n"] == 60 and report["rows"][0]["metrics"]["n_failed"]["mean"] == 0
+
+
+def test_disk_full_is_one_line(monkeypatch, capsys):
+    import errno
+
+    import geoloc.cli as cli
+
+    def full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/store/shards/part-x.parquet")
+
+    monkeypatch.setattr(cli, "app", full)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert "no space left on device writing /data/store/shards/part-x.parquet" in err

@@ -398,3 +398,88 @@ def test_items_and_failures_records_are_plain_data() -> None:
     fail = Failure(id="b", source="s", reason="r", split="test")
     assert pickle.loads(pickle.dumps([item, fail])) == [item, fail]
     assert pa.array(["a"]).to_pylist() == ["a"]
+
+
+# ------------------------------------------------------------------------------- shutdown (issue 11)
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid → (parent pid, state) of every live process, from /proc."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(d.name)] = (int(fields[1]), fields[0])
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    table, found, todo = _proc_table(), set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, (pp, _) in table.items() if pp == p}
+        todo += list(kids - found)
+        found |= kids
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    table = _proc_table()
+    return {p for p in pids if p in table and table[p][1] != "Z"}
+
+
+def _start_embed_with_workers(tmp_path: Path, n: int = 1200) -> tuple[subprocess.Popen, Path, set[int]]:
+    ds = make_dataset(tmp_path, n_good=n, bad=False)
+    store = tmp_path / "store"
+    args = _cli("embed", str(ds.manifest), "--store", str(store), "--backbone", "tiny-random", "--batch-size",
+                "2", "--num-workers", "2", "--shard-size", "100000", "--flush-minutes", "0.01", "--dtype", "fp32",
+                "--device", "cpu", "--no-progress")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    kids: set[int] = set()
+    while len(kids) < 2:                                 # both decode workers (and the tracker) are up
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+        kids = _descendants(proc.pid)
+    # Workers that run batches have passed their worker_init_fn (which sets the death signal); a worker
+    # killed while still importing torch exits by torch's own parent watchdog a few seconds later.
+    while _listed_shards(store) < 3:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # The workers seen at start-up, plus any started since (a worker that finished its share and exited
+    # normally is simply no longer alive; the checks below are about the ones the kill leaves behind).
+    return proc, store, kids | _descendants(proc.pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
+def test_sigkill_of_embed_leaves_no_worker_behind(tmp_path: Path) -> None:
+    proc, _store, kids = _start_embed_with_workers(tmp_path)
+    assert len(kids) >= 2 and _alive(kids)              # workers were running when the parent is killed
+    proc.kill()
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    deadline = time.monotonic() + 5.0
+    while _alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _alive(kids) == set()                          # no process of it left after 5 s
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+def test_sigterm_of_embed_saves_what_is_done_and_releases_the_lock(tmp_path: Path) -> None:
+    from geoloc.pipeline.store import writer_is_live
+
+    proc, store, kids = _start_embed_with_workers(tmp_path)
+    proc.terminate()
+    proc.wait(timeout=120)
+    proc.stderr.close()
+    saved = FeatureStore.open(store)
+    assert 0 < saved.num_rows() < 1200                  # the buffered rows were flushed and committed
+    assert saved.verify().ok and not writer_is_live(store)
+    deadline = time.monotonic() + 5.0
+    while _alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _alive(kids) == set()

@@ -390,3 +390,103 @@ def test_a_source_with_nothing_usable_raises(tmp_path):
     _write_tar(tmp_path / "a.tar", [{"__key__": "x", "json": b"{}"}])
     with pytest.raises(InputError, match="no usable embedding"):
         import_embeddings(_cfg(tmp_path / "a.tar", tmp_path / "s"))
+
+
+# ------------------------------------------------------------------------------- concurrent writers (issue 11)
+def test_two_concurrent_importers_with_overlapping_ids_store_every_id_once(tmp_path):
+    """Both importers are held at the writer lock, then released at the same instant: the second one to get
+    the lock must see the first one's ids (the lock is taken before ids are read)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from geoloc.pipeline.store import writer_lock
+
+    ids, lat, lon, emb, _ = _data(9000, 16)
+    for name, sl in (("a", slice(0, 6000)), ("b", slice(3000, 9000))):   # 3,000 ids in both files
+        pq.write_table(pa.table({"id": ids[sl], "lat": lat[sl], "lon": lon[sl], "emb": _fixed_list(emb[sl])}),
+                       tmp_path / f"{name}.parquet")
+    root = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs, errs = [], []
+    with writer_lock(root, "test holder"):
+        for name in ("a", "b"):
+            err = tmp_path / f"{name}.err"
+            errs.append(err)
+            args = [sys.executable, "-m", "geoloc.cli", "store", "import", str(tmp_path / f"{name}.parquet"),
+                    "--store", str(root), "--backbone", "streetclip", "--no-progress", "--wait", "300",
+                    "--chunk-rows", "1000"]
+            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=err.open("w"), text=True))
+        deadline = time.monotonic() + 240
+        while not all("test holder" in e.read_text() for e in errs):   # both are waiting at the lock
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.2)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.read_text() for e in errs]
+    assert all("waiting up to 300 s" in e.read_text() for e in errs)
+    store = FeatureStore.open(root)
+    got = store.connect().sql("SELECT id FROM features").fetchall()
+    assert len(got) == 9000 and len({r[0] for r in got}) == 9000          # every id exactly once
+    assert store.verify().ok
+    imported = sorted(int(o.split("imported ")[1].split(",")[0]) for o in outs)
+    assert imported == [3000, 6000]            # the later one skipped the 3,000 ids the first had stored
+
+
+def test_a_second_importer_without_wait_exits_with_one_line(tmp_path):
+    from geoloc.pipeline.store import writer_lock
+
+    ids, lat, lon, emb, _ = _data(20, 8)
+    pq.write_table(pa.table({"id": ids, "lat": lat, "lon": lon, "emb": _fixed_list(emb)}), tmp_path / "a.parquet")
+    root = tmp_path / "store"
+    with writer_lock(root, "`geoloc embed`"), pytest.raises(StoreError) as e:
+        import_embeddings(_cfg(tmp_path / "a.parquet", root))
+    assert "another `geoloc embed` (pid" in str(e.value) and "\n" not in str(e.value)
+    assert not (root / "store.json").exists()                 # nothing was written
+    assert import_embeddings(_cfg(tmp_path / "a.parquet", root)).imported == 20   # lock gone with its holder
+
+
+def _scramble_row_group(path: Path, rg: int, column: str = "emb") -> int:
+    """Overwrite the middle of one row group's column chunk with random bytes; returns its row count."""
+    md = pq.ParquetFile(path).metadata
+    names = [md.schema.column(i).path.split(".")[0] for i in range(md.num_columns)]
+    col = md.row_group(rg).column(names.index(column))
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    size = col.total_compressed_size
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(1)
+    data[start + 64: start + size - 64] = rng.integers(0, 256, size - 128, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return md.row_group(rg).num_rows
+
+
+def test_a_corrupt_row_group_counts_all_its_rows_and_trips_the_limit(tmp_path):
+    ids, lat, lon, emb, _ = _data(10_000, 32)
+    src = tmp_path / "src.parquet"
+    pq.write_table(pa.table({"id": ids, "lat": lat, "lon": lon, "emb": _fixed_list(emb)}), src,
+                   row_group_size=2000, compression="zstd")
+    assert _scramble_row_group(src, 2) == 2000
+    rep = import_embeddings(_cfg(src, tmp_path / "s", chunk_rows=500))
+    assert (rep.rows_read, rep.imported, rep.failed, rep.lost_rows) == (10_000, 8000, 2000, 2000)
+    assert rep.failure_rate == pytest.approx(0.2) and not rep.ok            # 20% > the 5% default limit
+    assert "lost: 2000 row(s)" in rep.summary() and "src.parquet:row 4000" in rep.summary()
+    (fail,) = FeatureStore.open(tmp_path / "s").failures_table().to_pylist()
+    assert fail["source"].endswith("src.parquet:row 4000")
+    assert "row group 2 skipped, 2000 row(s) lost (rows 4000–5999)" in fail["reason"]
+    # Other row groups were still imported: rows after the corrupt one are in the store.
+    assert {"r3999", "r6000", "r9999"} <= FeatureStore.open(tmp_path / "s").existing_ids()
+    assert "r4000" not in FeatureStore.open(tmp_path / "s").existing_ids()
+
+
+def test_a_truncated_file_of_unknown_size_trips_the_limit(tmp_path):
+    ids, lat, lon, emb, _ = _data(3000, 8)
+    (tmp_path / "d").mkdir()
+    for k in range(3):
+        sl = slice(1000 * k, 1000 * (k + 1))
+        pq.write_table(pa.table({"id": ids[sl], "lat": lat[sl], "lon": lon[sl], "emb": _fixed_list(emb[sl])}),
+                       tmp_path / "d" / f"{k}.parquet")
+    data = (tmp_path / "d" / "1.parquet").read_bytes()
+    (tmp_path / "d" / "1.parquet").write_bytes(data[: len(data) // 2])      # footer gone: size unknown
+    rep = import_embeddings(_cfg(tmp_path / "d", tmp_path / "s"))
+    assert (rep.imported, rep.lost_unknown) == (2000, 1)
+    assert not rep.ok and "unknown size" in rep.summary()

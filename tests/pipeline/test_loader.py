@@ -348,3 +348,32 @@ def test_works_on_a_store_from_the_shared_helper(tmp_path):
     cond, xyz = next(iter(loader))
     assert cond.shape == (32, 16) and xyz.shape == (32, 3) and torch.isfinite(cond).all()
     assert loader.describe()["rows"] == loader.num_rows < 480
+
+
+def test_a_scrambled_shard_is_refused_by_train_and_eval_readers(tmp_path, monkeypatch):
+    """5,000 bytes scrambled inside a shard: the train loader and the eval batches refuse the store with one
+    line naming the shard and `geoloc store verify`; an unchanged store is hashed once, then cached."""
+    import geoloc.pipeline.store as store_mod
+
+    root = tmp_path / "s"
+    st = write_store(root, 6000, shards=3, dim=64)
+    hashed: list[Path] = []
+    real = store_mod.sha256_file
+    monkeypatch.setattr(store_mod, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
+    store_mod._CHECKED.clear()
+    assert len(next(iter(FeatureLoader([root], 64, seed=0)))[0]) == 64
+    assert len(hashed) == 3                                       # every shard checked once ...
+    store_mod._CHECKED.clear()                                    # ... and remembered on disk for the next run
+    assert len(next(iter_eval_batches([root], "test", 32))) == 32
+    assert len(hashed) == 3
+    victim = st.shard_paths()[1]
+    data = bytearray(victim.read_bytes())
+    mid = len(data) // 2
+    data[mid: mid + 5000] = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    victim.write_bytes(bytes(data))
+    name = victim.relative_to(root).as_posix()
+    for read in (lambda: FeatureLoader([root], 64, seed=0), lambda: iter_eval_batches([root], "test", 32)):
+        with pytest.raises(StoreError) as e:
+            read()
+        msg = str(e.value)
+        assert name in msg and f"geoloc store verify {root}" in msg and "\n" not in msg

@@ -318,3 +318,42 @@ def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
     n = store.num_rows()
     assert n >= 8 * 200 and n % 200 == 0
     assert len(store.existing_ids()) == n
+
+
+def test_repair_removes_duplicate_ids_keeping_the_first_copy(tmp_path):
+    from geoloc.pipeline.store import IdIndex, repair_store
+
+    root = tmp_path / "s"
+    store = FeatureStore.create(root, BB)
+    store.write_shard(_table([f"a{i}" for i in range(100)], seed=1), "t")
+    # What two unlocked writers used to do: a second shard that repeats 40 ids of the first.
+    dup = store.write_shard_file(_table([f"a{i}" for i in range(60, 140)], seed=2), "u", known_ids=IdIndex())
+    store.commit([dup])
+    store.write_shard(_table([f"c{i}" for i in range(30)], seed=3), "t")
+    first = dict(store.connect().sql("SELECT id, lat FROM features").fetchall()[:100])
+    store.close()
+    report = FeatureStore.open(root).verify()
+    assert not report.ok and report.duplicate_ids == 40 and "geoloc store repair" in report.summary()
+    assert repair_store(root) == (40, 1)
+    fixed = FeatureStore.open(root)
+    rows = fixed.connect().sql("SELECT id, lat FROM features").fetchall()
+    assert len(rows) == 170 and len({r[0] for r in rows}) == 170 and fixed.num_rows() == 170
+    assert all(dict(rows)[k] == v for k, v in first.items())            # the first copy was kept
+    assert fixed.verify().ok and not (root / dup["file"]).exists()
+    assert repair_store(root) == (0, 0)
+
+
+def test_verify_tells_a_live_writers_files_from_orphans(tmp_path):
+    from geoloc.pipeline.store import writer_lock
+
+    root = tmp_path / "s"
+    make_store(root, 60, 8, shards=2).close()
+    with writer_lock(root, "`geoloc store import`"):
+        store = FeatureStore.create(root, BB)
+        rec = store.write_shard_file(_table(["new1"]), "t9")
+        live = FeatureStore.open(root).verify()
+        assert live.ok and live.in_progress == [rec["file"]] and live.orphans == []
+        assert "live `geoloc store import`" in live.summary()
+        store.close()
+    dead = FeatureStore.open(root).verify()                          # the writer is gone: now an orphan
+    assert not dead.ok and dead.orphans == [rec["file"]]
