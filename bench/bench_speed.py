@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -171,6 +172,150 @@ def bench_sampling(sizes, nfes, batch: int, repeats: int, omega: float) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------- training
+_EPS32 = 1e-4  # geoopt's float32 EPS: the expmap/logmap fall-backs and the acos clamp (reference §6.3)
+
+
+def _ref_expmap(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """geoopt Sphere.expmap as the reference uses it: cos/sin form, projx(x + u) below ‖u‖ = 1e-4."""
+    norm_u = u.norm(dim=-1, keepdim=True)
+    exp = x * torch.cos(norm_u) + u * torch.sin(norm_u) / norm_u
+    retr = x + u
+    retr = retr / retr.norm(dim=-1, keepdim=True)
+    return torch.where(norm_u > _EPS32, exp, retr)
+
+
+def _ref_logmap(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """geoopt Sphere.logmap: proju(x, y − x) rescaled to dist = acos(clamp(x·y, ±(1 − 1e-4)))."""
+    d = y - x
+    u = d - (x * d).sum(-1, keepdim=True) * x
+    dist = torch.acos((x * y).sum(-1, keepdim=True).clamp(-1 + _EPS32, 1 - _EPS32))
+    return torch.where(dist > _EPS32, u * dist / u.norm(dim=-1, keepdim=True).clamp_min(_EPS32), u)
+
+
+def _ref_target(x0: torch.Tensor, x1: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's RFM target: per sample (vmap), the geodesic path and its JVP in γ (torch.func)."""
+
+    def cond_u(a, b, t):
+        shoot = _ref_logmap(a, b)
+
+        def path(tt):
+            return _ref_expmap(a.unsqueeze(-2), torch.einsum("i,...k->...ik", tt, shoot))
+
+        return torch.func.jvp(path, (t,), (torch.ones_like(t),))
+
+    y, u = torch.func.vmap(cond_u)(x0, x1, gamma)
+    return y.reshape(-1, 3), u.reshape(-1, 3)
+
+
+class ReferenceTrainLoop:
+    """The reference's per-step training work with in-memory batches, no Lightning around it (§6.3, §11).
+
+    Per step: t ~ U(0,1), γ = sigmoid schedule(t), noise = normalised Gaussian, (y, u) by vmap-JVP through the
+    geodesic, condition dropout 0.1, one forward of the reference network on its dict batch, loss
+    mean(‖ψ − u‖²)/3, backward, ``torch.optim.AdamW`` as hydra builds it (lr 1e-3, wd 0.01, defaults: the
+    single-tensor loop on CPU), the warm-up/cosine lr, and its EMA callback as it really runs: a Python loop
+    over ``named_parameters()`` that lerps and copies into ``ema.state_dict()`` every step.
+    """
+
+    def __init__(self, net, cond: torch.Tensor, xyz: torch.Tensor, batch: int, ref_api: bool, total: int):
+        import copy
+
+        self.net, self.ref_api = net.train(), ref_api
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+        self.cond, self.xyz, self.batch, self.total = cond, xyz, batch, total
+        self.step_i = 0
+
+    def step(self) -> None:
+        b, n = self.batch, self.cond.shape[0]
+        start = (self.step_i * b) % (n - b + 1)
+        cond = self.cond[start : start + b].clone()
+        x1 = self.xyz[start : start + b]
+        for g in self.opt.param_groups:  # WarmupCosineDecayLR (§11.3), stepped every optimiser step
+            s = self.step_i
+            g["lr"] = 1e-3 * (s / 500 if s < 500 else 0.5 * (1 + math.cos(math.pi * (s - 500) / self.total)))
+        t = torch.rand(b)
+        gamma = _sigmoid_signal(t).unsqueeze(-1)
+        x0 = torch.randn(b, 3)
+        x0 = x0 / x0.norm(dim=-1, keepdim=True)
+        with torch.no_grad():
+            y, u = _ref_target(x0, x1, gamma)
+        drop = torch.rand(b) < 0.1
+        cond[drop] = torch.zeros_like(cond[drop])
+        gam = gamma.squeeze(-1)
+        out = self.net({"y": y, "gamma": gam, "emb": cond}) if self.ref_api else self.net(y, gam, cond)
+        diff = out - u
+        loss = (diff * diff).sum(-1).mean() / 3
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.step_i += 1
+        with torch.no_grad():  # EMACallback.update_ema, decay 0.999 (its lerp keeps 99.9 % of the new weights)
+            ema_params = self.ema.state_dict()
+            for name, param in itertools.chain(self.net.named_parameters(), self.net.named_buffers()):
+                if name in ema_params and param.requires_grad:
+                    ema_params[name].copy_(ema_params[name].detach().lerp(param.detach(), 0.999))
+
+
+def _ours_train_config(dim: int, depth: int, batch: int, steps: int, store: str):
+    from geoloc.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+    return TrainConfig(
+        model=ModelConfig(dim=dim, depth=depth, expansion=4),
+        family=FamilyConfig(name="rfm-s2"),
+        optim=OptimConfig(name="adamw"),
+        data=DataConfig(stores=(store,), split="train", batch_size=batch),
+        steps=steps, device="cpu", dtype="fp32",
+    )
+
+
+def bench_training(sizes, steps: int, repeats: int, rows: int) -> dict:
+    """``geoloc train`` end to end (``pipeline.train_job.run_train`` on a small store: loader, EMA, logging,
+    final checkpoint, start-up) vs the reference loop over the same rows in memory; seconds per step."""
+    import tempfile
+
+    from geoloc.pipeline.eval_batches import read_tensors
+    from geoloc.pipeline.train_job import run_train
+    from tests.helpers import make_store
+
+    ref_cls, ref_source = _load_reference_network_class()
+    out: dict = {"reference_source": ref_source, "steps_per_run": steps, "store_rows": rows, "results": []}
+    with tempfile.TemporaryDirectory(prefix="bench-speed-train-") as tmp:
+        store = Path(tmp) / "store"
+        make_store(store, rows, 1024, splits={"train": 1.0}, label_columns=(), shards=4, failures=0)
+        cond, xyz = read_tensors([store], split="train")
+        cond, xyz = cond.float(), xyz.float()
+        for dim, depth, batch in sizes:
+            times: dict[str, list[float]] = {"reference": [], "ours": []}
+            for rep in range(repeats):
+                for name in ("reference", "ours") if rep % 2 == 0 else ("ours", "reference"):
+                    torch.manual_seed(0)
+                    if name == "reference":
+                        base = GeoAdaLNMLP(NetworkConfig(dim=dim, depth=depth))
+                        net = base
+                        if ref_cls is not None:
+                            net = ref_cls(3, dim, depth, 4, 1024)
+                            net.load_state_dict(base.state_dict(), strict=True)
+                        loop = ReferenceTrainLoop(net, cond, xyz, batch, ref_cls is not None, 1_000_000)
+                        t0 = time.perf_counter()
+                        for _ in range(steps):
+                            loop.step()
+                    else:
+                        cfg = _ours_train_config(dim, depth, batch, steps, str(store))
+                        t0 = time.perf_counter()
+                        run_train(cfg, Path(tmp) / f"run-{dim}-{rep}", resume=False, progress=False)
+                    times[name].append((time.perf_counter() - t0) / steps)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rec = {"dim": dim, "depth": depth, "batch": batch,
+                   "reference_s_per_step": round(med["reference"], 4), "ours_s_per_step": round(med["ours"], 4),
+                   "speedup_ours": round(med["reference"] / med["ours"], 3),
+                   "all_s_per_step": {k: [round(x, 4) for x in v] for k, v in times.items()}}
+            out["results"].append(rec)
+            print(json.dumps(rec), file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -178,14 +323,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--omega", type=float, default=2.0)
+    ap.add_argument("--sections", default="sampling,train", help="comma list: sampling, train, likelihood")
+    ap.add_argument("--train-steps", type=int, default=None, help="steps per training run (default 40)")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     batch = args.batch or (64 if args.quick else 256)
     repeats = args.repeats or (1 if args.quick else 3)
     nfes = (16,) if args.quick else (16, 32)
+    sections = set(args.sections.split(","))
     record = {"bench": "speed", "quick": args.quick, "machine": machine(torch.get_num_threads())}
-    record["sampling"] = bench_sampling([(512, 12), (256, 6)], nfes, batch, repeats, args.omega)
+    if "sampling" in sections:
+        record["sampling"] = bench_sampling([(512, 12), (256, 6)], nfes, batch, repeats, args.omega)
+    if "train" in sections:
+        sizes = [(256, 6, 256)] if args.quick else [(256, 6, 256), (512, 12, 1024)]
+        steps = args.train_steps or (10 if args.quick else 40)
+        record["training"] = bench_training(sizes, steps, repeats if not args.quick else 1, 4096)
     record["machine"]["loadavg_end"] = list(os.getloadavg())
     print(json.dumps(record, indent=1))
 
