@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -171,6 +172,243 @@ def bench_sampling(sizes, nfes, batch: int, repeats: int, omega: float) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------- training
+_EPS32 = 1e-4  # geoopt's float32 EPS: the expmap/logmap fall-backs and the acos clamp (reference §6.3)
+
+
+def _ref_expmap(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """geoopt Sphere.expmap as the reference uses it: cos/sin form, projx(x + u) below ‖u‖ = 1e-4."""
+    norm_u = u.norm(dim=-1, keepdim=True)
+    exp = x * torch.cos(norm_u) + u * torch.sin(norm_u) / norm_u
+    retr = x + u
+    retr = retr / retr.norm(dim=-1, keepdim=True)
+    return torch.where(norm_u > _EPS32, exp, retr)
+
+
+def _ref_logmap(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """geoopt Sphere.logmap: proju(x, y − x) rescaled to dist = acos(clamp(x·y, ±(1 − 1e-4)))."""
+    d = y - x
+    u = d - (x * d).sum(-1, keepdim=True) * x
+    dist = torch.acos((x * y).sum(-1, keepdim=True).clamp(-1 + _EPS32, 1 - _EPS32))
+    return torch.where(dist > _EPS32, u * dist / u.norm(dim=-1, keepdim=True).clamp_min(_EPS32), u)
+
+
+def _ref_target(x0: torch.Tensor, x1: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's RFM target: per sample (vmap), the geodesic path and its JVP in γ (torch.func)."""
+
+    def cond_u(a, b, t):
+        shoot = _ref_logmap(a, b)
+
+        def path(tt):
+            return _ref_expmap(a.unsqueeze(-2), torch.einsum("i,...k->...ik", tt, shoot))
+
+        return torch.func.jvp(path, (t,), (torch.ones_like(t),))
+
+    y, u = torch.func.vmap(cond_u)(x0, x1, gamma)
+    return y.reshape(-1, 3), u.reshape(-1, 3)
+
+
+class ReferenceTrainLoop:
+    """The reference's per-step training work with in-memory batches, no Lightning around it (§6.3, §11).
+
+    Per step: t ~ U(0,1), γ = sigmoid schedule(t), noise = normalised Gaussian, (y, u) by vmap-JVP through the
+    geodesic, condition dropout 0.1, one forward of the reference network on its dict batch, loss
+    mean(‖ψ − u‖²)/3, backward, ``torch.optim.AdamW`` as hydra builds it (lr 1e-3, wd 0.01, defaults: the
+    single-tensor loop on CPU), the warm-up/cosine lr, and its EMA callback as it really runs: a Python loop
+    over ``named_parameters()`` that lerps and copies into ``ema.state_dict()`` every step.
+    """
+
+    def __init__(self, net, cond: torch.Tensor, xyz: torch.Tensor, batch: int, ref_api: bool, total: int):
+        import copy
+
+        self.net, self.ref_api = net.train(), ref_api
+        self.ema = copy.deepcopy(net).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+        self.cond, self.xyz, self.batch, self.total = cond, xyz, batch, total
+        self.step_i = 0
+
+    def step(self) -> None:
+        b, n = self.batch, self.cond.shape[0]
+        start = (self.step_i * b) % (n - b + 1)
+        cond = self.cond[start : start + b].clone()
+        x1 = self.xyz[start : start + b]
+        for g in self.opt.param_groups:  # WarmupCosineDecayLR (§11.3), stepped every optimiser step
+            s = self.step_i
+            g["lr"] = 1e-3 * (s / 500 if s < 500 else 0.5 * (1 + math.cos(math.pi * (s - 500) / self.total)))
+        t = torch.rand(b)
+        gamma = _sigmoid_signal(t).unsqueeze(-1)
+        x0 = torch.randn(b, 3)
+        x0 = x0 / x0.norm(dim=-1, keepdim=True)
+        with torch.no_grad():
+            y, u = _ref_target(x0, x1, gamma)
+        drop = torch.rand(b) < 0.1
+        cond[drop] = torch.zeros_like(cond[drop])
+        gam = gamma.squeeze(-1)
+        out = self.net({"y": y, "gamma": gam, "emb": cond}) if self.ref_api else self.net(y, gam, cond)
+        diff = out - u
+        loss = (diff * diff).sum(-1).mean() / 3
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.step_i += 1
+        with torch.no_grad():  # EMACallback.update_ema, decay 0.999 (its lerp keeps 99.9 % of the new weights)
+            ema_params = self.ema.state_dict()
+            for name, param in itertools.chain(self.net.named_parameters(), self.net.named_buffers()):
+                if name in ema_params and param.requires_grad:
+                    ema_params[name].copy_(ema_params[name].detach().lerp(param.detach(), 0.999))
+
+
+def _ours_train_config(dim: int, depth: int, batch: int, steps: int, store: str):
+    from geoloc.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+    return TrainConfig(
+        model=ModelConfig(dim=dim, depth=depth, expansion=4),
+        family=FamilyConfig(name="rfm-s2"),
+        optim=OptimConfig(name="adamw"),
+        data=DataConfig(stores=(store,), split="train", batch_size=batch),
+        steps=steps, device="cpu", dtype="fp32",
+    )
+
+
+def bench_training(sizes, steps: int, repeats: int, rows: int) -> dict:
+    """``geoloc train`` end to end (``pipeline.train_job.run_train`` on a small store: loader, EMA, logging,
+    final checkpoint, start-up) vs the reference loop over the same rows in memory; seconds per step."""
+    import tempfile
+
+    from geoloc.pipeline.eval_batches import read_tensors
+    from geoloc.pipeline.train_job import run_train
+    from tests.helpers import make_store
+
+    ref_cls, ref_source = _load_reference_network_class()
+    out: dict = {"reference_source": ref_source, "store_rows": rows, "results": [],
+                 "note": "seconds per step over a whole run; ours includes start-up, the loader, logging and the "
+                         "final checkpoint (checkpoint cadence 1000 steps, so only the final one in a short run)"}
+    with tempfile.TemporaryDirectory(prefix="bench-speed-train-") as tmp:
+        store = Path(tmp) / "store"
+        make_store(store, rows, 1024, splits={"train": 1.0}, label_columns=(), shards=4, failures=0)
+        cond, xyz = read_tensors([store], split="train")
+        cond, xyz = cond.float(), xyz.float()
+        for dim, depth, batch in sizes:
+            steps_here = steps if dim * depth * batch <= 256 * 6 * 256 else max(4, steps // 5)
+            times: dict[str, list[float]] = {"reference": [], "ours": []}
+            for rep in range(repeats):
+                for name in ("reference", "ours") if rep % 2 == 0 else ("ours", "reference"):
+                    torch.manual_seed(0)
+                    if name == "reference":
+                        base = GeoAdaLNMLP(NetworkConfig(dim=dim, depth=depth))
+                        net = base
+                        if ref_cls is not None:
+                            net = ref_cls(3, dim, depth, 4, 1024)
+                            net.load_state_dict(base.state_dict(), strict=True)
+                        loop = ReferenceTrainLoop(net, cond, xyz, batch, ref_cls is not None, 1_000_000)
+                        t0 = time.perf_counter()
+                        for _ in range(steps_here):
+                            loop.step()
+                    else:
+                        cfg = _ours_train_config(dim, depth, batch, steps_here, str(store))
+                        t0 = time.perf_counter()
+                        run_train(cfg, Path(tmp) / f"run-{dim}-{rep}", resume=False, progress=False)
+                    times[name].append((time.perf_counter() - t0) / steps_here)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            rec = {"dim": dim, "depth": depth, "batch": batch, "steps_per_run": steps_here,
+                   "reference_s_per_step": round(med["reference"], 4), "ours_s_per_step": round(med["ours"], 4),
+                   "speedup_ours": round(med["reference"] / med["ours"], 3),
+                   "all_s_per_step": {k: [round(x, 4) for x in v] for k, v in times.items()}}
+            out["results"].append(rec)
+            print(json.dumps(rec), file=sys.stderr)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- likelihood
+def _sigmoid_signal_rate(t: torch.Tensor, start: float = -7.0, end: float = 3.0, tau: float = 1.0) -> torch.Tensor:
+    """d(signal)/dt of :func:`_sigmoid_signal` (the reference scheduler's ``derivative``)."""
+    v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
+    sig = torch.sigmoid((t * (end - start) + start) / tau)
+    return -(end - start) * sig * (1 - sig) / (tau * (v_end - v_start))
+
+
+def reference_log_prob(net, xyz: torch.Tensor, cond: torch.Tensor, ref_api: bool, tol: float = 1e-6):
+    """The reference pipeline's likelihood ODE (§9.1), written out: state [x, ℓ] from t = 0 (data) to 1,
+    dx/dt = γ'(t)·ψ(x, γ(t), c) in R³, dℓ/dt = trace of the full 3 × 3 Jacobian (``vmap(jacrev)``), torchdiffeq
+    dopri5 at rtol = atol = ``tol``; x(1) projected, log p = −log 4π + ℓ(1). Returns (log p in nats, NFE)."""
+    from torchdiffeq import odeint
+
+    nfe = [0]
+
+    def odefunc(t, state):
+        nfe[0] += 1
+        gamma = _sigmoid_signal(t.reshape(1))
+        rate = _sigmoid_signal_rate(t.reshape(1))
+
+        def vecfield(x, y):
+            out = net({"y": x, "gamma": gamma.reshape(-1), "emb": y}) if ref_api else net(
+                x.reshape(-1, 3), gamma.reshape(-1), y.reshape(-1, y.shape[-1]))
+            return rate * out
+
+        x = state[..., :3]
+        with torch.enable_grad():
+            dx = vecfield(x, cond)
+            jac = torch.func.vmap(torch.func.jacrev(vecfield, argnums=0))(x, cond)
+        div = jac.reshape(-1, 3, 3).diagonal(dim1=-2, dim2=-1).sum(-1)
+        return torch.cat([dx.reshape(-1, 3), div.reshape(-1, 1)], dim=-1).detach()
+
+    state = torch.cat([xyz, torch.zeros_like(xyz[:, :1])], dim=-1)
+    with torch.no_grad():
+        end = odeint(odefunc, state, torch.tensor([0.0, 1.0]), rtol=tol, atol=tol, method="dopri5")[-1]
+    return -math.log(4 * math.pi) + end[:, 3], nfe[0]
+
+
+def bench_likelihood(dim: int, depth: int, points: int, repeats: int) -> dict:
+    """Ours (``family.log_prob``, the default ``LikelihoodConfig``: rk4, fixed steps) vs the reference's dopri5
+    1e-6 full-Jacobian ODE, same weights and points; each against its own tight solution (ours: dopri5 1e-8;
+    the reference's: its ODE at 1e-9) for |Δ log p|, and ours vs the reference's tight value."""
+    from geoloc.config import LikelihoodConfig
+
+    ref_cls, ref_source = _load_reference_network_class()
+    family = make_family(FamilyConfig(name="rfm-s2"))
+    torch.manual_seed(0)
+    ours = GeoAdaLNMLP(NetworkConfig(dim=dim, depth=depth)).eval()
+    with torch.no_grad():
+        for blk in ours.blocks:
+            blk.mlp[3].weight.normal_(0, 0.02)
+            blk.mlp[3].bias.normal_(0, 0.02)
+    ref = ours
+    if ref_cls is not None:
+        ref = ref_cls(3, dim, depth, 4, 1024).eval()
+        ref.load_state_dict(ours.state_dict(), strict=True)
+    gen = torch.Generator().manual_seed(5)
+    xyz = torch.nn.functional.normalize(torch.randn(points, 3, generator=gen), dim=-1)
+    cond = torch.randn(points, 1024, generator=gen)
+    default = LikelihoodConfig()
+    times: dict[str, list[float]] = {"reference": [], "ours": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        lp_ref, nfe_ref = reference_log_prob(ref, xyz, cond, ref_cls is not None)
+        times["reference"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        lp_ours = family.log_prob(ours, xyz, cond, default)
+        times["ours"].append(time.perf_counter() - t0)
+        nfe_ours = family.last_nfe
+    truth_ref, _ = reference_log_prob(ref, xyz, cond, ref_cls is not None, tol=1e-9)
+    truth_ours = family.log_prob(ours, xyz, cond, LikelihoodConfig(method="dopri5", rtol=1e-8, atol=1e-8))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "reference_source": ref_source, "dim": dim, "depth": depth, "points": points,
+        "ours_solver": f"{default.method} {default.steps} steps", "reference_solver": "dopri5 rtol=atol=1e-6",
+        "reference_points_per_s": round(points / med["reference"], 3),
+        "ours_points_per_s": round(points / med["ours"], 3),
+        "speedup_ours": round(med["reference"] / med["ours"], 2),
+        "reference_nfe": nfe_ref, "ours_nfe": nfe_ours,
+        "reference_abs_err_nats_vs_own_tight": {
+            "mean": float((lp_ref - truth_ref).abs().mean()), "max": float((lp_ref - truth_ref).abs().max())},
+        "ours_abs_err_nats_vs_own_tight": {
+            "mean": float((lp_ours - truth_ours).abs().mean()), "max": float((lp_ours - truth_ours).abs().max())},
+        "ours_vs_reference_tight_nats": {
+            "mean": float((lp_ours - truth_ref).abs().mean()), "max": float((lp_ours - truth_ref).abs().max())},
+        "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -178,14 +416,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--omega", type=float, default=2.0)
+    ap.add_argument("--sections", default="sampling,train", help="comma list: sampling, train, likelihood")
+    ap.add_argument("--train-sizes", default="small,paper", help="small = 256 × 6 batch 256, paper = 512 × 12 batch 1024")
+    ap.add_argument("--train-steps", type=int, default=None, help="steps per training run (default 40)")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     batch = args.batch or (64 if args.quick else 256)
     repeats = args.repeats or (1 if args.quick else 3)
     nfes = (16,) if args.quick else (16, 32)
+    sections = set(args.sections.split(","))
     record = {"bench": "speed", "quick": args.quick, "machine": machine(torch.get_num_threads())}
-    record["sampling"] = bench_sampling([(512, 12), (256, 6)], nfes, batch, repeats, args.omega)
+    if "sampling" in sections:
+        record["sampling"] = bench_sampling([(512, 12), (256, 6)], nfes, batch, repeats, args.omega)
+    if "train" in sections:
+        known = {"small": (256, 6, 256), "paper": (512, 12, 1024)}
+        sizes = [known["small"]] if args.quick else [known[k] for k in args.train_sizes.split(",")]
+        steps = args.train_steps or (10 if args.quick else 40)
+        record["training"] = bench_training(sizes, steps, repeats if not args.quick else 1, 4096)
+    if "likelihood" in sections:
+        record["likelihood"] = bench_likelihood(256, 6, 16 if args.quick else 64, 1 if args.quick else 2)
     record["machine"]["loadavg_end"] = list(os.getloadavg())
     print(json.dumps(record, indent=1))
 

@@ -74,7 +74,11 @@ def _make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "lamb":
         return _lamb(groups, cfg)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)
+    # Fused (one pass over param, grad and both moments per tensor): on a 2-core AVX2 CPU the step of the
+    # paper network took 71 ms fused vs 454 ms foreach and 547 ms single-tensor (bench/records/speed_train_*).
+    # reference differs: torch's default AdamW, the single-tensor loop on CPU.
+    fused = all(p.device.type in ("cpu", "cuda") for p in net.parameters())
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=None if fused else True)
 
 
 def _lamb(groups: list[dict], cfg) -> torch.optim.Optimizer:
