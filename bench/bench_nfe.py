@@ -21,6 +21,8 @@ flags, torch, threads) and whether bf16 is native (``geoloc.devices.native_bf16`
   ``geoloc.solvers.STEPPERS`` at NFE budgets 2-32 (NFE = steps × stages; one guided evaluation = 1 NFE).
   ``predict``: what ``geoloc predict`` answers by default (``PredictOptions``: the ``geoscore`` estimator over
   ``samples`` unguided draws, through ``Geolocator.predict``), at the same budgets and at 250 steps.
+  ``predict_few_draws``: the same estimator over ``few_draws`` draws (Euler, every held-out condition), for
+  the cheapest way to the reference's GeoScore.
 - **Speed**: answers/s over the whole evaluation, with every setting run chunk by chunk in turn (a busy machine
   slows all alike); ``speedup_vs_reference`` = answers/s ÷ the reference's. ``within_noise`` (vs the reference,
   and for ``predict`` vs its own 250-step answer): mean paired difference ≥ −max(1 standard error, 1 % of the

@@ -344,7 +344,7 @@ class PredictOptions:
     both use one set of max(``region_samples``, ``localizability_samples``) draws. ``steps``: sampler steps
     (None: the checkpoint's, 250 as in the paper). The default 32 is the fewest Euler steps whose answer
     scored within noise of 250 steps' on bench/bench_nfe.py's known-density task (16 lost 1.8 %),
-    at ~8x the speed; ``geoloc eval`` keeps 250 (the paper's protocol). ``batch_size``: inputs per backbone
+    at 7-8x the speed; ``geoloc eval`` keeps 250 (the paper's protocol). ``batch_size``: inputs per backbone
     batch. ``seed``: makes the draws reproducible. ``places``: look up the nearest GeoNames place of the
     estimate and of each mode. ``keep_embeddings`` / ``keep_samples``: keep them on each result (for density maps).
     """

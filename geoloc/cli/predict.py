@@ -102,7 +102,7 @@ def predict(
         int | None,
         typer.Option(
             help="Sampler steps (the paper: 250; the default scored within noise of 250 "
-            "on bench/bench_nfe.py's known-density task at ~8x the speed).",
+            "on bench/bench_nfe.py's known-density task at 7-8x the speed).",
             min=1,
         ),
     ] = default(PredictOptions, "steps"),
