@@ -101,6 +101,7 @@ QUICK = Sizes(
     truth_draws=64,
     lik_points=64,
     tight_tol=1e-6,
+    few_draws=(16,),
 )
 
 
