@@ -172,7 +172,9 @@ class HybridPredictor:
         flow = copy.copy(hybrid.flow)
         flow.sample_config = replace(flow.sample_config, steps=config.steps, method=config.method)
         flow.likelihood_config = config.likelihood
-        self.hybrid = HybridGeolocator(flow, hybrid.index, hybrid.params, config.likelihood, hybrid.info)
+        self.hybrid = HybridGeolocator(
+            flow, hybrid.index, hybrid.params, config.likelihood, hybrid.info, labeller=hybrid.labeller
+        )
         self.config, self.source = config, source
         self._last: tuple[torch.Tensor, Neighbours] | None = None
 

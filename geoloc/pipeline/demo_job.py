@@ -301,6 +301,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         where=config.eval_where,
         calibration=True,
         calibration_n=config.calibration_n,
+        calibration_items=config.calibration_items,
         likelihood=LikelihoodConfig(steps=8),
         prdc=False,
     )

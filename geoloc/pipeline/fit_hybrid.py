@@ -15,6 +15,7 @@ array (:func:`geoloc.hybrid.fit_hybrid_params`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -29,8 +30,16 @@ from geoloc.checkpoint import read_config
 from geoloc.config import LikelihoodConfig
 from geoloc.errors import CheckpointError, ConfigError, GeolocError
 from geoloc.files import atomic_write_text
+from geoloc.gazetteer import Gazetteer
 from geoloc.geolocator import Geolocator
-from geoloc.hybrid import HybridGeolocator, HybridParams, fit_answer_flow, fit_hybrid_params
+from geoloc.hybrid import (
+    ANSWER_LEVELS,
+    HybridGeolocator,
+    HybridParams,
+    Labeller,
+    fit_answer_flow,
+    fit_hybrid_params,
+)
 from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.neighbours import NeighbourIndex, store_identity
 from geoloc.pipeline.store import MANIFEST
@@ -48,10 +57,12 @@ class FitHybridConfig:
     ``max_val``, in store order); ``ks``: neighbour counts tried; ``logistic``: λ depends on the top-1
     similarity (else one λ); ``likelihood``: the flow's likelihood ODE, also recorded for ``load_hybrid``;
     ``answer_items`` validation items (0: skip), each with ``answer_n`` flow draws of ``answer_steps`` steps,
-    choose the flow's share in the answer (:func:`geoloc.hybrid.fit_answer_flow`)."""
+    choose the flow's share in the answer and, with ``answer_labels``, the weight of administrative-label
+    agreement in it (:func:`geoloc.hybrid.fit_answer_flow`; the gazetteer labels the points)."""
 
     index_split: str = "train"
     index_kind: str = "auto"
+    answer_labels: bool = True
     val_split: str = "val"
     val_where: str | None = None
     max_val: int = 3000
@@ -157,7 +168,8 @@ def fit_hybrid(
     if config.answer_items > 0:
         t2 = time.perf_counter()
         m = min(config.answer_items, len(val.ids))
-        model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood)
+        labeller = gazetteer_labeller() if config.answer_labels else None
+        model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood, labeller=labeller)
         cond = val.cond[:m].to(geo.device)
         g = torch.Generator(device=geo.device).manual_seed(0)
         draws = torch.cat(
@@ -170,11 +182,13 @@ def fit_hybrid(
         )
         sub = nb.rows(slice(0, m)).head(fit.params.search_k)
         answer = fit_answer_flow(model, cond, val.xyz[:m], sub, draws)
-        fit.params = replace(fit.params, answer_flow=answer["answer_flow"])
+        fit.params = replace(
+            fit.params, answer_flow=answer["answer_flow"], answer_labels=answer["answer_labels"]
+        )
         answer |= {"items": m, "draws": config.answer_n, "steps": config.answer_steps}
         say(
-            f"answer: flow share x{answer['answer_flow']:g} (GeoScore {answer['geoscore']:.0f} on {m} validation "
-            f"items) in {time.perf_counter() - t2:.1f} s"
+            f"answer: flow share x{answer['answer_flow']:g}, label weight {answer['answer_labels']:g} "
+            f"(GeoScore {answer['geoscore']:.0f} on {m} validation items) in {time.perf_counter() - t2:.1f} s"
         )
     say(
         f"hybrid: {fit.params} NLL {fit.nll:.3f} nats (flow alone {fit.flow_nll:.3f}); "
@@ -246,7 +260,15 @@ def load_hybrid(directory: str | Path, device: str = "cpu", *, verify_store: boo
     if verify_store:
         for rec in doc.get("database") or []:
             _check_store(rec, path)
-    return HybridGeolocator(geo, index, params, likelihood_config=lik, info=doc)
+    labeller = gazetteer_labeller() if params.answer_labels > 0 else None
+    return HybridGeolocator(geo, index, params, likelihood_config=lik, info=doc, labeller=labeller)
+
+
+@functools.cache
+def gazetteer_labeller() -> Labeller:
+    """The published labelling rule (:class:`~geoloc.gazetteer.Gazetteer`, its cached table) at the answer's
+    levels, loaded once per process: the label-aware answer labels every candidate of every query."""
+    return functools.partial(Gazetteer.load().label_ids, levels=ANSWER_LEVELS)
 
 
 def _check_index(doc: dict[str, Any], index: NeighbourIndex, d: Path, cond_dim: int) -> None:
