@@ -31,6 +31,7 @@ from geoloc.pipeline.embed import (
     ShardWriter,
     _Mapper,
     _PartitionSkip,
+    _reason_kind,
     run_embed,
 )
 from geoloc.pipeline.items import Failure, Item
@@ -240,6 +241,25 @@ def test_failure_rate_threshold_and_summary(tmp_path: Path) -> None:
     text = report.summary()
     assert "30.77%" in text and "geoloc store failures" in text
     assert sum(report.reasons.values()) == 4
+
+
+def test_a_file_that_is_no_image_has_a_readable_reason(tmp_path: Path) -> None:
+    # Issue 11: PIL's message carries the repr of our BytesIO ("<_io.BytesIO object at 0x7f…>"); the summary
+    # folded its digits one by one into "NxNfNdNeNaN". The reason names the problem, not an address.
+    ds = make_dataset(tmp_path, n_good=4, bad=False)
+    (ds.root / "images" / "p0001.jpg").write_bytes(b"a text file that was named .jpg by mistake\n" * 4)
+    report = run_embed(_config(ds, tmp_path / "store", max_failure_rate=0.5))
+    assert (report.embedded, report.failed) == (3, 1)
+    assert list(report.reasons) == ["cannot decode image: cannot identify image file"]
+    assert "cannot decode image: cannot identify image file" in report.summary()
+    (row,) = FeatureStore.open(tmp_path / "store").failures_table().to_pylist()
+    assert row["id"] == "p0001" and row["reason"] == "cannot decode image: cannot identify image file"
+
+
+def test_reason_kinds_fold_numbers_but_not_hex_digits_one_by_one() -> None:
+    assert _reason_kind("bad header 0x7f99d6e17b00 after 12 bytes") == "bad header <hex> after N bytes"
+    assert _reason_kind("cannot open <_io.BytesIO object at 0x7f99d6e17b00>") == "cannot open <object>"
+    assert _reason_kind("file /data/x/1.jpg is 0 bytes; re-download it") == "file <file> is N bytes"
 
 
 def test_text_dataset_with_real_minilm(tmp_path: Path) -> None:
