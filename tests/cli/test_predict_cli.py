@@ -205,7 +205,7 @@ def test_density_maps_with_trajectories(tmp_path):
     ckpt = make_checkpoint(tmp_path / "rfm", family="rfm-s2")
     r = _run(write_images(tmp_path / "photos", 2), "-c", ckpt, "--maps", tmp_path / "maps", "--max-maps", "1",
              "--map-levels", "1", "--map-steps", "2", "--trajectories", "3", "--samples", "16", "--steps", "4",
-             "--map-format", "both", "--no-progress", "--top-k", "2")
+             "--map-format", "both", "--no-progress", "--top-k", "2", "--max-failure-rate", "0.5")
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert files == ["001-img0.html", "001-img0.png"]  # item 0 (broken.jpg) failed: no map
@@ -291,7 +291,7 @@ def test_texts_from_stdin(text_ckpt):
 def test_json_to_stdout_logs_to_stderr(tmp_path, vmf_ckpt):
     photos = write_images(tmp_path / "photos", n=2)
     r = _run(photos, "-c", vmf_ckpt, "--samples", "32", "--steps", "2", "--format", "json", "--estimator", "sample",
-             "--out", tmp_path / "p.parquet")
+             "--out", tmp_path / "p.parquet", "--max-failure-rate", "0.5")
     assert r.exit_code == 0, r.output
     recs = json.loads(r.stdout)  # stdout is nothing but the JSON list
     assert len(recs) == 3 and "3 item(s), 2 located, 1 failed" in r.stderr and "wrote" in r.stderr
@@ -358,7 +358,7 @@ def test_density_cells_export(tmp_path):
     ckpt = make_checkpoint(tmp_path / "rfm", family="rfm-s2")
     photos = write_images(tmp_path / "photos", 2)
     args = ("--max-maps", "2", "--map-levels", "1", "--map-steps", "2", "--map-start", "0", "--samples", "16",
-            "--steps", "2", "--no-progress", "-q")
+            "--steps", "2", "--no-progress", "-q", "--max-failure-rate", "0.5")
     r = _run(photos, "-c", ckpt, "--density-out", tmp_path / "cells.parquet", *args)
     assert r.exit_code == 0, r.output
     t = pq.read_table(tmp_path / "cells.parquet").to_pylist()
