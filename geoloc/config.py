@@ -345,6 +345,9 @@ class PredictOptions:
     in the paper; fewer is faster on a CPU). ``batch_size``: inputs per backbone batch. ``seed``: makes the
     draws reproducible. ``places``: look up the nearest GeoNames place of the estimate and of each mode.
     ``keep_embeddings`` / ``keep_samples``: keep them on each result (for density maps).
+    ``max_failure_rate``: a run over many inputs counts as failed (``geoloc predict`` exits 1) when more than
+    this fraction of them could not be used, as for ``embed`` and ``store import``; every good prediction is
+    written either way.
     """
 
     estimator: EstimatorName = "geoscore"
@@ -362,6 +365,11 @@ class PredictOptions:
     places: bool = True
     keep_embeddings: bool = False
     keep_samples: bool = False
+    max_failure_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ConfigError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
 
 
 @dataclass(frozen=True)
