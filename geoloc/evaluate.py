@@ -232,6 +232,7 @@ def evaluate(
             cond = batch.cond.to(device)
             xyz = latlon_to_xyz(torch.from_numpy(batch.latlon)).to(device=device, dtype=torch.float32)
             for st in states:
+                bar.set_postfix_str(st.name, refresh=True)  # which row is working, while a batch is long
                 st.consume(cond, xyz)
             bar.update(len(batch))
     data = EvalData(

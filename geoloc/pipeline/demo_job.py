@@ -302,6 +302,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         calibration=True,
         calibration_n=config.calibration_n,
         calibration_items=config.calibration_items,
+        batch_size=256,  # the progress bar moves (with an ETA) every 256 names, not once at the end
         likelihood=LikelihoodConfig(steps=8),
         prdc=False,
     )
