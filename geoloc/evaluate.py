@@ -144,7 +144,10 @@ class _RowState:
             if slp is None:
                 self.has_cal = False
             else:
-                self.hdr.append(hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)[:m]))
+                levels = hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)[:m])
+                if hasattr(self.predictor, "calibrate_levels"):  # regions recalibrated on validation
+                    levels = self.predictor.calibrate_levels(levels)
+                self.hdr.append(levels)
                 if self.cal_left is not None:
                     self.cal_left -= m
         if self.has_loc:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from geoloc.calibration import LevelMap
 from geoloc.config import LikelihoodConfig
 from geoloc.errors import ConfigError, InputError
 from geoloc.estimators import ESTIMATORS, top_k_modes
@@ -263,6 +264,8 @@ class HybridGeolocator:
     ``likelihood_config`` sets the flow's likelihood ODE (default: the flow's own), used both for
     ``log_prob`` and for exact sampling, so a sample's log-density is that of the density it came from.
     ``labeller`` labels points for the label-aware answer (needed when ``params.answer_labels > 0``).
+    ``level_map`` recalibrates its regions (:class:`~geoloc.calibration.LevelMap`, fitted on validation): the
+    α-region drawn or measured is the raw HDR whose level covered α of the validation truths.
     Every verb takes an optional precomputed ``neighbours=`` (a :class:`Neighbours` of at least ``k``).
     """
 
@@ -274,6 +277,7 @@ class HybridGeolocator:
         likelihood_config: LikelihoodConfig | None = None,
         info: dict[str, Any] | None = None,
         labeller: Labeller | None = None,
+        level_map: LevelMap | None = None,
     ) -> None:
         if flow.family.nll_space() != "sphere":
             raise ConfigError(
@@ -284,6 +288,17 @@ class HybridGeolocator:
         self.likelihood_config = likelihood_config or flow.likelihood_config
         self.info = dict(info or {})
         self.labeller = labeller
+        self.level_map = level_map
+
+    def region_level(self, alpha: float) -> float:
+        """The raw HDR level whose region holds ``alpha`` of the truths (``alpha`` itself when uncalibrated)."""
+        if self.level_map is None:
+            return float(alpha)
+        return min(max(self.level_map.nominal_for(alpha), 1e-3), 1.0 - 1e-3)
+
+    def calibrate_levels(self, levels: np.ndarray) -> np.ndarray:
+        """Raw HDR levels of truths → the levels of the recalibrated regions (identity when uncalibrated)."""
+        return np.asarray(levels, dtype=np.float64) if self.level_map is None else self.level_map.calibrated(levels)
 
     @property
     def cond_dim(self) -> int:

@@ -259,3 +259,29 @@ def test_label_aware_answer_is_fitted_on_validation_and_needs_a_labeller():
     h2 = HybridGeolocator(h.flow, h.index, HybridParams(**{**h.params.to_json(), "answer_labels": 0.5}))
     with pytest.raises(ConfigError, match="labeller"):
         h2.geoscore_answer(cond[:2], flow_samples=draws[:2])
+
+
+def test_overconfident_hybrid_regions_are_recalibrated_on_validation():
+    """Truths come from a hybrid with 4x broader kernels than the model's: the model's 90% region covers far
+    less than 90%. A level map fitted on validation items makes its regions cover their nominal share on new
+    items (within binomial noise), by drawing a larger raw region (region_level(0.9) > 0.9)."""
+    from geoloc.calibration import coverage, fit_level_map, hdr_levels
+
+    model = hybrid("vmf", kappa=400.0, lam_a=-3.0, lam_b=0.0)
+    broad = HybridGeolocator(model.flow, model.index, HybridParams(**{**model.params.to_json(), "kappa": 100.0}))
+    g = torch.Generator().manual_seed(5)
+
+    def levels(n: int):
+        cond = torch.randn(n, DIM, generator=g)
+        truth = broad.sample(cond, 1, generator=g)[:, 0]
+        _, lp = model.sample_with_log_prob(cond, 100, generator=g)
+        return hdr_levels(lp, model.log_prob(truth, cond))
+
+    val, test = levels(500), levels(500)
+    assert coverage(test)[0.9] < 0.75  # overconfident before recalibration
+    model.level_map = fit_level_map(val)
+    assert model.region_level(0.9) > 0.95 and model.region_level(0.5) > 0.5
+    for alpha, got in coverage(model.calibrate_levels(test)).items():
+        assert abs(got - alpha) < 0.06, (alpha, got)
+    model.level_map = None
+    assert model.region_level(0.9) == 0.9

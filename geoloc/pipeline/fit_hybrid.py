@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from geoloc.calibration import LevelMap, calibration_error, fit_level_map, hdr_levels
 from geoloc.checkpoint import read_config
 from geoloc.config import LikelihoodConfig
 from geoloc.errors import CheckpointError, ConfigError, GeolocError
@@ -58,11 +59,16 @@ class FitHybridConfig:
     similarity (else one λ); ``likelihood``: the flow's likelihood ODE, also recorded for ``load_hybrid``;
     ``answer_items`` validation items (0: skip), each with ``answer_n`` flow draws of ``answer_steps`` steps,
     choose the flow's share in the answer and, with ``answer_labels``, the weight of administrative-label
-    agreement in it (:func:`geoloc.hybrid.fit_answer_flow`; the gazetteer labels the points)."""
+    agreement in it (:func:`geoloc.hybrid.fit_answer_flow`; the gazetteer labels the points);
+    ``calibration_items`` validation items (0: skip), each with ``calibration_n`` exact draws, give the HDR levels
+    of their truths under the fitted hybrid, from which its regions are recalibrated (a
+    :class:`~geoloc.calibration.LevelMap`)."""
 
     index_split: str = "train"
     index_kind: str = "auto"
     answer_labels: bool = True
+    calibration_items: int = 300
+    calibration_n: int = 32
     val_split: str = "val"
     val_where: str | None = None
     max_val: int = 3000
@@ -190,6 +196,29 @@ def fit_hybrid(
             f"answer: flow share x{answer['answer_flow']:g}, label weight {answer['answer_labels']:g} "
             f"(GeoScore {answer['geoscore']:.0f} on {m} validation items) in {time.perf_counter() - t2:.1f} s"
         )
+    calibration = None
+    if config.calibration_items > 0:
+        t3 = time.perf_counter()
+        m = min(config.calibration_items, len(val.ids))
+        model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood)
+        cond = val.cond[:m].to(geo.device)
+        sub = nb.rows(slice(0, m)).head(fit.params.search_k)
+        g = torch.Generator(device=geo.device).manual_seed(1)
+        _, lp = model.sample_with_log_prob(cond, config.calibration_n, g, neighbours=sub)
+        truth_lp = model.log_prob_points(val.xyz[:m].unsqueeze(1).to(geo.device), cond, sub)[:, 0]
+        levels = hdr_levels(lp, truth_lp)
+        level_map = fit_level_map(levels)
+        calibration = {
+            "items": m,
+            "draws": config.calibration_n,
+            "raw_error": calibration_error(levels),
+            "level_map": level_map.to_json(),
+        }
+        say(
+            f"calibration: raw error {calibration['raw_error']:.3f} on {m} validation items; the 50/90% regions "
+            f"are the raw {level_map.nominal_for(0.5):.2f}/{level_map.nominal_for(0.9):.2f} HDRs "
+            f"({time.perf_counter() - t3:.1f} s)"
+        )
     say(
         f"hybrid: {fit.params} NLL {fit.nll:.3f} nats (flow alone {fit.flow_nll:.3f}); "
         f"retrieval k={retrieval['k']} tau={retrieval['tau']} GeoScore {retrieval['geoscore']:.0f}"
@@ -213,6 +242,7 @@ def fit_hybrid(
         "fit": {**fit.to_json(), "seconds": time.perf_counter() - t0},
         "retrieval": {k: v for k, v in retrieval.items() if k != "grid"} | {"grid": retrieval["grid"]},
         "answer": answer,
+        "calibration": calibration,
     }
     atomic_write_text(out / HYBRID_FILE, json.dumps(doc, indent=2) + "\n")
     say(f"wrote {out / HYBRID_FILE}")
@@ -261,7 +291,14 @@ def load_hybrid(directory: str | Path, device: str = "cpu", *, verify_store: boo
         for rec in doc.get("database") or []:
             _check_store(rec, path)
     labeller = gazetteer_labeller() if params.answer_labels > 0 else None
-    return HybridGeolocator(geo, index, params, likelihood_config=lik, info=doc, labeller=labeller)
+    cal = doc.get("calibration") or {}
+    try:
+        level_map = LevelMap.from_json(cal["level_map"]) if cal.get("level_map") else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad calibration.level_map ({e}); refit the hybrid") from e
+    return HybridGeolocator(
+        geo, index, params, likelihood_config=lik, info=doc, labeller=labeller, level_map=level_map
+    )
 
 
 @functools.cache
