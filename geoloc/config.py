@@ -341,13 +341,15 @@ class PredictOptions:
     ``regions``: the area in km² of the highest-density regions holding ``region_levels`` of the mass, by
     importance sampling over ``region_samples`` exact draws and their exact log-densities (an ODE per draw
     for flows; relative noise ≈ √(CV²/n), a few % to ~15%; S² densities only). With localizability too,
-    both use one set of max(``region_samples``, ``localizability_samples``) draws. ``steps``: sampler steps (None: the checkpoint's, 250 as
-    in the paper; fewer is faster on a CPU). ``batch_size``: inputs per backbone batch. ``seed``: makes the
-    draws reproducible. ``places``: look up the nearest GeoNames place of the estimate and of each mode.
-    ``keep_embeddings`` / ``keep_samples``: keep them on each result (for density maps).
-    ``max_failure_rate``: a run over many inputs counts as failed (``geoloc predict`` exits 1) when more than
-    this fraction of them could not be used, as for ``embed`` and ``store import``; every good prediction is
-    written either way.
+    both use one set of max(``region_samples``, ``localizability_samples``) draws. ``steps``: sampler steps
+    (None: the checkpoint's, 250 as in the paper). The default 32 is the fewest Euler steps whose answer
+    scored within noise of 250 steps' on bench/bench_nfe.py's known-density task (16 lost 1.8 %),
+    at 7-8x the speed; ``geoloc eval`` keeps 250 (the paper's protocol). ``batch_size``: inputs per backbone
+    batch. ``seed``: makes the draws reproducible. ``places``: look up the nearest GeoNames place of the
+    estimate and of each mode. ``keep_embeddings`` / ``keep_samples``: keep them on each result (for density
+    maps). ``max_failure_rate``: a run over many inputs counts as failed (``geoloc predict`` exits 1) when
+    more than this fraction of them could not be used, as for ``embed`` and ``store import``; every good
+    prediction is written either way.
     """
 
     estimator: EstimatorName = "geoscore"
@@ -359,7 +361,7 @@ class PredictOptions:
     regions: bool = True
     region_samples: int = 128
     region_levels: tuple[float, ...] = (0.5, 0.9)
-    steps: int | None = None
+    steps: int | None = 32  # reference differs: 250 (see the docstring; bench/bench_nfe.py)
     batch_size: int = 32
     seed: int | None = 0
     places: bool = True
