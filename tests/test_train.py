@@ -211,5 +211,5 @@ def test_adamw_is_fused_and_steps_like_the_single_tensor_loop():
             opt.step()
     moved = max(float((p - init[k]).abs().max()) for k, p in a.state_dict().items())
     assert moved > 1e-3
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
