@@ -120,6 +120,11 @@ class _RowState:
         self.has_cal = config.calibration and hasattr(predictor, "sample_log_prob")
         # Calibration costs calibration_n likelihoods per item: optionally only the first items of the pass.
         self.cal_left = config.calibration_items or None
+        # Rows of one model with different estimators share its density: the first computes the NLL and
+        # calibration of each batch (``last_lp`` / ``last_hdr``), the others (``leader`` set) copy them.
+        self.leader: _RowState | None = None
+        self.last_lp: np.ndarray | None = None
+        self.last_hdr: np.ndarray | None = None
         self.elapsed = 0.0
 
     def consume(self, cond: torch.Tensor, xyz: torch.Tensor) -> None:
@@ -131,9 +136,15 @@ class _RowState:
                     f"row {self.name!r}: predictor returned shape {p.shape} for {cond.shape[0]} items"
                 )
             self.preds[k].append(p)
+        if self.leader is not None:
+            self._copy_density(self.leader)
+            self.elapsed += time.perf_counter() - t0
+            return
         lp = None
+        self.last_lp = self.last_hdr = None
         if self.has_lp or self.has_cal:
             lp = self.predictor.log_prob(xyz, cond)
+            self.last_lp = None if lp is None else np.asarray(lp, dtype=np.float64).reshape(-1)
             if lp is None:
                 self.has_lp = self.has_cal = False
             elif self.has_lp:
@@ -148,6 +159,7 @@ class _RowState:
                 if hasattr(self.predictor, "calibrate_levels"):  # regions recalibrated on validation
                     levels = self.predictor.calibrate_levels(levels)
                 self.hdr.append(levels)
+                self.last_hdr = levels
                 if self.cal_left is not None:
                     self.cal_left -= m
         if self.has_loc:
@@ -157,6 +169,16 @@ class _RowState:
             else:
                 self.loc.append(np.asarray(loc, dtype=np.float64).reshape(-1))
         self.elapsed += time.perf_counter() - t0
+
+    def _copy_density(self, leader: _RowState) -> None:
+        """This batch's NLL and calibration from the row that shares this row's density."""
+        self.has_lp, self.has_cal, self.has_loc = leader.has_lp, leader.has_cal, leader.has_loc
+        if self.has_lp and leader.last_lp is not None:
+            self.log_prob.append(leader.last_lp)
+        if self.has_cal and leader.last_hdr is not None:
+            self.hdr.append(leader.last_hdr)
+        if self.has_loc and leader.loc:
+            self.loc.append(leader.loc[-1])
 
     def result(self) -> RowPredictions:
         def cat(parts: list[np.ndarray], width: int | None = None) -> np.ndarray:
@@ -219,6 +241,12 @@ def evaluate(
     levels = dict(levels or {})
     label_cols = sorted({c for c in levels.values() if c})
     states = [_RowState(name, pred, config) for name, pred in rows.items()]
+    leaders: dict[Any, _RowState] = {}
+    for st in states:
+        key = getattr(st.predictor, "density_key", None)
+        if key is not None:
+            leader = leaders.setdefault(key, st)
+            st.leader = None if leader is st else leader
     device = resolve_device(config.device)
     ids: list[np.ndarray] = []
     latlon: list[np.ndarray] = []

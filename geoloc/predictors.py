@@ -83,6 +83,8 @@ class GeolocatorPredictor:
         self.omega = config.effective_omega()
         self.nll_space = geo.family.nll_space()
         self._estimator = None if config.estimator == "sample" else ESTIMATORS[config.estimator]
+        # Rows built from one loaded model (one per estimator) share its density: NLL and calibration once.
+        self.density_key = ("geolocator", id(geo.net))
 
     @property
     def expects(self) -> tuple[str | None, int | None]:
@@ -183,6 +185,7 @@ class HybridPredictor:
         )
         self.config, self.source = config, source
         self._last: tuple[torch.Tensor, Neighbours] | None = None
+        self.density_key = ("hybrid", id(hybrid))
 
     @property
     def expects(self) -> tuple[str | None, int | None]:
