@@ -47,7 +47,8 @@ def save_checkpoint(
     atomic_write(directory / "model.safetensors", lambda p: save_file(_contiguous(weights), p, metadata=meta))
     if raw_weights is not None:
         atomic_write(
-            directory / "model_raw.safetensors", lambda p: save_file(_contiguous(raw_weights), p, metadata=meta)
+            directory / "model_raw.safetensors",
+            lambda p: save_file(_contiguous(raw_weights), p, metadata=meta),
         )
     body = json.dumps({"format": CHECKPOINT_FORMAT, "version": 1, **config}, indent=2, default=str)
     atomic_write(directory / "config.json", lambda p: Path(p).write_text(body))

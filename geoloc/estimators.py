@@ -76,7 +76,9 @@ _CHUNK_ELEMENTS = 1 << 22  # max pairwise entries (B × rows × n) held at once:
 _MEDIAN_STARTS = 32  # samples tried (with the mean direction) as the median's starting point
 _MODE_POOL = 256  # samples whose KDE density picks the starts of density_mode
 _MODE_STARTS = 8  # mean-shift starts of density_mode
-_BASIN_TOL = 1e-2  # mean-shift stop for basin assignment, in bandwidths: the point is then ~0.1 h from its mode
+_BASIN_TOL = (
+    1e-2  # mean-shift stop for basin assignment, in bandwidths: the point is then ~0.1 h from its mode
+)
 _MODE_TOL = 1e-4  # mean-shift stop when locating a mode, in bandwidths
 _MAX_STRETCH = 32.0  # largest over-relaxation factor of a mean-shift step
 
@@ -106,8 +108,10 @@ def _check_samples(samples: Tensor, what: str = "samples") -> Tensor:
     if bad.any():
         rows = bad.nonzero().flatten().tolist()
         shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
-        raise InputError(f"{what}: {len(rows)} item(s) with NaN/inf samples at batch index {shown}; "
-                         "drop those items before estimating")
+        raise InputError(
+            f"{what}: {len(rows)} item(s) with NaN/inf samples at batch index {shown}; "
+            "drop those items before estimating"
+        )
     norm = x.norm(dim=-1)
     if (norm < 1e-6).any():
         raise InputError(f"{what}: zero-length vectors cannot be placed on the sphere; pass unit vectors")
@@ -121,8 +125,10 @@ def _per_item(value: float | Tensor | None, ref: Tensor, what: str) -> Tensor | 
     v = torch.as_tensor(value, dtype=ref.dtype, device=ref.device).detach()
     v = v.expand(ref.shape[0]) if v.dim() == 0 else v
     if v.shape != (ref.shape[0],) or not bool(torch.isfinite(v).all()) or bool((v <= 0).any()):
-        raise ConfigError(f"{what}: expected a positive finite number or one per item "
-                          f"({ref.shape[0]} values), got {value!r}")
+        raise ConfigError(
+            f"{what}: expected a positive finite number or one per item "
+            f"({ref.shape[0]} values), got {value!r}"
+        )
     return v.clone()
 
 
@@ -331,8 +337,9 @@ def max_expected_geoscore(
     if extra_candidates is not None:
         extra = _check_samples(extra_candidates, "extra_candidates").to(device=c.device, dtype=c.dtype)
         if extra.shape[0] != c.shape[0]:
-            raise InputError(f"extra_candidates: batch size {extra.shape[0]} does not match samples' "
-                             f"{c.shape[0]}")
+            raise InputError(
+                f"extra_candidates: batch size {extra.shape[0]} does not match samples' {c.shape[0]}"
+            )
         c = torch.cat([c, extra], dim=1)
     if c.shape[0] != x.shape[0]:
         raise InputError(f"candidates: batch size {c.shape[0]} does not match samples' {x.shape[0]}")
@@ -422,8 +429,13 @@ class _Kde:
         return cls(x, h, kappa, log_c, scale)
 
     def select(self, items: Tensor) -> _Kde:
-        return _Kde(self.samples[items], self.bandwidth_km[items], self.kappa[items], self.log_c[items],
-                    self.scale[items])
+        return _Kde(
+            self.samples[items],
+            self.bandwidth_km[items],
+            self.kappa[items],
+            self.log_c[items],
+            self.scale[items],
+        )
 
     def _log_kernels(self, points: Tensor) -> Tensor:
         """log C(κ_j) − κ_j|x − s_j|²/2, ``(B, p, n)`` for ``points`` (B, p, 3)."""
@@ -465,8 +477,10 @@ def _per_sample(value: float | Tensor, x: Tensor) -> Tensor:
     if v.dim() == 1 and v.shape[0] == b:
         v = v[:, None]
     if v.dim() == 1 or v.dim() > 2 or (v.dim() == 2 and v.shape not in ((b, n), (b, 1))):
-        raise ConfigError(f"bandwidth_km: expected a number, {b} values (one per item) or a ({b}, {n}) "
-                          f"tensor (one per sample), got shape {tuple(v.shape)}")
+        raise ConfigError(
+            f"bandwidth_km: expected a number, {b} values (one per item) or a ({b}, {n}) "
+            f"tensor (one per sample), got shape {tuple(v.shape)}"
+        )
     if not bool(torch.isfinite(v).all()) or bool((v <= 0).any()):
         raise ConfigError("bandwidth_km: bandwidths must be positive and finite")
     return v.expand(b, n).clone()
@@ -560,13 +574,15 @@ def _mean_shift(pos: Tensor, kde: _Kde, tol: Tensor, max_iter: int) -> tuple[Ten
         length = torch.minimum(s["stretch"] * plain, plain + sub.scale[:, None])
         stretched = expmap(s["pos"], v * (length / plain.clamp_min(1e-30)).unsqueeze(-1))
         new = {
-            "pos": torch.where(settled.unsqueeze(-1), target,
-                               torch.where(accept.unsqueeze(-1), stretched, s["back"])),
+            "pos": torch.where(
+                settled.unsqueeze(-1), target, torch.where(accept.unsqueeze(-1), stretched, s["back"])
+            ),
             "origin": torch.where(accept.unsqueeze(-1), s["pos"], s["origin"]),
             "back": torch.where(accept.unsqueeze(-1), target, s["back"]),
             "best": torch.where(accept, log_f, s["best"]),
-            "stretch": torch.where(accept, (2.0 * s["stretch"]).clamp_max(_MAX_STRETCH),
-                                   (0.25 * s["stretch"]).clamp_min(1.0)),
+            "stretch": torch.where(
+                accept, (2.0 * s["stretch"]).clamp_max(_MAX_STRETCH), (0.25 * s["stretch"]).clamp_min(1.0)
+            ),
             "forced": ~accept,
         }
         for key, val in new.items():
@@ -622,7 +638,9 @@ def density_mode(
     if log_prob_fn is not None:
         dens = log_prob_fn(modes.to(samples.dtype)).detach().to(x.device, x.dtype)
         if dens.shape != modes.shape[:2]:
-            raise InputError(f"log_prob_fn: returned shape {tuple(dens.shape)}, expected {tuple(modes.shape[:2])}")
+            raise InputError(
+                f"log_prob_fn: returned shape {tuple(dens.shape)}, expected {tuple(modes.shape[:2])}"
+            )
         dens = torch.nan_to_num(dens, nan=-math.inf)
     else:
         with torch.no_grad():
@@ -720,8 +738,16 @@ def top_k_modes(
     sep = _per_item(min_separation_km, x, "min_separation_km")
     if b == 0:
         z = samples.detach().new_zeros
-        return TopK(z((0, k, 3)), z((0, k, 2)), z((0, k)), z((0, k), dtype=torch.bool), z(0), z((0, k)),
-                    z((0, k)), z((0, n), dtype=torch.long))
+        return TopK(
+            z((0, k, 3)),
+            z((0, k, 2)),
+            z((0, k)),
+            z((0, k), dtype=torch.bool),
+            z(0),
+            z((0, k)),
+            z((0, k)),
+            z((0, n), dtype=torch.long),
+        )
     with torch.no_grad():
         kde = _Kde.build(x, bandwidth_km)
         pos, _ = _mean_shift(x, kde, _BASIN_TOL * kde.scale, max_iter)
@@ -784,8 +810,10 @@ def basin_of(
     p = _check_samples(points, "points")
     x = _check_samples(samples)
     if p.shape[0] != x.shape[0] or top.xyz.shape[0] != x.shape[0]:
-        raise InputError(f"points / top: batch sizes {p.shape[0]} / {top.xyz.shape[0]} do not match the "
-                         f"samples' {x.shape[0]}")
+        raise InputError(
+            f"points / top: batch sizes {p.shape[0]} / {top.xyz.shape[0]} do not match the "
+            f"samples' {x.shape[0]}"
+        )
     if x.shape[0] == 0:
         return torch.zeros(p.shape[:2], dtype=torch.long, device=x.device)
     with torch.no_grad():
@@ -819,8 +847,10 @@ class Estimator:
 
     def __call__(self, samples: Tensor, log_prob: Tensor | None = None) -> Tensor:
         if self.log_prob == "required" and log_prob is None:
-            raise ConfigError(f"estimator {self.name!r} needs the log densities of the samples; pass "
-                              "log_prob (B, n) or choose 'mean', 'median', 'geoscore' or 'mode'")
+            raise ConfigError(
+                f"estimator {self.name!r} needs the log densities of the samples; pass "
+                "log_prob (B, n) or choose 'mean', 'median', 'geoscore' or 'mode'"
+            )
         return self.fn(samples, log_prob)
 
 
@@ -850,6 +880,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "median": Estimator("median", _median, "unused", "mean great-circle distance (mean km error)"),
     "geoscore": Estimator("geoscore", _geoscore, "unused", "expected GeoScore"),
     "mode": Estimator("mode", _mode, "optional", "accuracy within small radii (the most probable point)"),
-    "best-of-n": Estimator("best-of-n", _best, "required", "the most likely of the samples (docs/reference-behaviour.md §8.2)"),
+    "best-of-n": Estimator(
+        "best-of-n", _best, "required", "the most likely of the samples (docs/reference-behaviour.md §8.2)"
+    ),
 }
 """Point estimates by name. The paper's default, one guided sample, is the sampler's job, not listed here."""

@@ -105,7 +105,9 @@ class Geolocator:
         return cls(fam.build_network(model, cond_dim), fam, cond_dim, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", raw: bool = False) -> Geolocator:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", raw: bool = False
+    ) -> Geolocator:
         """Load a checkpoint directory (EMA weights unless ``raw``)."""
         cfg = read_config(directory)
         try:
@@ -170,7 +172,9 @@ class Geolocator:
         return self.family.sample(self.net, self._cond(cond), n, cfg, generator, trajectory)
 
     @torch.no_grad()
-    def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor, config: LikelihoodConfig | None = None) -> torch.Tensor:
+    def log_prob(
+        self, xyz: torch.Tensor, cond: torch.Tensor, config: LikelihoodConfig | None = None
+    ) -> torch.Tensor:
         """Exact log-density (nats per steradian on S², per unit volume for R³ families) ``(M,)``.
 
         ``cond`` is ``(M, D)`` or a single ``(D,)``/``(1, D)`` row broadcast to every point.
@@ -261,7 +265,9 @@ class Geolocator:
                 lp = self.log_prob(flat, cond.repeat_interleave(n, dim=0)).reshape(samples.shape[:2])
             point = ESTIMATORS[estimator](samples, lp)
         else:
-            raise ConfigError(f"unknown estimator {estimator!r}; choose 'sample' or one of {sorted(ESTIMATORS)}")
+            raise ConfigError(
+                f"unknown estimator {estimator!r}; choose 'sample' or one of {sorted(ESTIMATORS)}"
+            )
         topk = None
         if top_k > 0:
             if samples is None or (omega not in (None, 0.0) and estimator != "sample"):

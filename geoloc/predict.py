@@ -141,19 +141,32 @@ class ItemPrediction:
         true_lon, error_km, error``; plus ``regions`` when the prediction carries highest-density regions.
         """
         out: dict[str, Any] = {
-            "id": self.id, "query": self.query or self.input, "input": self.input, "kind": self.kind,
-            "lat": _num(self.lat, 6), "lon": _num(self.lon, 6),
+            "id": self.id,
+            "query": self.query or self.input,
+            "input": self.input,
+            "kind": self.kind,
+            "lat": _num(self.lat, 6),
+            "lon": _num(self.lon, 6),
             "place": None if self.place is None else self.place.label,
-            "estimator": self.estimator or None, "estimate_kind": self.estimate_kind or None,
-            "estimate_mode": self.estimate_mode, "estimate_omega": self.estimate_omega if self.ok else None,
+            "estimator": self.estimator or None,
+            "estimate_kind": self.estimate_kind or None,
+            "estimate_mode": self.estimate_mode,
+            "estimate_omega": self.estimate_omega if self.ok else None,
             "estimate_label": self.estimate_label or None,
             "top_k": [
-                {"rank": i, "lat": _num(m.lat, 6), "lon": _num(m.lon, 6), "mass": _num(m.mass, 4),
-                 "place": None if m.place is None else m.place.label}
+                {
+                    "rank": i,
+                    "lat": _num(m.lat, 6),
+                    "lon": _num(m.lon, 6),
+                    "mass": _num(m.mass, 4),
+                    "place": None if m.place is None else m.place.label,
+                }
                 for i, m in enumerate(self.modes, start=1)
             ],
-            "other_mass": _num(self.other_mass, 4), "localizability_bits": _num(self.localizability_bits, 4),
-            "true_lat": _num(self.true_lat, 6), "true_lon": _num(self.true_lon, 6),
+            "other_mass": _num(self.other_mass, 4),
+            "localizability_bits": _num(self.localizability_bits, 4),
+            "true_lat": _num(self.true_lat, 6),
+            "true_lon": _num(self.true_lon, 6),
             "error_km": _num(self.error_km, 3),
             "error": self.error,
         }

@@ -259,7 +259,10 @@ class Predictor(EmbeddingPredictor):
 
     # --- internals ----------------------------------------------------------------------------------
     def _run_batch(
-        self, batch: list[Item | Failure], opts: PredictOptions, advance: Callable[[int], Any] = lambda n: None
+        self,
+        batch: list[Item | Failure],
+        opts: PredictOptions,
+        advance: Callable[[int], Any] = lambda n: None,
     ) -> list[ItemPrediction]:
         """One backbone batch; ``advance(n)`` is called as items finish (``_MODEL_CHUNK`` at a time)."""
         bb = self.backbone
@@ -268,8 +271,9 @@ class Predictor(EmbeddingPredictor):
         prepared: list[Any] = []
         for i, rec in enumerate(batch):
             if isinstance(rec, Failure):
-                results[i] = ItemPrediction(id=rec.id, input=rec.source, kind="", query=rec.source,
-                                            error=rec.reason)
+                results[i] = ItemPrediction(
+                    id=rec.id, input=rec.source, kind="", query=rec.source, error=rec.reason
+                )
                 continue
             if rec.kind != bb.kind:
                 results[i] = _failed(rec, f"a {rec.kind} input, but backbone {bb.name} embeds {bb.kind}s")
@@ -556,8 +560,15 @@ def write_maps(
                     )
                 if "html" in formats:
                     written.append(
-                        render_html(dmap, directory / f"{stem}.html", title=title, truth=truth, modes=modes,
-                                    estimate=(r.lat, r.lon), localizability_bits=r.localizability_bits)
+                        render_html(
+                            dmap,
+                            directory / f"{stem}.html",
+                            title=title,
+                            truth=truth,
+                            modes=modes,
+                            estimate=(r.lat, r.lon),
+                            localizability_bits=r.localizability_bits,
+                        )
                     )
             bar.update(len(part))
     if density_out is not None:
@@ -590,6 +601,7 @@ def write_density_cells(maps: Sequence[tuple[ItemPrediction, Any]], path: str | 
         for f in density_features(dmap)["features"]:
             f["properties"] = {"item_id": r.id, "query": r.query or r.input, **f["properties"]}
             features.append(f)
-    body = json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False,
-                      separators=(",", ":"))
+    body = json.dumps(
+        {"type": "FeatureCollection", "features": features}, ensure_ascii=False, separators=(",", ":")
+    )
     return atomic_write(path, lambda p: Path(p).write_text(body, encoding="utf-8"))

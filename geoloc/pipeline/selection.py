@@ -129,7 +129,8 @@ def select_stores(
         raise ConfigError("no feature store given; pass at least one --store PATH[:WEIGHT]")
     where = where.strip() if where and where.strip() else None
     opened = tuple(
-        s if isinstance(s, FeatureStore) else FeatureStore.open(p.path) for s, p in zip(stores, specs, strict=True)
+        s if isinstance(s, FeatureStore) else FeatureStore.open(p.path)
+        for s, p in zip(stores, specs, strict=True)
     )
     first = opened[0]
     for spec, st in zip(specs[1:], opened[1:], strict=True):
