@@ -1,4 +1,5 @@
-"""Core engine speed and accuracy: training steps/s, sampling points/s, likelihood cost/accuracy, quality vs NFE.
+"""Core engine speed and accuracy: training steps/s, sampling points/s, likelihood cost/accuracy, quality vs
+NFE.
 
 Prints ONE JSON object (progress goes to stderr). Sections (``--sections``, all by default):
 
@@ -8,8 +9,8 @@ Prints ONE JSON object (progress goes to stderr). Sections (``--sections``, all 
   LAMB (the paper presets' optimiser) step time on the paper network's gradients.
 - ``sample``: sampling points/s at the paper network size for rfm-s2, flow-r3 and diffusion-r3, without and
   with guidance (ω = 2: one forward pass over a doubled batch). Every number is measured through the real
-  ``family.sample``: the cost of one solver step is timed at 4 steps (batch 256 points) and points/s at 16 / 32 /
-  64 / 250 NFE is ``batch / (NFE × step cost)`` (sampling is linear in the step count); one real 16-step
+  ``family.sample``: the cost of one solver step is timed at 4 steps (batch 256 points) and points/s at 16 /
+  32 / 64 / 250 NFE is ``batch / (NFE × step cost)`` (sampling is linear in the step count); one real 16-step
   run checks that projection. Also the bare forward time (the floor) and the bf16-autocast forward time.
 - ``likelihood``: cost of one likelihood evaluation (field + exact divergence) against a forward pass at
   the paper size, and — for an RFM trained in this run on ``tests.synthetic.VmfMixtureTask`` — points/s,
@@ -21,8 +22,9 @@ Prints ONE JSON object (progress goes to stderr). Sections (``--sections``, all 
   samples, and the model NLL (bits/dim) from the likelihood with the same solver, vs dopri5. Whether the
   goal (Euler-250 quality at ≤ 32 network evaluations) is met, with the criteria in the output.
 
-Entries named ``proposed*`` time a change suggested for the core next to today's code (2-VJP surface divergence,
-conditioning computed once per condition, fused AdamW); they are measured here, not used by geoloc.
+Entries named ``proposed*`` time a change suggested for the core next to today's code (2-VJP surface
+divergence, conditioning computed once per condition, fused AdamW); they are measured here, not used by
+geoloc.
 
 Timings are medians of interleaved repeats (the machine may be shared; ``loadavg`` is recorded). Torch runs
 with ONE thread unless ``--threads`` says otherwise: on the shared 2-core development machine, two threads
@@ -236,7 +238,8 @@ def bench_train(sz: Sizes) -> dict:
     small = get_preset("small")
     cond_dim = 384
     log(
-        f"train: small preset ({small.model.dim}×{small.model.depth}, batch {small.data.batch_size}, cond {cond_dim})"
+        f"train: small preset ({small.model.dim}×{small.model.depth}, batch {small.data.batch_size}, "
+        f"cond {cond_dim})"
     )
     s32, _ = train_stepper(small.model, small.optim, cond_dim, small.data.batch_size, bf16=False)
     s16, _ = train_stepper(small.model, small.optim, cond_dim, small.data.batch_size, bf16=True)
@@ -257,7 +260,7 @@ def bench_train(sz: Sizes) -> dict:
 
 # ----------------------------------------------------------------------------------------------- sampling
 def paper_network(cond_dim: int = PAPER_COND) -> torch.nn.Module:
-    """The 512 × 12 network (one architecture for the three ODE families; speed does not depend on weights)."""
+    """The 512 × 12 network, one architecture for the three ODE families (speed is independent of weights)."""
     torch.manual_seed(0)
     net = make_family(FamilyConfig(name="rfm-s2")).build_network(PAPER, cond_dim).eval()
     for p in net.parameters():
@@ -283,11 +286,11 @@ def conditioning_share(net: torch.nn.Module) -> float:
 def shared_forward(
     net: torch.nn.Module, x: torch.Tensor, s: torch.Tensor, cond_u: torch.Tensor
 ) -> torch.Tensor:
-    """PROPOSED: GeoAdaLNMLP's forward for n points per condition, with the conditioning computed once per condition.
+    """PROPOSED: GeoAdaLNMLP's forward for n points per condition, conditioning computed once per condition.
 
-    ``x (U·n, 3)`` grouped by condition, ``s`` one signal level (a sampling / likelihood step), ``cond_u (U, D)``.
-    cond_mapper, the time embedding, every block's ada_map and the final AdaLN only see (cond, s): ~30% of the
-    multiply-adds at 512 × 12 / cond 1024, which today run once per point.
+    ``x (U·n, 3)`` grouped by condition, ``s`` one signal level (a sampling / likelihood step),
+    ``cond_u (U, D)``. cond_mapper, the time embedding, every block's ada_map and the final AdaLN only see
+    (cond, s): ~30% of the multiply-adds at 512 × 12 / cond 1024, which today run once per point.
     """
     u = cond_u.shape[0]
     c = net.cond_mapper(cond_u) + net.time_embedder(s.expand(u))
@@ -300,7 +303,7 @@ def shared_forward(
 
 
 def shared_conditioning(net: torch.nn.Module, rows: int, repeats: int, per_cond: int = 64) -> dict:
-    """Forward time of ``rows`` points, ``per_cond`` per condition: today's forward vs :func:`shared_forward`."""
+    """Forward time of ``rows`` points, ``per_cond`` per condition: today's forward vs shared_forward."""
     g = torch.Generator().manual_seed(5)
     u = max(1, rows // per_cond)
     cond_u, x, s = torch.randn(u, PAPER_COND, generator=g), sample_uniform(u * per_cond, g), torch.tensor(0.4)
@@ -512,7 +515,8 @@ def bench_likelihood_paper(sz: Sizes, net: torch.nn.Module) -> dict:
 def velocity_roughness(geo: Geolocator, cond: torch.Tensor, xyz: torch.Tensor) -> dict:
     """How much v(x, s) moves when s moves by 1e-3 (relative): large values explain slow solver convergence.
 
-    The network embeds 1000·s with sinusoids (docs/reference-behaviour.md §4.1), so v can oscillate in s with period ~6e-3.
+    The network embeds 1000·s with sinusoids (docs/reference-behaviour.md §4.1), so v can oscillate in s with
+    period ~6e-3.
     """
     fam = geo.family
     v = fam.velocity(geo.net, cond, 0.0)
@@ -699,13 +703,14 @@ def bench_quality_family(sz: Sizes, geo: Geolocator, name: str, ref_lp: dict | N
 
 
 GOAL_CRITERIA = {
-    "sampling": "GeoScore of the guided draw (ω=2) not below Euler-250's by more than 2 standard errors of the "
-    "paired difference (same initial noise), AND unguided samples not worse than Euler-250's by "
+    "sampling": "GeoScore of the guided draw (ω=2) not below Euler-250's by more than 2 standard errors "
+    "of the paired difference (same initial noise), AND unguided samples not worse than Euler-250's by "
     "more than 2 paired standard errors in true-density NLL, AND energy distance to true draws ≤ "
     "Euler-250's + 2 sd of the estimator (sd from 8 pairs of independent true sets)",
-    "likelihood": "|model NLL with this fixed-step solver − dopri5 NLL| ≤ max(Euler-250's error, 0.01 bits/dim)",
-    "met": "some setting of ≤ 32 NFE meets the sampling criteria and some (possibly other) one the likelihood "
-    "criterion (sampling and likelihood are separate calls with their own solver settings)",
+    "likelihood": "|model NLL with this fixed-step solver − dopri5 NLL| ≤ "
+    "max(Euler-250's error, 0.01 bits/dim)",
+    "met": "some setting of ≤ 32 NFE meets the sampling criteria and some (possibly other) one the "
+    "likelihood criterion (sampling and likelihood are separate calls with their own solver settings)",
 }
 
 

@@ -61,7 +61,7 @@ def rfm_small() -> Geolocator:
 
 
 def rfm_sharp() -> Geolocator:
-    """A random RFM field with larger weights: a peakier density, closer to a trained model's than rfm_small."""
+    """A random RFM field with larger weights: a peakier density, nearer a trained model's than rfm_small."""
     torch.manual_seed(0)
     geo = Geolocator.build(FamilyConfig(name="rfm-s2"), ModelConfig(dim=64, depth=2, expansion=2), cond_dim=8)
     for m in geo.net.modules():

@@ -5,8 +5,10 @@ a random GeoNames place + 0–3 km, predictions = ground truth + 1–2000 km (lo
 Also compares PRDC's exact float64 KD-tree neighbour search with faiss ``IndexFlatIP`` (float32) on one
 20-way chunk of OSV-5M's test size: time, and how far float32 inner products move the k-NN radii.
 
-    python bench/bench_metrics.py              # 1M predictions (≈2 min on 2 cores; builds the table once if needed)
+    python bench/bench_metrics.py              # 1M predictions (≈2 min on 2 cores)
     python bench/bench_metrics.py --quick      # 200k predictions
+
+Either run builds the gazetteer's label table once if it is not cached yet.
 """
 
 from __future__ import annotations

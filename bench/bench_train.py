@@ -53,7 +53,7 @@ def log(msg: str) -> None:
 
 
 def steady_samples_per_s(history: list[dict], batch: int) -> float:
-    """Samples/s over every logged interval but the first (start-up: loader warm-up, first window, allocation)."""
+    """Samples/s over every logged interval but the first (start-up: loader warm-up, first window, allocs)."""
     recs = [h for h in history if "steps_per_s" in h]
     steps = seconds = 0.0
     for prev, cur in itertools.pairwise(recs):
@@ -170,8 +170,8 @@ def main() -> None:
     result["meets_target"] = all(statistics.median(v) >= 0.95 for v in ratios.values())
     result["loader_only_rows_per_s"] = round(statistics.median(x["rows_per_s"] for x in loader_rows))
     result["loader_first_batch_s"] = round(statistics.median(x["first_batch_s"] for x in loader_rows), 3)
-    # The loader's CPU work (Parquet decode, cast, shuffle copy) as a share of one core at the bf16 training rate:
-    # where no spare core exists (a busy 2-core machine) this is roughly what the trainer loses.
+    # The loader's CPU work (Parquet decode, cast, shuffle copy) as a share of one core at the bf16 training
+    # rate: where no spare core exists (a busy 2-core machine) this is roughly what the trainer loses.
     result["loader_core_share_at_bf16_rate"] = round(
         result["samples_per_s"]["bf16_memory"] / result["loader_only_rows_per_s"], 3
     )

@@ -1,4 +1,4 @@
-"""Checkpoints: ``model.safetensors`` + ``config.json`` (+ ``train_state.pt`` for resuming), written atomically.
+"""Checkpoints: ``model.safetensors`` + ``config.json`` (+ ``train_state.pt`` to resume), written atomically.
 
 A checkpoint directory holds:
 - ``model.safetensors``: the weights evaluation uses (the EMA weights after training);
@@ -10,7 +10,8 @@ A checkpoint directory holds:
   tensors and plain containers and is read with ``torch.load(weights_only=True)``; weights are never pickled.
 
 ``geoloc.convert.convert_plonk`` turns the reference's published hub layout (its ``model.safetensors`` with
-the ``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim, docs/reference-behaviour.md §12) into ours.
+the ``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim,
+docs/reference-behaviour.md §12) into ours.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Published PLONK checkpoints → geoloc checkpoints (``geoloc convert plonk SRC OUT``).
 
 The reference publishes its networks on the Hugging Face hub as a ``model.safetensors`` holding the
-``GeoAdaLNMLP`` parameters under their own names (no prefix) and a ``config.json`` with
-``{cond_dim, depth, dim, expansion, input_dim}`` (docs/reference-behaviour.md §12, §12.1); its training runs leave Lightning
-``.ckpt`` files whose ``state_dict`` carries the same names behind an ``ema_network.`` prefix (docs/reference-behaviour.md §14). Our
-:class:`~geoloc.network.GeoAdaLNMLP` uses exactly those names, so conversion is a validated copy plus the
-metadata the reference keeps outside the weights: the family (from the hub name: ``PLONK_YFCC`` is Riemannian
-flow matching, ``…_flow`` flow matching in R³, ``…_diffusion`` DDPM), the schedule (sigmoid −7/3/1, every
-published run) and the backbone whose features the network was trained on (OSV-5M: StreetCLIP; YFCC and
-iNat21: DINOv2-L with registers).
+``GeoAdaLNMLP`` parameters under their own names (no prefix) and a ``config.json`` with ``{cond_dim, depth,
+dim, expansion, input_dim}`` (docs/reference-behaviour.md §12, §12.1); its training runs leave Lightning
+``.ckpt`` files whose ``state_dict`` carries the same names behind an ``ema_network.`` prefix
+(docs/reference-behaviour.md §14). Our :class:`~geoloc.network.GeoAdaLNMLP` uses exactly those names, so
+conversion is a validated copy plus the metadata the reference keeps outside the weights: the family (from the
+hub name: ``PLONK_YFCC`` is Riemannian flow matching, ``…_flow`` flow matching in R³, ``…_diffusion`` DDPM),
+the schedule (sigmoid −7/3/1, every published run) and the backbone whose features the network was trained on
+(OSV-5M: StreetCLIP; YFCC and iNat21: DINOv2-L with registers).
 
 No weight changes are needed. Time: the reference network is called with the signal level γ (its time
 embedding sees 1000·γ) and geoloc's network with the signal level s, the same number (``schedules.py``).
@@ -48,7 +48,7 @@ PLONK_FAMILIES = ("rfm-s2", "flow-r3", "diffusion-r3")
 """The published generative families (the vMF baselines were never published)."""
 
 DATASET_BACKBONES = {"osv5m": "streetclip", "yfcc": "dinov2-l-reg", "inat21": "dinov2-l-reg"}
-"""Backbone whose 1024-d features each published model was trained on (docs/reference-behaviour.md §1, §12)."""
+"""Backbone whose 1024-d features each published model learnt from (docs/reference-behaviour.md §1, §12)."""
 
 PLONK_SCHEDULE = {"start": -7.0, "end": 3.0, "tau": 1.0}
 """The sigmoid schedule of every published run and of ``PlonkPipeline`` (docs/reference-behaviour.md §5.1)."""
@@ -91,7 +91,8 @@ def infer_from_name(path: str | Path) -> tuple[str | None, str | None]:
     ``PLONK_{YFCC,OSV_5M,iNaturalist}`` → ``rfm-s2``; a ``_flow`` suffix → ``flow-r3``; ``_diffusion`` →
     ``diffusion-r3``. Training-run directories (``osv_5m_…_flow_riemann_-7_3``) say ``riemann`` for RFM.
     Datasets: ``osv`` → ``osv5m``, ``yfcc`` → ``yfcc``, ``inat`` → ``inat21``. The reference's YFCC runs are
-    also named ``iNaturalist_…`` (docs/reference-behaviour.md §16.17); both use the same backbone, so the guess is safe for that purpose.
+    also named ``iNaturalist_…`` (docs/reference-behaviour.md §16.17); both use the same backbone, so the
+    guess is safe for that purpose.
     """
     for part in reversed(Path(path).parts):
         low = part.lower()
@@ -132,7 +133,8 @@ def _read_lightning(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot read it as a weights-only torch checkpoint ({type(e).__name__}); geoloc never "
-            "unpickles code: export its state_dict with torch.save(ckpt['state_dict']) where you trust the file"
+            "unpickles code: export its state_dict with "
+            "torch.save(ckpt['state_dict']) where you trust the file"
         ) from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
@@ -148,7 +150,10 @@ def _read_lightning(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def plonk_network_config(state: dict[str, torch.Tensor], where: str = "checkpoint") -> dict[str, int]:
-    """``{cond_dim, depth, dim, expansion, input_dim}`` read off the tensor shapes (docs/reference-behaviour.md §12.1)."""
+    """``{cond_dim, depth, dim, expansion, input_dim}`` read off the tensor shapes.
+
+    The shapes are those of docs/reference-behaviour.md §12.1.
+    """
     try:
         dim, cond_dim = state["cond_mapper.weight"].shape
         input_dim = state["initial_mapper.weight"].shape[1]
@@ -241,7 +246,8 @@ def _to_ours(state: dict[str, torch.Tensor], net_cfg: dict[str, int], where: str
     freqs_key = "time_embedder.encode_time.freqs"
     state = {k: v.to(torch.float32) for k, v in state.items()}
     if freqs_key in state:
-        # A buffer, not learned; if it differs the time embedding is not the reference's and nothing would match.
+        # A buffer, not learned; if it differs the time embedding is not the reference's and nothing would
+        # match.
         if state[freqs_key].shape != ours[freqs_key].shape or not torch.allclose(
             state[freqs_key], ours[freqs_key], rtol=1e-5, atol=1e-7
         ):

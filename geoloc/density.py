@@ -1,4 +1,4 @@
-"""Density maps: a model's exact predicted density for one item on an adaptive H3 grid, and its PNG / HTML map.
+"""Density maps: a model's exact predicted density for one item on an adaptive H3 grid, and its PNG/HTML map.
 
 Why adaptive. The likelihood ODE costs ~100 network evaluations (with a Jacobian) per point, so a uniform
 grid fine enough to show a city-sharp mode (H3 resolution 6: 14 million cells) would take hours per item on a
@@ -108,7 +108,7 @@ class DensityMap:
 
     @property
     def localizability_bits(self) -> float:
-        """E_p[log₂ p] from the map (bits, per steradian): the negative entropy the paper calls localizability."""
+        """E_p[log₂ p] from the map (bits, per steradian): negative entropy the paper calls localizability."""
         m = self.mass
         return float((m * self.log_density).sum() / m.sum() / math.log(2))
 

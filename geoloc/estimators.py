@@ -7,17 +7,20 @@ minimiser of one risk, computed from ``n`` samples per item:
 - ``mean``: the normalised mean vector (minimises the mean squared chord distance); a cheap baseline.
 - ``median``: the geodesic (geometric) median, which minimises the mean great-circle distance, i.e. the
   mean km error. Weiszfeld's algorithm run in the tangent space.
-- ``geoscore``: the point maximising the expected GeoScore 5000·exp(−d_km/1492.7) (docs/reference-behaviour.md §10).
+- ``geoscore``: the point maximising the expected GeoScore 5000·exp(−d_km/1492.7)
+  (docs/reference-behaviour.md §10).
 - ``mode``: the highest mode of a von Mises–Fisher kernel density estimate (accuracy within small radii).
-- ``best-of-n``: the sample with the highest exact model likelihood (docs/reference-behaviour.md §8.2, the "swarm" mode).
+- ``best-of-n``: the sample with the highest exact model likelihood (docs/reference-behaviour.md §8.2, the
+  "swarm" mode).
 - :func:`top_k_modes`: distinct modes with the fraction of samples in each mode's basin of attraction
   (every sample counted once, in a mode or in "other"); :func:`basin_of` says which mode a point estimate
   falls in, so an estimate between modes can be labelled as such.
 
-The reference has no top-k and a KDE in (lat, lon) radians with a batch-global bandwidth (docs/reference-behaviour.md §9.6, §16.14); the
-KDE here is a sum of von Mises–Fisher kernels on S², so it has no seams at the antimeridian or the poles, with
-a bandwidth per sample from its k-th nearest neighbour (:func:`kde_bandwidth_km`), so that a city-sharp mode
-and a country-wide one in the same prediction are both found whole.
+The reference has no top-k and a KDE in (lat, lon) radians with a batch-global bandwidth
+(docs/reference-behaviour.md §9.6, §16.14); the KDE here is a sum of von Mises–Fisher kernels on S², so it has
+no seams at the antimeridian or the poles, with a bandwidth per sample from its k-th nearest neighbour
+(:func:`kde_bandwidth_km`), so that a city-sharp mode and a country-wide one in the same prediction are both
+found whole.
 
 Shapes: ``samples`` are unit vectors ``(B, n, 3)``; every estimator returns ``(B, 3)`` in the samples' dtype
 and device (half precision is computed in float32). Everything is batched over B with matrix operations;
@@ -185,8 +188,9 @@ def _mean_direction(x: Tensor) -> Tensor:
 
 
 def best_by_likelihood(samples: Tensor, log_prob: Tensor) -> Tensor:
-    """The sample with the highest log density ``log_prob`` ``(B, n)`` (docs/reference-behaviour.md §8.2: best of 32 by NLL).
+    """The sample with the highest log density ``log_prob`` ``(B, n)``.
 
+    The reference's "swarm" mode: best of 32 by NLL (docs/reference-behaviour.md §8.2).
     NaN log densities count as −∞; an item whose log densities are all NaN gets its first sample.
     """
     x = _check_samples(samples)
@@ -286,7 +290,7 @@ def _check_weights(weights: Tensor | None, x: Tensor) -> Tensor | None:
 
 
 def _geoscore_of(candidates: Tensor, x: Tensor, w: Tensor | None) -> Tensor:
-    """Expected GeoScore ``(B, m)`` of validated candidates under validated samples with normalised weights."""
+    """Expected GeoScore ``(B, m)`` of validated candidates under validated samples, normalised weights."""
     out = torch.empty(candidates.shape[:2], dtype=x.dtype, device=x.device)
     rate = EARTH_RADIUS_KM / GEOSCORE_SCALE_KM  # per radian
     for sl in _row_chunks(candidates.shape[1], candidates.shape[0], x.shape[1]):
@@ -377,9 +381,10 @@ def kde_bandwidth_km(samples: Tensor, max_km: float = MAX_BANDWIDTH_KM) -> Tenso
     ceiling (default :data:`MAX_BANDWIDTH_KM`) keeps distant groups apart. Why:
     - Scale: for one 2-D Gaussian cluster of per-axis spread σ, the k-NN distance at the median-density point
       is ≈ 2σ·√(k/n) = σ·n^(−1/8): the rate that is optimal for estimating the density's gradient, which is
-      what mean-shift follows (Scott's n^(−1/6) is for the density itself, and splits clusters of ~100
-      samples into spurious modes). A k-NN distance, unlike the global std/IQR of the reference (docs/reference-behaviour.md §9.6), is not
-      inflated by far-apart modes: samples split between Paris and Sydney get the bandwidth of one city.
+      what mean-shift follows (Scott's n^(−1/6) is for the density itself, and splits clusters of ~100 samples
+      into spurious modes). A k-NN distance, unlike the global std/IQR of the reference
+      (docs/reference-behaviour.md §9.6), is not inflated by far-apart modes: samples split between Paris and
+      Sydney get the bandwidth of one city.
     - Adaptivity: where samples are sparser than at the median (tails, a broad secondary mode) the kernel
       widens with r_k ∝ f^(−1/2) (Abramson's square-root law in 2-D), so a country-wide spread beside a tight
       city cluster is smoothed at its own scale instead of breaking up into many small modes. Kernels never

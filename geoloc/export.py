@@ -56,7 +56,7 @@ def _levels(predictions: Sequence[Any]) -> list[float]:
 
 
 def _region_cols(p: Any, levels: Sequence[float]) -> dict[str, Any]:
-    """``region50_km2``, ``region90_km2``, ...: the area of each highest-density region (None: not computed)."""
+    """``region50_km2``, ``region90_km2``, ...: the area of each highest-density region (None: uncomputed)."""
     areas = getattr(p, "region_km2", None) or {}
     return {f"region{100 * a:g}_km2": _r(areas.get(a), 1) for a in levels}
 

@@ -44,10 +44,10 @@ class Prediction:
     The estimate and the modes can disagree (a guided draw lands where the unguided distribution has
     little mass; a GeoScore-optimal point sits between two basins), so the answer says which:
     ``estimate_mode (B,)``: the index (0..k−1) of the top-k mode whose basin holds the estimate and within
-    whose draws it lies, −1 when it lies outside every reported mode (None without top-k); ``estimate_kind``: what the point is —
-    ``"guided-sample"`` (one draw with guidance ω ≠ 0, the paper's protocol: not a draw from the
-    distribution the modes describe), ``"sample"`` (one unguided draw), ``"mean-direction"`` (vMF families'
-    closed form), or the estimator's name over the model's draws (``"median"``, ``"geoscore"``, …),
+    whose draws it lies, −1 when it lies outside every reported mode (None without top-k); ``estimate_kind``:
+    what the point is — ``"guided-sample"`` (one draw with guidance ω ≠ 0, the paper's protocol: not a draw
+    from the distribution the modes describe), ``"sample"`` (one unguided draw), ``"mean-direction"`` (vMF
+    families' closed form), or the estimator's name over the model's draws (``"median"``, ``"geoscore"``, …),
     prefixed ``"guided-"`` when those draws were guided. ``estimate_omega``: the guidance behind it (0: none).
     """
 
@@ -216,7 +216,8 @@ class Geolocator:
 
         Samples come from exactly the density whose log we take (the likelihood ODE run forward), so the
         estimate is unbiased up to discretisation. # reference differs: its pipeline divides by an extra 4π
-        (docs/reference-behaviour.md §9.3, §15.8). For R³ families the density is per unit volume, so values are not comparable with S².
+        (docs/reference-behaviour.md §9.3, §15.8). For R³ families the density is per unit volume, so values
+        are not comparable with S².
         """
         _, lp = self.sample_with_log_prob(cond, n, generator)
         return lp.mean(-1) / math.log(2)
@@ -240,8 +241,8 @@ class Geolocator:
         Default: ``geoscore``, the draw that maximises the expected GeoScore (the best answer; issue 13).
         ``estimator="sample"`` draws one sample with guidance ``omega`` (default 2, the paper's protocol,
         ``geoloc eval``'s default); the others use ``n`` draws with ``omega`` (default 0, the model's own
-        distribution). ``steps``: sampler steps (None: ``sample_config``'s). With top-k, the estimate is placed
-        in the basin of one of the modes or outside them (``Prediction.estimate_mode``).
+        distribution). ``steps``: sampler steps (None: ``sample_config``'s). With top-k, the estimate is
+        placed in the basin of one of the modes or outside them (``Prediction.estimate_mode``).
         """
         from geoloc.estimators import ESTIMATORS, basin_of, top_k_modes
 

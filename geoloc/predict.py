@@ -82,13 +82,13 @@ class ItemPrediction:
     (degrees) of ``estimator``; ``estimate_kind``: what that point is (``"guided-sample"``: one draw with
     guidance, not from the distribution the modes describe; see :class:`geoloc.geolocator.Prediction`);
     ``estimate_mode``: the rank (1 = ``modes[0]``, as ``#1`` / ``mode1_*`` in the outputs) of the mode whose
-    basin holds the estimate, −1 when it lies outside every reported mode, None without top-k.
-    ``modes``: the top-k locations, heaviest first, and ``other_mass`` the mass outside them;
-    ``localizability_bits``: E_p[log₂ p] (higher = more localizable), when asked for; ``region_km2``: level →
-    area in km² of the highest-density region holding that share of the mass (e.g. ``{0.5: 1.2e4, 0.9:
-    3.1e5}``), when asked for; ``place``: the nearest place of the estimate; ``true_lat``/``true_lon`` and ``error_km``: when the input came with
-    coordinates (a manifest). ``embedding`` and ``samples`` (unit vectors ``(n, 3)``) are kept only when
-    asked for (density maps use them).
+    basin holds the estimate, −1 when it lies outside every reported mode, None without top-k. ``modes``: the
+    top-k locations, heaviest first, and ``other_mass`` the mass outside them; ``localizability_bits``:
+    E_p[log₂ p] (higher = more localizable), when asked for; ``region_km2``: level → area in km² of the
+    highest-density region holding that share of the mass (e.g. ``{0.5: 1.2e4, 0.9: 3.1e5}``), when asked for;
+    ``place``: the nearest place of the estimate; ``true_lat``/``true_lon`` and ``error_km``: when the input
+    came with coordinates (a manifest). ``embedding`` and ``samples`` (unit vectors ``(n, 3)``) are kept only
+    when asked for (density maps use them).
     """
 
     id: str

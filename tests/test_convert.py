@@ -1,8 +1,9 @@
 """`geoloc convert plonk`: a state dict laid out exactly as the published PLONK checkpoints must give the same
 velocity field (and the same sampler steps) after conversion.
 
-The reference network and samplers are re-implemented here from the spec (docs/reference-behaviour.md §4.1, §5.1, §7),
-operating on the raw tensors of the state dict, independently of ``geoloc.network`` and ``geoloc.families``.
+The reference network and samplers are re-implemented here from the spec
+(docs/reference-behaviour.md §4.1, §5.1, §7), operating on the raw tensors of the state dict, independently of
+``geoloc.network`` and ``geoloc.families``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ DIM, DEPTH, EXP, COND = 32, 3, 4, 1024
 def reference_state_dict(
     dim=DIM, depth=DEPTH, expansion=EXP, cond_dim=COND, seed=0
 ) -> dict[str, torch.Tensor]:
-    """Random tensors under the reference names and shapes (docs/reference-behaviour.md §12.1), including the zero-init layers."""
+    """Random tensors under the reference names and shapes, including the zero-init layers.
+
+    Names and shapes: docs/reference-behaviour.md §12.1.
+    """
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=None):
@@ -71,7 +75,7 @@ def _ln(h):
 
 
 def reference_forward(sd, y, gamma, emb):
-    """GeoAdaLNMLP.forward of the reference (docs/reference-behaviour.md §4.1) on raw tensors: ψ(y, γ, emb)."""
+    """The reference GeoAdaLNMLP.forward (docs/reference-behaviour.md §4.1) on raw tensors: ψ(y, γ, emb)."""
     dim = sd["cond_mapper.weight"].shape[0]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     c_ch = dim // 4
@@ -167,7 +171,7 @@ def test_schedule_is_the_reference_signal_level(tmp_path, ref_sd):
 
 
 def test_rfm_euler_sampler_matches_reference_steps(tmp_path, ref_sd):
-    """x ← projx(x + (γ_{k+1} − γ_k)·ψ(x, γ_k)) (docs/reference-behaviour.md §7.3), from the same starting points, step by step.
+    """x ← projx(x + (γ_{k+1} − γ_k)·ψ(x, γ_k)) (docs/reference-behaviour.md §7.3), step by step, same starts.
 
     With ``retraction="project"`` geoloc steps with the raw network output exactly like the reference. With
     the default exponential map it removes the normal component first and walks the great circle: both land
@@ -197,7 +201,10 @@ def test_rfm_euler_sampler_matches_reference_steps(tmp_path, ref_sd):
 
 
 def test_flow_euler_sampler_matches_reference_steps(tmp_path, ref_sd):
-    """FM in R³ (docs/reference-behaviour.md §7.2): x ← x + (γ_{k+1} − γ_k)·ψ(x, γ_k), exactly (geoloc only projects at the end)."""
+    """FM in R³ (docs/reference-behaviour.md §7.2): x ← x + (γ_{k+1} − γ_k)·ψ(x, γ_k), exactly.
+
+    geoloc only projects at the end.
+    """
     geo = Geolocator.from_pretrained(
         convert_plonk(write_hub(tmp_path / "PLONK_YFCC_flow", ref_sd), tmp_path / "o").out
     )
@@ -213,7 +220,7 @@ def test_flow_euler_sampler_matches_reference_steps(tmp_path, ref_sd):
 
 
 def test_diffusion_ddim_matches_reference_steps(tmp_path, ref_sd):
-    """DDIM η = 0 (docs/reference-behaviour.md §7.1) with ε = ψ: x̂₀ clamped to [−1, 1], ε re-derived, then the next level."""
+    """DDIM η = 0 (docs/reference-behaviour.md §7.1), ε = ψ: x̂₀ clamped to [−1, 1], ε re-derived, stepped."""
     geo = Geolocator.from_pretrained(
         convert_plonk(write_hub(tmp_path / "PLONK_YFCC_diffusion", ref_sd), tmp_path / "o").out
     )

@@ -148,7 +148,7 @@ def test_uniform_density_needs_no_refinement():
 
 
 def test_a_map_off_normalised_is_recomputed_with_more_ode_steps():
-    """The midpoint rule with 4 steps is ~9% off on this network; the map doubles the steps until it is not."""
+    """The midpoint rule with 4 steps is ~9% off on this network; the map doubles steps until it is not."""
     geo = untrained("rfm-s2")
     cond = torch.randn(8, generator=torch.Generator().manual_seed(3))
     lik = LikelihoodConfig(method="midpoint", steps=4)

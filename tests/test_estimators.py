@@ -491,7 +491,8 @@ def test_degenerate_sample_sets_give_unit_vectors() -> None:
         top = top_k_modes(x, k=2)
         if x is poles:
             # Changed with issue 14's bandwidth ceiling: this pair used to be one mode at 100% (its kernels
-            # were 20,000 km wide), with half the samples at the other pole. Two 50% modes is the honest answer.
+            # were 20,000 km wide), with half the samples at the other pole. Two 50% modes is the honest
+            # answer.
             assert top.valid[0].tolist() == [True, True]
             assert top.mass[0].tolist() == pytest.approx([0.5, 0.5])
             assert float(top.other_mass[0]) == pytest.approx(0.0)

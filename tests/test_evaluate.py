@@ -1,4 +1,5 @@
-"""`geoloc.evaluate` through the eval job: closed-form baselines, retrieval, failures, seeds, label handling, outputs, errors."""
+"""`geoloc.evaluate` through the eval job: closed-form baselines, retrieval, failures, seeds, label handling,
+outputs, errors."""
 
 from __future__ import annotations
 
@@ -84,9 +85,9 @@ def gazetteer():
     return Gazetteer.load(table=False)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Baselines
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_uniform_baseline_matches_closed_forms_and_reports_seed_spread(wide_store):
@@ -143,9 +144,9 @@ def test_retrieval_hnsw_index_finds_the_copies(copies_store):
     assert report.row("retrieval").stat("acc_1km")[0] == 1.0
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Failures, compat, drop_tail
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class _FailEvery:
@@ -197,9 +198,9 @@ def test_drop_tail_scores_whole_batches_only_and_says_so(copies_store):
     assert any("drop_tail=128" in note for note in report.notes)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Admin labels
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_admin_accuracy_from_label_columns_and_from_latlon(tmp_path, gazetteer):
@@ -273,9 +274,9 @@ def test_unknown_label_level_or_column_is_a_clear_error(copies_store):
         )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Errors at the boundary
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_backbone_mismatch_names_both_backbones(tmp_path, copies_store):
@@ -313,9 +314,9 @@ def test_retrieval_over_the_evaluated_split_and_unknown_baselines_are_refused(co
         run_eval([copies_store], "test", baselines=["vmf"], config=FAST)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # A trained model, end to end, with every output
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -492,9 +493,9 @@ def test_score_rows_takes_precomputed_arrays():
     assert r.nll.bits_per_dim == pytest.approx(UNIFORM_NLL)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Layers: the core scorer never sees a store; the job opens each store once
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -574,14 +575,15 @@ def test_core_evaluate_takes_plain_batches_and_matches_the_store_path(copies_sto
     assert core.row("u").nll.bits_per_dim == pytest.approx(UNIFORM_NLL, abs=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Weighted retrieval, hybrid rows, several estimators, calibration (issue 13)
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _decoy_store(root: Path, n: int = 60, dim: int = 16) -> Path:
-    """Per test item: one train item that is its closest embedding but sits at the antipode (a decoy), and three
-    slightly less similar ones at the true place. 1-NN is always 20,000 km off; three neighbours agree."""
+    """Per test item: one train item that is its closest embedding but sits at the antipode (a decoy), and
+    three slightly less similar ones at the true place. 1-NN is always 20,000 km off; three neighbours
+    agree."""
     rng = np.random.default_rng(11)
     latlon = make_latlon(n, rng)
     base = rng.normal(size=(n, dim))

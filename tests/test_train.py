@@ -198,8 +198,8 @@ def test_ddp_with_gloo_matches_one_process(tmp_path):
 
 
 def test_adamw_is_fused_and_steps_like_the_single_tensor_loop():
-    """The trainer's AdamW is the fused kernel (one pass per tensor, the speed lever of issue 12) and takes the
-    same 30 steps as torch's single-tensor AdamW with the same groups."""
+    """The trainer's AdamW is the fused kernel (one pass per tensor, the speed lever of issue 12) and takes
+    the same 30 steps as torch's single-tensor AdamW with the same groups."""
     from geoloc.network import GeoAdaLNMLP, NetworkConfig
     from geoloc.train import _make_optimizer
 
@@ -226,5 +226,5 @@ def test_adamw_is_fused_and_steps_like_the_single_tensor_loop():
             opt.step()
     moved = max(float((p - init[k]).abs().max()) for k, p in a.state_dict().items())
     assert moved > 1e-3
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

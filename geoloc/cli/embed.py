@@ -1,7 +1,8 @@
 """`geoloc embed`: turn a dataset manifest into cached backbone features in a feature store.
 
-Thin by design: options → :class:`~geoloc.pipeline.embed.EmbedConfig` → :func:`~geoloc.pipeline.embed.run_embed`
-→ summary. torch, transformers and open_clip are imported inside the command body.
+Thin by design: options → :class:`~geoloc.pipeline.embed.EmbedConfig` →
+:func:`~geoloc.pipeline.embed.run_embed` → summary. torch, transformers and open_clip are imported inside
+the command body.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def embed(
         geoloc embed demo-geonames --store features/demo --limit 20000
         geoloc embed data_manifests/osv5m.toml --root /data/osv5m --split test --backbone streetclip --store features/osv5m
         geoloc embed my-photos.toml --store features/mine --backbone open_clip:ViT-B-32/openai --weights vitb32.safetensors
-    """
+    """  # noqa: E501 (typer prints this docstring as the help: its example lines stay whole)
     from geoloc.pipeline.embed import run_embed  # torch, transformers, open_clip: not for --help
 
     config = EmbedConfig(

@@ -110,7 +110,8 @@ def eval_command(
     estimators: Annotated[
         str | None,
         typer.Option(
-            help="Several estimators in one run, comma-separated (e.g. sample,geoscore): one row each per checkpoint."
+            help="Several estimators in one run, comma-separated (e.g. sample,geoscore): "
+            "one row each per checkpoint."
         ),
     ] = None,
     samples: Annotated[
@@ -227,7 +228,7 @@ def eval_command(
         geoloc eval --store features/yfcc --split test --checkpoint runs/a --checkpoint runs/b --baseline retrieval --seeds 0 --out eval/yfcc
         geoloc eval --store features/osv5m --checkpoint runs/rfm --compat plonk --nll-method dopri5 --nll-tol 1e-6 --out eval/plonk
         geoloc eval --store demo_out/store --split test --checkpoint demo_out/hybrid --estimators sample,geoscore --baseline retrieval --baseline retrieval-weighted --calibration --out eval/hybrid
-    """
+    """  # noqa: E501 (typer prints this docstring as the help: its example lines stay whole)
     # The job (torch, faiss, duckdb) is imported when the command runs, so that `geoloc --help` stays fast.
     from geoloc.pipeline.eval_job import run_eval
 

@@ -23,7 +23,7 @@ Examples:
   geoloc train --store stores/osv --where "unique_country = 'FR'" --init-from runs/osv-rfm --out runs/fr --steps 5000
 
   torchrun --nproc-per-node 2 -m geoloc.cli train --store stores/demo --preset small --out runs/ddp
-"""
+"""  # noqa: E501 (the help's epilog: its example lines stay whole)
 
 
 def train_command(

@@ -1,8 +1,8 @@
 """Frozen encoders that turn an image (or a place name) into the condition vector: the ``BACKBONES`` registry.
 
 Published PLONK checkpoints were trained on *specific* features, so each backbone reproduces the reference's
-pooling and preprocessing exactly (docs/reference-behaviour.md §1): which token, before or after the final norm, crop, resize,
-normalisation. A :class:`Backbone` is split in two on purpose:
+pooling and preprocessing exactly (docs/reference-behaviour.md §1): which token, before or after the final
+norm, crop, resize, normalisation. A :class:`Backbone` is split in two on purpose:
 
 - a small, picklable *preprocessor* (decode → crop/resize → normalise; no model) and *collator*, which the
   embed job ships to DataLoader worker processes or Ray actors;
@@ -128,8 +128,9 @@ def _to_tensor(img: Any, mean: Sequence[float], std: Sequence[float]) -> torch.T
 # ---------------------------------------------------------------------------------------------- preprocessors
 @dataclass(frozen=True)
 class ClipPreprocess:
-    """``CLIPProcessor`` semantics (StreetCLIP, docs/reference-behaviour.md §1.2): shortest edge → ``size`` (bicubic), centre
-    crop ``size``×``size``, rescale 1/255, CLIP mean/std.
+    """``CLIPProcessor`` semantics (StreetCLIP, docs/reference-behaviour.md §1.2).
+
+    Shortest edge → ``size`` (bicubic), centre crop ``size``×``size``, rescale 1/255, CLIP mean/std.
 
     Sizes and offsets follow transformers exactly: the long edge becomes ``int(size * long / short)``
     and the crop starts at ``(dim - size) // 2``.
@@ -164,8 +165,9 @@ class ClipPreprocess:
 
 @dataclass(frozen=True)
 class SquareCropPreprocess:
-    """The DINOv2 reference (docs/reference-behaviour.md §1.1): largest centred square crop → resize to ``size``×``size`` (bicubic) →
-    ToTensor → ImageNet mean/std.
+    """The DINOv2 reference's preprocessing (docs/reference-behaviour.md §1.1).
+
+    Largest centred square crop → resize to ``size``×``size`` (bicubic) → ToTensor → ImageNet mean/std.
 
     The crop offset is ``round((dim - side) / 2)`` with Python's round-half-to-even, as torchvision's
     ``center_crop`` (which the reference calls) computes it.
@@ -331,9 +333,9 @@ class Backbone:
         """Move to ``device`` and pick the compute dtype (``auto``: bf16 where the device supports it).
 
         bf16 is applied the way that is fast on each stack: open_clip weights are cast (autocast is slower
-        than fp32 there, docs/offline-stack.md §1), transformers models run under autocast on the CPU (SDPA benefits)
-        and with cast weights on a GPU. ``auto`` keeps fp32 on the CPU for backbones where bf16 measured
-        slower there (MiniLM, the tiny test tower).
+        than fp32 there, docs/offline-stack.md §1), transformers models run under autocast on the CPU (SDPA
+        benefits) and with cast weights on a GPU. ``auto`` keeps fp32 on the CPU for backbones where bf16
+        measured slower there (MiniLM, the tiny test tower).
         """
         device = torch.device(device)
         if dtype == "auto" and device.type == "cpu" and not self._cpu_bf16:
@@ -377,10 +379,13 @@ class Backbone:
         )
 
     def __repr__(self) -> str:
-        return f"Backbone({self.name!r}, dim={self.dim}, kind={self.kind!r}, device={self.device}, dtype={self.dtype})"
+        return (
+            f"Backbone({self.name!r}, dim={self.dim}, kind={self.kind!r}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
 
 
-# ---------------------------------------------------------------------------------------------- loading helpers
+# ------------------------------------------------------------------------------------------ loading helpers
 def _missing(name: str, repo: str, weights: str | os.PathLike | None, files: str) -> BackboneError:
     cache = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
     if weights is not None:

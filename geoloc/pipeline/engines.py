@@ -36,7 +36,7 @@ __all__ = ["ENGINES", "EngineOptions", "Job", "run_local", "run_ray"]
 
 
 class Job(Protocol):
-    """What an engine needs from a job. Everything but ``commit``/``progress`` must work in other processes."""
+    """What an engine needs from a job. All but ``commit``/``progress`` must work in other processes."""
 
     def read(self, part: int, parts: int) -> Iterator[Any]:
         """Records of partition ``part`` of ``parts`` (disjoint, together the whole dataset)."""
@@ -157,8 +157,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def run_local(job: Job, opts: EngineOptions) -> None:
     """Run the job in this process: DataLoader workers read + prepare, the main process maps and writes.
 
-    On Ctrl-C or SIGTERM the rows embedded so far are flushed and committed before the interrupt propagates; on
-    SIGKILL only the unflushed buffer is lost (the store never shows a partial shard).
+    On Ctrl-C or SIGTERM the rows embedded so far are flushed and committed before the interrupt propagates;
+    on SIGKILL only the unflushed buffer is lost (the store never shows a partial shard).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside forked workers: no warning
     loader = DataLoader(

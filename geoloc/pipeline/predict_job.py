@@ -176,9 +176,10 @@ class Predictor(EmbeddingPredictor):
 
         A directory holding ``hybrid.json`` loads the hybrid (:func:`~geoloc.pipeline.fit_hybrid.load_hybrid`:
         the flow checkpoint it names, its neighbour index, the store identity checked unless
-        ``verify_store=False``); the backbone is the flow's. ``backbone`` overrides the recorded name (for checkpoints trained on imported features, which record
-        none); ``weights``: local backbone weights instead of the offline Hugging Face cache.
-        ``load_backbone=False`` gives a predictor for embeddings only (:meth:`predict_embeddings`).
+        ``verify_store=False``); the backbone is the flow's. ``backbone`` overrides the recorded name (for
+        checkpoints trained on imported features, which record none); ``weights``: local backbone weights
+        instead of the offline Hugging Face cache. ``load_backbone=False`` gives a predictor for embeddings
+        only (:meth:`predict_embeddings`).
         """
         dev = str(resolve_device(device))
         if is_hybrid(checkpoint):
@@ -334,7 +335,8 @@ def load_predictor(checkpoint: str | Path, **kwargs: Any) -> Predictor:
     flow's ``config.json`` or a hybrid's ``hybrid.json``)."""
     if not (is_hybrid(checkpoint) or (Path(checkpoint) / "config.json").is_file()):
         raise InputError(
-            f"{checkpoint}: not a checkpoint directory (no config.json or {HYBRID_FILE}); pass --checkpoint DIR"
+            f"{checkpoint}: not a checkpoint directory (no config.json or {HYBRID_FILE}); "
+            "pass --checkpoint DIR"
         )
     return Predictor.from_pretrained(checkpoint, **kwargs)
 

