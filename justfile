@@ -15,19 +15,30 @@ default:
     @just --list
 
 # Create .venv and install geoloc with its dev and ray extras (quick when already done).
-setup:
+setup: (_install "dev,ray")
+
+# Create .venv and install what `geoloc` needs to run (no test/ray extras: the demo's set-up stays short).
+setup-run: (_install "")
+
+_install EXTRAS:
     #!/usr/bin/env bash
     set -euo pipefail
-    stamp="{{venv}}/.geoloc-setup-$(cat pyproject.toml justfile | sha256sum | cut -c1-16)"
-    if [ -f "$stamp" ] && {{py}} -c "import geoloc" 2>/dev/null; then exit 0; fi
+    hash=$(cat pyproject.toml justfile | sha256sum | cut -c1-16)
+    name="{{EXTRAS}}"; name="${name:-run}"
+    ok="{{venv}}/.geoloc-setup-$name-$hash"
+    # The full install (dev,ray) also serves the run-only set-up.
+    full="{{venv}}/.geoloc-setup-dev,ray-$hash"
+    if [ "$name" = run ] && [ -f "$full" ]; then ok="$full"; fi
+    if [ -f "$ok" ] && {{py}} -c "import geoloc" 2>/dev/null; then exit 0; fi
     [ -x "{{py}}" ] || python3 -m venv {{venv}}
     # No torch pin: pip resolves the torch/torchvision pair from the local wheel store.
-    {{py}} -m pip install -q -e ".[dev,ray]"
+    extras=""; [ "$name" = run ] || extras="[$name]"
+    {{py}} -m pip install -q -e ".$extras"
     {{py}} -c "import torchvision, open_clip, geoloc; print('geoloc', geoloc.__version__, 'ready')"
-    rm -f {{venv}}/.geoloc-setup-*; touch "$stamp"
+    rm -f {{venv}}/.geoloc-setup-"$name"-*; touch "{{venv}}/.geoloc-setup-$name-$hash"
 
 # Run the whole pipeline offline on the bundled demo data (embed → train → eval → maps).
-demo *ARGS: setup
+demo *ARGS: setup-run
     {{venv}}/bin/geoloc demo {{ARGS}}
 
 # Run the test suite (offline).

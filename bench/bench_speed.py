@@ -173,7 +173,7 @@ def bench_sampling(sizes, nfes, batch: int, repeats: int, omega: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- training
-_EPS32 = 1e-4  # geoopt's float32 EPS: the expmap/logmap fall-backs and the acos clamp (reference §6.3)
+_EPS32 = 1e-4  # geoopt's float32 EPS: the expmap/logmap fall-backs and the acos clamp (docs/reference-behaviour.md §6.3)
 
 
 def _ref_expmap(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -209,7 +209,7 @@ def _ref_target(x0: torch.Tensor, x1: torch.Tensor, gamma: torch.Tensor) -> tupl
 
 
 class ReferenceTrainLoop:
-    """The reference's per-step training work with in-memory batches, no Lightning around it (§6.3, §11).
+    """The reference's per-step training work with in-memory batches, no Lightning around it (docs/reference-behaviour.md §6.3, §11).
 
     Per step: t ~ U(0,1), γ = sigmoid schedule(t), noise = normalised Gaussian, (y, u) by vmap-JVP through the
     geodesic, condition dropout 0.1, one forward of the reference network on its dict batch, loss
@@ -232,7 +232,7 @@ class ReferenceTrainLoop:
         start = (self.step_i * b) % (n - b + 1)
         cond = self.cond[start : start + b].clone()
         x1 = self.xyz[start : start + b]
-        for g in self.opt.param_groups:  # WarmupCosineDecayLR (§11.3), stepped every optimiser step
+        for g in self.opt.param_groups:  # WarmupCosineDecayLR (docs/reference-behaviour.md §11.3), stepped every optimiser step
             s = self.step_i
             g["lr"] = 1e-3 * (s / 500 if s < 500 else 0.5 * (1 + math.cos(math.pi * (s - 500) / self.total)))
         t = torch.rand(b)
@@ -328,7 +328,7 @@ def _sigmoid_signal_rate(t: torch.Tensor, start: float = -7.0, end: float = 3.0,
 
 
 def reference_log_prob(net, xyz: torch.Tensor, cond: torch.Tensor, ref_api: bool, tol: float = 1e-6):
-    """The reference pipeline's likelihood ODE (§9.1), written out: state [x, ℓ] from t = 0 (data) to 1,
+    """The reference pipeline's likelihood ODE (docs/reference-behaviour.md §9.1), written out: state [x, ℓ] from t = 0 (data) to 1,
     dx/dt = γ'(t)·ψ(x, γ(t), c) in R³, dℓ/dt = trace of the full 3 × 3 Jacobian (``vmap(jacrev)``), torchdiffeq
     dopri5 at rtol = atol = ``tol``; x(1) projected, log p = −log 4π + ℓ(1). Returns (log p in nats, NFE)."""
     from torchdiffeq import odeint

@@ -26,7 +26,15 @@ from safetensors.torch import load_file, save_file
 from geoloc.errors import CheckpointError
 from geoloc.files import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "load_state", "read_config", "save_checkpoint", "save_state"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "load_into",
+    "load_state",
+    "load_weights",
+    "read_config",
+    "save_checkpoint",
+    "save_state",
+]
 
 CHECKPOINT_FORMAT = "geoloc-checkpoint"
 
@@ -82,6 +90,44 @@ def load_weights(directory: str | Path, raw: bool = False) -> dict[str, torch.Te
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise CheckpointError(f"{path}: cannot read weights ({e}); the file is corrupt or truncated") from e
+
+
+def load_into(
+    module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str, architecture: str = ""
+) -> None:
+    """Load ``weights`` into ``module`` (built from a config.json), or raise one line saying what does not fit.
+
+    torch's own size-mismatch error lists every tensor (37 lines for a small network when ``dim`` is edited
+    in config.json, issue 11); this names the checkpoint, how many tensors differ, and one of each kind (the
+    largest of those of another shape, with both shapes). ``where``: the checkpoint as the user named it (e.g.
+    ``"--init-from runs/a"``); ``architecture``: what config.json says (e.g. ``"dim=48, depth=2"``).
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    resized = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or resized:
+        parts = []
+        if resized:
+            k = max(resized, key=lambda name: own[name].numel())
+            parts.append(
+                f"{len(resized)} of {len(own)} tensors have another shape (largest: {k} is "
+                f"{_shape(weights[k])} in the weights, {_shape(own[k])} for config.json)"
+            )
+        if missing:
+            parts.append(f"{len(missing)} missing from the weights (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} not in this architecture (first: {unexpected[0]})")
+        arch = f" ({architecture})" if architecture else ""
+        raise CheckpointError(
+            f"{where}: the weights do not fit the architecture config.json describes{arch}: {'; '.join(parts)}; "
+            "was config.json edited? restore it, or use the checkpoint it came with"
+        )
+    module.load_state_dict(weights)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "×".join(str(n) for n in t.shape) or "scalar"
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> None:

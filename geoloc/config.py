@@ -341,10 +341,15 @@ class PredictOptions:
     ``regions``: the area in km² of the highest-density regions holding ``region_levels`` of the mass, by
     importance sampling over ``region_samples`` exact draws and their exact log-densities (an ODE per draw
     for flows; relative noise ≈ √(CV²/n), a few % to ~15%; S² densities only). With localizability too,
-    both use one set of max(``region_samples``, ``localizability_samples``) draws. ``steps``: sampler steps (None: the checkpoint's, 250 as
-    in the paper; fewer is faster on a CPU). ``batch_size``: inputs per backbone batch. ``seed``: makes the
-    draws reproducible. ``places``: look up the nearest GeoNames place of the estimate and of each mode.
-    ``keep_embeddings`` / ``keep_samples``: keep them on each result (for density maps).
+    both use one set of max(``region_samples``, ``localizability_samples``) draws. ``steps``: sampler steps
+    (None: the checkpoint's, 250 as in the paper). The default 32 is the fewest Euler steps whose answer
+    scored within noise of 250 steps' on bench/bench_nfe.py's known-density task (16 lost 1.8 %),
+    at 7-8x the speed; ``geoloc eval`` keeps 250 (the paper's protocol). ``batch_size``: inputs per backbone
+    batch. ``seed``: makes the draws reproducible. ``places``: look up the nearest GeoNames place of the
+    estimate and of each mode. ``keep_embeddings`` / ``keep_samples``: keep them on each result (for density
+    maps). ``max_failure_rate``: a run over many inputs counts as failed (``geoloc predict`` exits 1) when
+    more than this fraction of them could not be used, as for ``embed`` and ``store import``; every good
+    prediction is written either way.
     """
 
     estimator: EstimatorName = "geoscore"
@@ -356,12 +361,17 @@ class PredictOptions:
     regions: bool = True
     region_samples: int = 128
     region_levels: tuple[float, ...] = (0.5, 0.9)
-    steps: int | None = None
+    steps: int | None = 32  # reference differs: 250 (see the docstring; bench/bench_nfe.py)
     batch_size: int = 32
     seed: int | None = 0
     places: bool = True
     keep_embeddings: bool = False
     keep_samples: bool = False
+    max_failure_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_failure_rate <= 1.0:
+            raise ConfigError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
 
 
 @dataclass(frozen=True)
@@ -409,20 +419,23 @@ DEMO_NAMES: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Knobs of the demo (``geoloc demo``); the defaults aim at ~7 minutes of job on a quiet 2-core CPU.
+    """Knobs of the demo (``geoloc demo``); the defaults fit ``just demo`` in 10 minutes on a quiet 2-core CPU
+    without native bf16, set-up included (README, issue 12).
 
-    ``limit`` names are embedded; the flow and the vMF train on the train split minus the validation slice
-    ``val_where`` (SQL on the store's ids), on which the hybrid is fitted (``val_items`` of them); the table
-    evaluates the held-out test split (``eval_where`` narrows it) with ``seeds``; the paper-protocol row uses
-    ``eval_steps`` sampler steps, the sample-based answers ``answer_n`` draws of ``answer_steps`` steps;
-    calibration uses ``calibration_n`` exact draws per item. Showcase: the ``n_extreme`` most and least
+    ``limit`` names are embedded; the flow (``steps``) and the vMF (``vmf_steps``) train on the train split
+    minus the validation slice ``val_where`` (SQL on the store's ids), on which the hybrid is fitted
+    (``val_items`` of them); the table evaluates the held-out test split (``eval_where`` narrows it) with
+    ``seeds``; every sampler runs ``eval_steps`` steps (the paper-protocol row: one guided draw; the
+    sample-based answers: ``answer_n`` draws; the hybrid's answer fit: ``answer_n`` draws of ``answer_steps``);
+    calibration uses ``calibration_n`` exact draws per item on the first ``calibration_items`` test items (its
+    cost is ``calibration_n`` likelihood solves per item). Showcase: the ``n_extreme`` most and least
     localizable of the first ``showcase_pool`` evaluated names (by the hybrid's localizability), then ``names``.
     """
 
     out_dir: Path = Path("demo_out")
     limit: int = 30_000
-    steps: int = 3000
-    vmf_steps: int = 1500
+    steps: int = 1500
+    vmf_steps: int = 500
     seeds: tuple[int, ...] = (0,)
     names: tuple[tuple[str, str], ...] = DEMO_NAMES
     maps: bool = True
@@ -430,10 +443,11 @@ class DemoConfig:
     val_where: str = "id LIKE '%7'"
     val_items: int = 1000
     eval_where: str | None = None
-    eval_steps: int = 32
+    eval_steps: int = 16
     answer_n: int = 32
     answer_steps: int = 16
     calibration_n: int = 32
+    calibration_items: int = 300
     showcase_pool: int = 200
     n_extreme: int = 2
 
@@ -585,7 +599,8 @@ class EvalConfig:
     ``model[estimator]``); empty: ``estimator`` alone. ``calibration``: per row, the HDR level of each truth
     from ``calibration_n`` exact samples and their exact log-densities, reported as the coverage of the 50 /
     90 / 95 % regions and a calibration error (off by default: it costs ``calibration_n`` likelihoods per
-    item). ``retrieval_k`` / ``retrieval_tau``: the ``retrieval-weighted`` row's neighbours and temperature
+    item; ``calibration_items`` > 0 limits it to the first that many items of the pass, 0: every item).
+    ``retrieval_k`` / ``retrieval_tau``: the ``retrieval-weighted`` row's neighbours and temperature
     (None: from a hybrid checkpoint's validation fit in the same run, else chosen by GeoScore on
     ``retrieval_val_items`` leave-one-out items of the retrieval split — never the evaluated split).
     """
@@ -594,6 +609,7 @@ class EvalConfig:
     estimators: tuple[Estimator, ...] = ()
     calibration: bool = False
     calibration_n: int = 64
+    calibration_items: int = 0
     retrieval_k: int | None = None
     retrieval_tau: float | None = None
     retrieval_val_items: int = 3000
@@ -638,6 +654,8 @@ class EvalConfig:
                 raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.drop_tail < 0:
             raise ConfigError(f"drop_tail must be ≥ 0 (0 scores every item), got {self.drop_tail}")
+        if self.calibration_items < 0:
+            raise ConfigError(f"calibration_items must be ≥ 0 (0: every item), got {self.calibration_items}")
         if (self.retrieval_k is not None and self.retrieval_k < 1) or (
             self.retrieval_tau is not None and not self.retrieval_tau > 0
         ):

@@ -119,6 +119,8 @@ class _RowState:
         self.has_lp = config.nll
         self.has_loc = config.localizability
         self.has_cal = config.calibration and hasattr(predictor, "sample_log_prob")
+        # Calibration costs calibration_n likelihoods per item: optionally only the first items of the pass.
+        self.cal_left = config.calibration_items or None
         self.elapsed = 0.0
 
     def consume(self, cond: torch.Tensor, xyz: torch.Tensor) -> None:
@@ -137,12 +139,18 @@ class _RowState:
                 self.has_lp = self.has_cal = False
             elif self.has_lp:
                 self.log_prob.append(np.asarray(lp, dtype=np.float64).reshape(-1))
-        if self.has_cal:
-            slp = self.predictor.sample_log_prob(cond, self.cal_generator)
+        m = cond.shape[0] if self.cal_left is None else min(self.cal_left, cond.shape[0])
+        if self.has_cal and m > 0:
+            slp = self.predictor.sample_log_prob(cond[:m], self.cal_generator)
             if slp is None:
                 self.has_cal = False
             else:
-                self.hdr.append(hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)))
+                levels = hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)[:m])
+                if hasattr(self.predictor, "calibrate_levels"):  # regions recalibrated on validation
+                    levels = self.predictor.calibrate_levels(levels)
+                self.hdr.append(levels)
+                if self.cal_left is not None:
+                    self.cal_left -= m
         if self.has_loc:
             loc = self.predictor.localizability(cond, self.loc_generator)
             if loc is None:
@@ -228,6 +236,7 @@ def evaluate(
             cond = batch.cond.to(device)
             xyz = latlon_to_xyz(torch.from_numpy(batch.latlon)).to(device=device, dtype=torch.float32)
             for st in states:
+                bar.set_postfix_str(st.name, refresh=True)  # which row is working, while a batch is long
                 st.consume(cond, xyz)
             bar.update(len(batch))
     data = EvalData(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from geoloc.checkpoint import load_weights, read_config, save_checkpoint
+from geoloc.checkpoint import load_into, load_weights, read_config, save_checkpoint
 from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig, SampleConfig, apply_overrides
 from geoloc.errors import CheckpointError, ConfigError
 from geoloc.families import Family, OdeFamily, check_cond, check_xyz, make_family
@@ -116,13 +116,16 @@ class Geolocator:
             cond_dim = int(cfg["cond_dim"])
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{directory}/config.json: missing or bad field {e}") from e
-        geo = cls.build(family_cfg, model_cfg, cond_dim, config=cfg)
+        except ConfigError as e:
+            raise CheckpointError(f"{directory}/config.json: {e}") from e
+        try:
+            geo = cls.build(family_cfg, model_cfg, cond_dim, config=cfg)
+        except (RuntimeError, ValueError) as e:  # e.g. a negative width: torch's message, first line only
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{directory}/config.json: cannot build its architecture ({first})") from e
         if geo.family.trainable:
-            state = load_weights(directory, raw=raw)
-            try:
-                geo.net.load_state_dict(state)
-            except RuntimeError as e:
-                raise CheckpointError(f"{directory}: weights do not match config.json ({e})") from e
+            arch = ", ".join(f"{k}={v}" for k, v in cfg["model"].items()) + f", cond_dim={cond_dim}"
+            load_into(geo.net, load_weights(directory, raw=raw), str(directory), arch)
         geo.net.to(device)
         return geo
 

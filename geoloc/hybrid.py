@@ -21,26 +21,29 @@ index of ``geoloc.pipeline.neighbours``. This module never opens a file.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from geoloc.calibration import LevelMap
 from geoloc.config import LikelihoodConfig
 from geoloc.errors import ConfigError, InputError
 from geoloc.estimators import ESTIMATORS, top_k_modes
 from geoloc.families import OdeFamily, vmf_sample
 from geoloc.geolocator import Geolocator, Prediction
 from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
-from geoloc.retrieval import neighbour_log_weights, weighted_geoscore_answer
+from geoloc.retrieval import best_expected_answer, neighbour_log_weights
 from geoloc.sphere import EARTH_RADIUS_KM, angle, project, xyz_to_latlon
 
 __all__ = [
     "ExactNeighbours",
     "HybridGeolocator",
     "HybridParams",
+    "Labeller",
     "NeighbourSearch",
     "Neighbours",
     "fit_answer_flow",
@@ -51,6 +54,13 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
+
+#: Maps points ``(N, 2)`` (lat, lon degrees) to integer label ids per level (−1: none), e.g.
+#: ``functools.partial(Gazetteer.label_ids, levels=ANSWER_LEVELS)``.
+Labeller = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+#: The administrative levels the label-aware answer agrees on: the accuracy columns of the paper's tables.
+ANSWER_LEVELS: tuple[str, ...] = ("country", "region", "city")
 
 
 # ------------------------------------------------------------------------------------------- parameters
@@ -71,6 +81,8 @@ class HybridParams:
     answer only, λ'(c) = s·λ(c), chosen by mean GeoScore on validation (:func:`fit_answer_flow`): the density
     is the likelihood's, but an undertrained flow may deserve less say in the single best guess than in the
     density (s = 1: the density's λ; s = 0: the neighbours' answer, with the flow draws still candidates).
+    ``answer_labels`` α adds α · Σ_levels P(the answer's label is the truth's) at :data:`ANSWER_LEVELS` to the
+    answer's expected GeoScore / 5000 (needs a :data:`Labeller`; 0: GeoScore only); chosen with s on validation.
     """
 
     k: int = 16
@@ -82,6 +94,7 @@ class HybridParams:
     answer_k: int = 0
     answer_tau: float = 0.0
     answer_flow: float = 1.0
+    answer_labels: float = 0.0
 
     @property
     def search_k(self) -> int:
@@ -95,6 +108,8 @@ class HybridParams:
             raise ConfigError(f"hybrid tau and kappa must be > 0, got tau={self.tau}, kappa={self.kappa}")
         if not 0.0 <= self.answer_flow <= 1.0:
             raise ConfigError(f"hybrid answer_flow must be in [0, 1], got {self.answer_flow}")
+        if not (math.isfinite(self.answer_labels) and self.answer_labels >= 0):
+            raise ConfigError(f"hybrid answer_labels must be >= 0, got {self.answer_labels}")
         if not all(math.isfinite(v) for v in (self.lam_a, self.lam_b, self.kappa_slope)):
             raise ConfigError(f"hybrid lam_a, lam_b, kappa_slope must be finite, got {self}")
 
@@ -116,6 +131,7 @@ class HybridParams:
                     "answer_k",
                     "answer_tau",
                     "answer_flow",
+                    "answer_labels",
                 )
                 if k in d
             }
@@ -247,6 +263,9 @@ class HybridGeolocator:
     :class:`NeighbourSearch` over the training features it retrieves from; ``params``: :class:`HybridParams`.
     ``likelihood_config`` sets the flow's likelihood ODE (default: the flow's own), used both for
     ``log_prob`` and for exact sampling, so a sample's log-density is that of the density it came from.
+    ``labeller`` labels points for the label-aware answer (needed when ``params.answer_labels > 0``).
+    ``level_map`` recalibrates its regions (:class:`~geoloc.calibration.LevelMap`, fitted on validation): the
+    α-region drawn or measured is the raw HDR whose level covered α of the validation truths.
     Every verb takes an optional precomputed ``neighbours=`` (a :class:`Neighbours` of at least ``k``).
     """
 
@@ -257,6 +276,8 @@ class HybridGeolocator:
         params: HybridParams,
         likelihood_config: LikelihoodConfig | None = None,
         info: dict[str, Any] | None = None,
+        labeller: Labeller | None = None,
+        level_map: LevelMap | None = None,
     ) -> None:
         if flow.family.nll_space() != "sphere":
             raise ConfigError(
@@ -266,6 +287,18 @@ class HybridGeolocator:
         self.flow, self.index, self.params = flow, neighbours, params
         self.likelihood_config = likelihood_config or flow.likelihood_config
         self.info = dict(info or {})
+        self.labeller = labeller
+        self.level_map = level_map
+
+    def region_level(self, alpha: float) -> float:
+        """The raw HDR level whose region holds ``alpha`` of the truths (``alpha`` itself when uncalibrated)."""
+        if self.level_map is None:
+            return float(alpha)
+        return min(max(self.level_map.nominal_for(alpha), 1e-3), 1.0 - 1e-3)
+
+    def calibrate_levels(self, levels: np.ndarray) -> np.ndarray:
+        """Raw HDR levels of truths → the levels of the recalibrated regions (identity when uncalibrated)."""
+        return np.asarray(levels, dtype=np.float64) if self.level_map is None else self.level_map.calibrated(levels)
 
     @property
     def cond_dim(self) -> int:
@@ -431,9 +464,11 @@ class HybridGeolocator:
         answer_k: int | None = None,
         answer_tau: float | None = None,
         answer_flow: float | None = None,
+        answer_labels: float | None = None,
     ) -> Tensor:
-        """The point ``(B, 3)`` maximising the hybrid's expected GeoScore over the candidates (``n`` flow draws
-        ∪ the k neighbours).
+        """The point ``(B, 3)`` maximising the hybrid's expected score over the candidates (``n`` flow draws
+        ∪ the k neighbours): GeoScore / 5000, plus ``answer_labels`` × the probability that the candidate's
+        country, region and city are the truth's (default: the params'; see :class:`HybridParams`).
 
         The expectation is Rao-Blackwellised over the component: the flow part by its ``n`` draws (weight
         λ/n each), the neighbour part by the kernels' centres (weight (1 − λ)·w_k) — a vMF of κ ≥ 1e3 is
@@ -453,6 +488,12 @@ class HybridGeolocator:
             log_lam, log_rest = torch.log(lam), torch.log1p(-lam)
         kk = answer_k or self.params.answer_k or self.params.k
         tt = answer_tau or self.params.answer_tau or self.params.tau
+        alpha = self.params.answer_labels if answer_labels is None else float(answer_labels)
+        if alpha > 0 and self.labeller is None:
+            raise ConfigError(
+                "this hybrid's answer weighs administrative labels (answer_labels > 0) but has no labeller; "
+                "load it with geoloc.pipeline.fit_hybrid.load_hybrid (it attaches the gazetteer)"
+            )
         if nb.sim.shape[1] < kk:
             raise InputError(f"geoscore_answer: {kk} neighbours needed, {nb.sim.shape[1]} given")
         nb = nb.head(kk)
@@ -461,7 +502,17 @@ class HybridGeolocator:
         log_w = torch.cat(
             [(log_lam - math.log(n)).unsqueeze(1).expand(-1, n), log_rest.unsqueeze(1) + log_w_nb], 1
         )
-        return weighted_geoscore_answer(pts, log_w)
+        labels = self.point_labels(pts) if alpha > 0 else None
+        return best_expected_answer(pts, log_w, labels, alpha)
+
+    def point_labels(self, pts: Tensor) -> dict[str, Tensor]:
+        """Label ids ``(B, m)`` per level of :data:`ANSWER_LEVELS` for points ``(B, m, 3)`` (by the labeller)."""
+        if self.labeller is None:
+            raise ConfigError("point_labels needs a labeller (see HybridGeolocator)")
+        b, m, _ = pts.shape
+        ll = xyz_to_latlon(pts.reshape(-1, 3).to(torch.float64)).cpu().numpy()
+        ids = self.labeller(ll)
+        return {lv: torch.from_numpy(np.asarray(ids[lv], dtype=np.int64)).reshape(b, m) for lv in ANSWER_LEVELS}
 
     @torch.no_grad()
     def predict(
@@ -549,20 +600,45 @@ def fit_answer_flow(
     neighbours: Neighbours,
     flow_samples: Tensor,
     scales: Sequence[float] = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0),
+    label_weights: Sequence[float] = (0.0, 0.25, 0.5, 1.0),
 ) -> dict[str, Any]:
-    """Choose :attr:`HybridParams.answer_flow` by the mean GeoScore of :meth:`HybridGeolocator.geoscore_answer`
-    against validation truths ``(V, 3)``, given each item's neighbours (own row excluded) and flow draws
-    ``(V, n, 3)`` (drawn once and reused for every scale). Returns ``{"answer_flow", "geoscore", "grid"}``."""
+    """Choose :attr:`HybridParams.answer_flow` (and, when the model has a labeller,
+    :attr:`HybridParams.answer_labels`) on validation truths ``(V, 3)``, given each item's neighbours (own row
+    excluded) and flow draws ``(V, n, 3)`` (drawn once and reused for every setting).
+
+    The criterion is the score the answer is for: mean GeoScore / 5000 plus the country, region and city
+    accuracies of :data:`ANSWER_LEVELS` when a labeller is there (the sum of a paper table's columns), else
+    mean GeoScore. Returns ``{"answer_flow", "answer_labels", "geoscore", "accuracy", "score", "grid"}``.
+    """
     rate = EARTH_RADIUS_KM / GEOSCORE_SCALE_KM
     truth = project(truth.to(torch.float32))
+    labelled = model.labeller is not None
+    truth_labels = model.point_labels(truth.unsqueeze(1)) if labelled else {}
     grid = []
     for s in scales:
-        ans = model.geoscore_answer(cond, neighbours=neighbours, flow_samples=flow_samples, answer_flow=s)
-        theta = angle(ans.to(torch.float64), truth.to(ans.device, torch.float64))
-        grid.append(
-            {"answer_flow": float(s), "geoscore": float(GEOSCORE_MAX * torch.exp(-rate * theta).mean())}
-        )
-    best = max(grid, key=lambda r: (r["geoscore"], r["answer_flow"]))
+        for a in label_weights if labelled else (0.0,):
+            ans = model.geoscore_answer(
+                cond, neighbours=neighbours, flow_samples=flow_samples, answer_flow=s, answer_labels=a
+            )
+            theta = angle(ans.to(torch.float64), truth.to(ans.device, torch.float64))
+            gs = float(GEOSCORE_MAX * torch.exp(-rate * theta).mean())
+            acc = {}
+            if labelled:
+                got = model.point_labels(ans.unsqueeze(1))
+                acc = {
+                    lv: float(((got[lv] == truth_labels[lv]) & (truth_labels[lv] >= 0)).float().mean())
+                    for lv in ANSWER_LEVELS
+                }
+            grid.append(
+                {
+                    "answer_flow": float(s),
+                    "answer_labels": float(a),
+                    "geoscore": gs,
+                    "accuracy": acc,
+                    "score": gs / GEOSCORE_MAX + sum(acc.values()) if labelled else gs,
+                }
+            )
+    best = max(grid, key=lambda r: (r["score"], r["answer_flow"], -r["answer_labels"]))
     return {**best, "grid": grid}
 
 

@@ -250,7 +250,9 @@ def exact_summaries(
     n = max(opts.localizability_samples * opts.localizability, opts.region_samples * want_regions)
     _, lp = geo.sample_with_log_prob(cond, n, generator=generator, **ctx)
     loc = (lp.mean(-1) / math.log(2)).cpu().numpy() if opts.localizability else None
-    areas = {float(a): region_area_km2(lp, a) for a in opts.region_levels} if want_regions else {}
+    # A hybrid's regions are recalibrated on validation: the α-region is its raw HDR at region_level(α).
+    level = geo.region_level if isinstance(geo, HybridGeolocator) else float
+    areas = {float(a): region_area_km2(lp, level(a)) for a in opts.region_levels} if want_regions else {}
     return loc, areas
 
 

@@ -173,7 +173,15 @@ class HybridPredictor:
         flow = copy.copy(hybrid.flow)
         flow.sample_config = replace(flow.sample_config, steps=config.steps, method=config.method)
         flow.likelihood_config = config.likelihood
-        self.hybrid = HybridGeolocator(flow, hybrid.index, hybrid.params, config.likelihood, hybrid.info)
+        self.hybrid = HybridGeolocator(
+            flow,
+            hybrid.index,
+            hybrid.params,
+            config.likelihood,
+            hybrid.info,
+            labeller=hybrid.labeller,
+            level_map=hybrid.level_map,
+        )
         self.config, self.source = config, source
         self._last: tuple[torch.Tensor, Neighbours] | None = None
 
@@ -229,6 +237,10 @@ class HybridPredictor:
             cond, n=self.config.localizability_n, generator=generator, neighbours=self._nb(cond)
         )
         return loc.detach().to("cpu", torch.float64).numpy()
+
+    def calibrate_levels(self, levels: np.ndarray) -> np.ndarray:
+        """The regions a hybrid reports are recalibrated on validation (its level map), so are its levels."""
+        return self.hybrid.calibrate_levels(levels)
 
     def sample_log_prob(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None:
         _, lp = self.hybrid.sample_with_log_prob(

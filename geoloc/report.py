@@ -348,7 +348,9 @@ def format_tables(report: Report, layout: str = "auto") -> str:
         out += [
             "",
             f"**Calibration** (share of true locations inside the model's 50 / 90 / 95 % highest-density "
-            f"region, from {cfg.calibration_n} exact samples per item; calibrated = nominal; error: mean "
+            f"region, from {cfg.calibration_n} exact samples per item"
+            + (f" on the first {cfg.calibration_items:,} items" if cfg.calibration_items else "")
+            + "; calibrated = nominal; error: mean "
             "|coverage − α| over α = 0.05 … 0.95, lower is better)",
             "",
         ]
@@ -430,7 +432,10 @@ def prediction_tables(report: Report) -> Iterator[pa.Table]:
                     preds.localizability, mask=~np.isfinite(preds.localizability)
                 )
             if preds.hdr_level is not None:
-                cols["hdr_level"] = pa.array(preds.hdr_level, mask=~np.isfinite(preds.hdr_level))
+                # Calibration may cover only the first items (EvalConfig.calibration_items): the rest are null.
+                hdr = np.full(n, np.nan)
+                hdr[: min(n, len(preds.hdr_level))] = preds.hdr_level[:n]
+                cols["hdr_level"] = pa.array(hdr, mask=~np.isfinite(hdr))
             yield pa.table(cols)
 
 

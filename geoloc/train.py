@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from geoloc.checkpoint import load_state, load_weights, read_config, save_checkpoint, save_state
+from geoloc.checkpoint import load_into, load_state, load_weights, read_config, save_checkpoint, save_state
 from geoloc.config import SampleConfig, TrainConfig, config_to_dict
 from geoloc.devices import resolve_autocast, resolve_device
 from geoloc.errors import CheckpointError, TrainingError
@@ -181,8 +181,8 @@ def train(
             raise CheckpointError(
                 f"{out_dir}: holds a run with another family/architecture; use a new --out or delete it"
             )
-        net.load_state_dict(load_weights(out_dir, raw=True))
-        ema.module.load_state_dict(load_weights(out_dir))
+        load_into(net, load_weights(out_dir, raw=True), str(out_dir))
+        load_into(ema.module, load_weights(out_dir), str(out_dir))
         ema.n_averaged.fill_(int(state["ema_n_averaged"]))
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -196,7 +196,7 @@ def train(
                 f"({src.get('model')}, cond_dim={src.get('cond_dim')} vs {ckpt_config['model']}, {cond_dim})"
             )
         weights = load_weights(init_from)
-        net.load_state_dict(weights)
+        load_into(net, weights, f"--init-from {init_from}")
         ema.module.load_state_dict(weights)
         ckpt_config["init_from"] = str(init_from)
 

@@ -728,3 +728,33 @@ def test_hybrid_checkpoint_rows_with_several_estimators_and_calibration(trained,
     per_item = pq.read_table(out / "predictions.parquet").to_pandas()
     assert per_item[per_item["model"] == "hybrid[geoscore]"]["hdr_level"].between(0, 1).all()
     assert "**Calibration**" in (out / "table.md").read_text()
+
+
+def test_calibration_on_the_first_items_only(tmp_path):
+    """``calibration_items`` limits the costly calibration to the first items of the pass (across batches):
+    its levels are those of the full run on the same items, the rest of the per-item file is null."""
+    dim, n = 8, 300
+    geo = Geolocator.build(FamilyConfig(name="vmf"), ModelConfig(dim=16, depth=1, expansion=2), dim,
+                           config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2},
+                                   "cond_dim": dim})
+    torch.manual_seed(0)
+    cond = torch.randn(n, dim)
+    truth = geo.sample(cond, 1, generator=torch.Generator().manual_seed(1))[:, 0]
+    ll = xyz_to_latlon(truth.double()).numpy()
+    fs = FeatureStore.create(tmp_path / "s", BackboneInfo("test", "r", dim, {}))
+    fs.write_shard(build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t")
+    base = EvalConfig(seeds=(0,), prdc=False, calibration=True, calibration_n=50, batch_size=64)
+    full = evaluate_stores({"vmf": geo}, tmp_path / "s", "test", base)
+    part = evaluate_stores({"vmf": geo}, tmp_path / "s", "test", dataclasses.replace(base, calibration_items=100))
+    lv_full, lv_part = full.row("vmf").predictions.hdr_level, part.row("vmf").predictions.hdr_level
+    assert len(lv_full) == n and len(lv_part) == 100
+    assert part.row("vmf").calibration["n"] == 100
+    # The first batch (64 items) is calibrated exactly as in the full run; the second only for 36 items.
+    np.testing.assert_allclose(lv_part[:64], lv_full[:64])
+    assert np.isfinite(lv_part).all()
+    assert "on the first 100 items" in part.table_markdown()
+    part.write(tmp_path / "out")
+    tab = pq.read_table(next((tmp_path / "out").glob("*.parquet")))
+    assert tab.column("hdr_level").null_count == n - 100
+    with pytest.raises(ConfigError):
+        EvalConfig(calibration_items=-1)

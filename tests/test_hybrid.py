@@ -204,3 +204,84 @@ def test_answer_flow_share_is_fitted_by_geoscore_and_zero_gives_the_neighbours_a
     with pytest.raises(ConfigError):
         HybridParams(answer_flow=1.5)
     assert HybridParams.from_json({**HybridParams(answer_flow=0.25).to_json()}).answer_flow == 0.25
+
+
+def _band_labeller(latlon):
+    """A fake gazetteer: 'countries' are 30°-wide longitude bands, 'regions' 10° bands, 'cities' 1° cells."""
+    import numpy as np
+
+    lon = np.asarray(latlon)[:, 1] + 180.0
+    return {
+        "country": (lon // 30).astype(np.int64),
+        "region": (lon // 10).astype(np.int64),
+        "city": (np.floor(np.asarray(latlon)[:, 0]) * 1000 + lon // 1).astype(np.int64),
+    }
+
+
+def test_label_aware_answer_is_fitted_on_validation_and_needs_a_labeller():
+    """With a labeller the fit scans the label weight too and keeps the setting with the best table score
+    (GeoScore / 5000 + accuracies) on validation; the answer at label weight 0 is the GeoScore answer; a
+    hybrid whose params weigh labels refuses to answer without a labeller."""
+    from geoloc.hybrid import fit_answer_flow
+    from geoloc.retrieval import best_expected_answer
+
+    h = hybrid(lam_a=-1.0, lam_b=0.0, kappa=1e4, k=8, tau=0.3)
+    cond = torch.randn(150, DIM, generator=torch.Generator().manual_seed(3))
+    nb = h.neighbours(cond)
+    truth = nb.xyz[:, 1]  # the truth is a neighbour, not always the most central one
+    draws = h.flow.sample(cond, 8, steps=4, generator=torch.Generator().manual_seed(1))
+    plain = fit_answer_flow(h, cond, truth, nb, draws)
+    assert {r["answer_labels"] for r in plain["grid"]} == {0.0}
+    h.labeller = _band_labeller
+    fit = fit_answer_flow(h, cond, truth, nb, draws)
+    assert {r["answer_labels"] for r in fit["grid"]} == {0.0, 0.25, 0.5, 1.0}
+    assert fit["score"] == max(r["score"] for r in fit["grid"])
+    for r in fit["grid"]:
+        assert r["score"] == pytest.approx(r["geoscore"] / 5000 + sum(r["accuracy"].values()))
+    at0 = h.geoscore_answer(cond, neighbours=nb, flow_samples=draws, answer_flow=0.5, answer_labels=0.0)
+    h.labeller = None
+    assert torch.allclose(at0, h.geoscore_answer(cond, neighbours=nb, flow_samples=draws, answer_flow=0.5))
+    h.labeller = _band_labeller
+    # The label-aware answer is the best expected score over the mixture's candidates.
+    got = h.geoscore_answer(cond, neighbours=nb, flow_samples=draws, answer_flow=1.0, answer_labels=1.0)
+    from geoloc.hybrid import flow_log_weight
+    from geoloc.retrieval import neighbour_log_weights
+
+    log_lam, log_rest = flow_log_weight(nb.sim, h.params)
+    sub = nb.head(8)
+    pts = torch.cat([draws.float(), sub.xyz], 1)
+    log_w = torch.cat(
+        [(log_lam - math.log(8)).unsqueeze(1).expand(-1, 8), log_rest.unsqueeze(1) + neighbour_log_weights(sub.sim, 0.3)],
+        1,
+    )
+    want = best_expected_answer(pts, log_w, h.point_labels(pts), 1.0)
+    assert torch.allclose(got, want)
+    h2 = HybridGeolocator(h.flow, h.index, HybridParams(**{**h.params.to_json(), "answer_labels": 0.5}))
+    with pytest.raises(ConfigError, match="labeller"):
+        h2.geoscore_answer(cond[:2], flow_samples=draws[:2])
+
+
+def test_overconfident_hybrid_regions_are_recalibrated_on_validation():
+    """Truths come from a hybrid with 4x broader kernels than the model's: the model's 90% region covers far
+    less than 90%. A level map fitted on validation items makes its regions cover their nominal share on new
+    items (within binomial noise), by drawing a larger raw region (region_level(0.9) > 0.9)."""
+    from geoloc.calibration import coverage, fit_level_map, hdr_levels
+
+    model = hybrid("vmf", kappa=400.0, lam_a=-3.0, lam_b=0.0)
+    broad = HybridGeolocator(model.flow, model.index, HybridParams(**{**model.params.to_json(), "kappa": 100.0}))
+    g = torch.Generator().manual_seed(5)
+
+    def levels(n: int):
+        cond = torch.randn(n, DIM, generator=g)
+        truth = broad.sample(cond, 1, generator=g)[:, 0]
+        _, lp = model.sample_with_log_prob(cond, 100, generator=g)
+        return hdr_levels(lp, model.log_prob(truth, cond))
+
+    val, test = levels(500), levels(500)
+    assert coverage(test)[0.9] < 0.75  # overconfident before recalibration
+    model.level_map = fit_level_map(val)
+    assert model.region_level(0.9) > 0.95 and model.region_level(0.5) > 0.5
+    for alpha, got in coverage(model.calibrate_levels(test)).items():
+        assert abs(got - alpha) < 0.06, (alpha, got)
+    model.level_map = None
+    assert model.region_level(0.9) == 0.9

@@ -61,3 +61,23 @@ def test_missing_neighbours_get_no_weight_and_are_never_answers():
         neighbour_log_weights(sim, 0.0)
     with pytest.raises(InputError):
         weighted_retrieval(xyz, sim[:, :2], tau=0.1)
+
+
+def test_label_weight_moves_the_answer_to_the_label_mode():
+    """Three weighted points on the equator, 10° apart: the middle one (label 2, weight 0.3) maximises expected
+    GeoScore, but label 1 holds 0.7 of the mass; with label agreement in the score the answer is the heaviest
+    label-1 point, and the score is the formula's."""
+    from geoloc.retrieval import best_expected_answer, expected_label_agreement
+
+    pts = _xyz([(0.0, 0.0), (0.0, 10.0), (0.0, 20.0)])[None]
+    log_w = torch.tensor([[0.3, 0.3, 0.4]], dtype=torch.float64).log()
+    labels = {"country": torch.tensor([[1, 2, 1]])}
+    assert torch.allclose(best_expected_answer(pts, log_w), pts[:, 1])
+    assert torch.allclose(best_expected_answer(pts, log_w, labels, 0.0), pts[:, 1])
+    assert torch.allclose(best_expected_answer(pts, log_w, labels, 1.0), pts[:, 2])
+    agree = expected_label_agreement(labels["country"], labels["country"], log_w)
+    assert torch.allclose(agree, torch.tensor([[0.7, 0.3, 0.7]], dtype=torch.float64))
+    unlabelled = expected_label_agreement(torch.tensor([[-1, 2, -1]]), torch.tensor([[-1, 2, -1]]), log_w)
+    assert torch.allclose(unlabelled, torch.tensor([[0.0, 0.3, 0.0]], dtype=torch.float64))
+    with pytest.raises(ConfigError):
+        best_expected_answer(pts, log_w, labels, -1.0)

@@ -183,6 +183,10 @@ def eval_command(
     calibration_samples: Annotated[
         int, typer.Option(help="Exact draws per item for the calibration.", min=2)
     ] = _DEFAULT.calibration_n,
+    calibration_items: Annotated[
+        int,
+        typer.Option(help="Calibrate on the first N items only (0: every item); the draws cost per item.", min=0),
+    ] = _DEFAULT.calibration_items,
     retrieval_k: Annotated[
         int | None,
         typer.Option(
@@ -241,6 +245,7 @@ def eval_command(
         estimators=chosen if len(chosen) > 1 else (),
         calibration=calibration,
         calibration_n=calibration_samples,
+        calibration_items=calibration_items,
         retrieval_k=retrieval_k,
         retrieval_tau=retrieval_tau,
         n=samples,

@@ -26,6 +26,7 @@ import contextlib
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -94,9 +95,19 @@ def decode_image(payload: bytes) -> Any:
         raise ImageDecodeError(f"image too large to decode safely ({e})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL reports truncation as OSError("image file is truncated ...") and unknown formats as
-        # UnidentifiedImageError (an OSError); keep its words, they are the most precise reason.
-        raise ImageDecodeError(f"cannot decode image: {e}") from e
+        # UnidentifiedImageError (an OSError); keep its words, they are the most precise reason, but not the
+        # repr of our BytesIO ("<_io.BytesIO object at 0x7f…>"): it names nothing the user has, and its
+        # address made every reason unique (and, with digits folded, garbled: "NxNfNdNeNaN", issue 11).
+        raise ImageDecodeError(f"cannot decode image: {_without_reprs(str(e))}") from e
     return _to_rgb(img)
+
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def _without_reprs(message: str) -> str:
+    """``message`` without Python object reprs (``<_io.BytesIO object at 0x7f…>``); never empty."""
+    return _OBJECT_REPR.sub("", message).strip() or message
 
 
 def _to_rgb(img: Any) -> Any:

@@ -151,7 +151,7 @@ def _top(hybrid: HybridGeolocator, cond: torch.Tensor, gaz: Any, k: int = 3) -> 
 def _showcase(
     hybrid: HybridGeolocator,
     store: Path,
-    rfm: Path,
+    hyb_dir: Path,
     config: DemoConfig,
     report: DemoReport,
     gaz: Any,
@@ -170,8 +170,9 @@ def _showcase(
         report.showcase.append(
             {"rule": why, "id": items.ids[i], "name": truth, "localizability_bits": float(loc[i]), **top}
         )
-    # Famous names: embedded by the same backbone as the store (through the predict API).
-    predictor = Predictor.from_pretrained(rfm)
+    # Famous names: embedded by the same backbone as the store, through the predict API of the hybrid (the
+    # product's default model), so the maps below draw the same density whose masses the table lists.
+    predictor = Predictor.from_pretrained(hyb_dir)
     texts = [n for n, _ in config.names]
     options = PredictOptions(
         top_k=3, samples=256, steps=config.eval_steps, keep_embeddings=True, keep_samples=True, regions=False
@@ -185,7 +186,6 @@ def _showcase(
         )
         report.top_places[text] = [(t["lat"], t["lon"], t["mass"], t["place"]) for t in top["top"]]
     if config.maps:
-        # The maps draw the flow's density (the map renderer takes a Geolocator); the masses above are the hybrid's.
         report.maps.extend(
             write_maps(
                 predictor,
@@ -301,6 +301,8 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
         where=config.eval_where,
         calibration=True,
         calibration_n=config.calibration_n,
+        calibration_items=config.calibration_items,
+        batch_size=256,  # the progress bar moves (with an ETA) every 256 names, not once at the end
         likelihood=LikelihoodConfig(steps=8),
         prdc=False,
     )
@@ -317,7 +319,7 @@ def run_demo(config: DemoConfig = DemoConfig(), log: Callable[[str], None] = pri
     from geoloc.gazetteer import Gazetteer  # the label table loads in seconds; only this stage needs places
 
     gaz = Gazetteer.load(table=False)
-    _showcase(hybrid, store, rfm, config, report, gaz)
+    _showcase(hybrid, store, hyb_dir, config, report, gaz)
     report.timings_s["showcase"] = time.perf_counter() - t0
     report.timings_s["total"] = time.perf_counter() - start
 

@@ -127,6 +127,9 @@ def _reason_kind(reason: str) -> str:
         head,
         flags=re.IGNORECASE,
     )
+    # Hex values (addresses, magic bytes) first: folding their digits one by one gave "NxNfNdNeNaN".
+    head = re.sub(r"<[^<>]*\bat 0x[0-9a-fA-F]+>", "<object>", head)
+    head = re.sub(r"\b0x[0-9a-fA-F]+\b", "<hex>", head)
     head = re.sub(r"\d+(?:\.\d+)?", "N", head)
     return head[:120]
 

@@ -15,6 +15,7 @@ array (:func:`geoloc.hybrid.fit_hybrid_params`).
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +26,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from geoloc.calibration import LevelMap, calibration_error, fit_level_map, hdr_levels
 from geoloc.checkpoint import read_config
 from geoloc.config import LikelihoodConfig
 from geoloc.errors import CheckpointError, ConfigError, GeolocError
 from geoloc.files import atomic_write_text
+from geoloc.gazetteer import Gazetteer
 from geoloc.geolocator import Geolocator
-from geoloc.hybrid import HybridGeolocator, HybridParams, fit_answer_flow, fit_hybrid_params
+from geoloc.hybrid import (
+    ANSWER_LEVELS,
+    HybridGeolocator,
+    HybridParams,
+    Labeller,
+    fit_answer_flow,
+    fit_hybrid_params,
+)
 from geoloc.pipeline.eval_batches import iter_eval_batches
 from geoloc.pipeline.neighbours import NeighbourIndex, store_identity
 from geoloc.pipeline.store import MANIFEST
@@ -48,10 +58,17 @@ class FitHybridConfig:
     ``max_val``, in store order); ``ks``: neighbour counts tried; ``logistic``: λ depends on the top-1
     similarity (else one λ); ``likelihood``: the flow's likelihood ODE, also recorded for ``load_hybrid``;
     ``answer_items`` validation items (0: skip), each with ``answer_n`` flow draws of ``answer_steps`` steps,
-    choose the flow's share in the answer (:func:`geoloc.hybrid.fit_answer_flow`)."""
+    choose the flow's share in the answer and, with ``answer_labels``, the weight of administrative-label
+    agreement in it (:func:`geoloc.hybrid.fit_answer_flow`; the gazetteer labels the points);
+    ``calibration_items`` validation items (0: skip), each with ``calibration_n`` exact draws, give the HDR levels
+    of their truths under the fitted hybrid, from which its regions are recalibrated (a
+    :class:`~geoloc.calibration.LevelMap`)."""
 
     index_split: str = "train"
     index_kind: str = "auto"
+    answer_labels: bool = True
+    calibration_items: int = 300
+    calibration_n: int = 32
     val_split: str = "val"
     val_where: str | None = None
     max_val: int = 3000
@@ -157,7 +174,8 @@ def fit_hybrid(
     if config.answer_items > 0:
         t2 = time.perf_counter()
         m = min(config.answer_items, len(val.ids))
-        model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood)
+        labeller = gazetteer_labeller() if config.answer_labels else None
+        model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood, labeller=labeller)
         cond = val.cond[:m].to(geo.device)
         g = torch.Generator(device=geo.device).manual_seed(0)
         draws = torch.cat(
@@ -170,11 +188,36 @@ def fit_hybrid(
         )
         sub = nb.rows(slice(0, m)).head(fit.params.search_k)
         answer = fit_answer_flow(model, cond, val.xyz[:m], sub, draws)
-        fit.params = replace(fit.params, answer_flow=answer["answer_flow"])
+        fit.params = replace(
+            fit.params, answer_flow=answer["answer_flow"], answer_labels=answer["answer_labels"]
+        )
         answer |= {"items": m, "draws": config.answer_n, "steps": config.answer_steps}
         say(
-            f"answer: flow share x{answer['answer_flow']:g} (GeoScore {answer['geoscore']:.0f} on {m} validation "
-            f"items) in {time.perf_counter() - t2:.1f} s"
+            f"answer: flow share x{answer['answer_flow']:g}, label weight {answer['answer_labels']:g} "
+            f"(GeoScore {answer['geoscore']:.0f} on {m} validation items) in {time.perf_counter() - t2:.1f} s"
+        )
+    calibration = None
+    if config.calibration_items > 0:
+        t3 = time.perf_counter()
+        m = min(config.calibration_items, len(val.ids))
+        model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood)
+        cond = val.cond[:m].to(geo.device)
+        sub = nb.rows(slice(0, m)).head(fit.params.search_k)
+        g = torch.Generator(device=geo.device).manual_seed(1)
+        _, lp = model.sample_with_log_prob(cond, config.calibration_n, g, neighbours=sub)
+        truth_lp = model.log_prob_points(val.xyz[:m].unsqueeze(1).to(geo.device), cond, sub)[:, 0]
+        levels = hdr_levels(lp, truth_lp)
+        level_map = fit_level_map(levels)
+        calibration = {
+            "items": m,
+            "draws": config.calibration_n,
+            "raw_error": calibration_error(levels),
+            "level_map": level_map.to_json(),
+        }
+        say(
+            f"calibration: raw error {calibration['raw_error']:.3f} on {m} validation items; the 50/90% regions "
+            f"are the raw {level_map.nominal_for(0.5):.2f}/{level_map.nominal_for(0.9):.2f} HDRs "
+            f"({time.perf_counter() - t3:.1f} s)"
         )
     say(
         f"hybrid: {fit.params} NLL {fit.nll:.3f} nats (flow alone {fit.flow_nll:.3f}); "
@@ -199,6 +242,7 @@ def fit_hybrid(
         "fit": {**fit.to_json(), "seconds": time.perf_counter() - t0},
         "retrieval": {k: v for k, v in retrieval.items() if k != "grid"} | {"grid": retrieval["grid"]},
         "answer": answer,
+        "calibration": calibration,
     }
     atomic_write_text(out / HYBRID_FILE, json.dumps(doc, indent=2) + "\n")
     say(f"wrote {out / HYBRID_FILE}")
@@ -246,7 +290,22 @@ def load_hybrid(directory: str | Path, device: str = "cpu", *, verify_store: boo
     if verify_store:
         for rec in doc.get("database") or []:
             _check_store(rec, path)
-    return HybridGeolocator(geo, index, params, likelihood_config=lik, info=doc)
+    labeller = gazetteer_labeller() if params.answer_labels > 0 else None
+    cal = doc.get("calibration") or {}
+    try:
+        level_map = LevelMap.from_json(cal["level_map"]) if cal.get("level_map") else None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad calibration.level_map ({e}); refit the hybrid") from e
+    return HybridGeolocator(
+        geo, index, params, likelihood_config=lik, info=doc, labeller=labeller, level_map=level_map
+    )
+
+
+@functools.cache
+def gazetteer_labeller() -> Labeller:
+    """The published labelling rule (:class:`~geoloc.gazetteer.Gazetteer`, its cached table) at the answer's
+    levels, loaded once per process: the label-aware answer labels every candidate of every query."""
+    return functools.partial(Gazetteer.load().label_ids, levels=ANSWER_LEVELS)
 
 
 def _check_index(doc: dict[str, Any], index: NeighbourIndex, d: Path, cond_dim: int) -> None:

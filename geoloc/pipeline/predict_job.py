@@ -33,7 +33,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -65,6 +65,7 @@ __all__ = [
     "Mode",
     "Place",
     "PredictOptions",
+    "PredictSummary",
     "Predictor",
     "check_outputs",
     "collect_inputs",
@@ -73,6 +74,7 @@ __all__ = [
     "load_predictor",
     "read_texts",
     "run_predict",
+    "summarize",
     "write_density_cells",
     "write_maps",
 ]
@@ -83,6 +85,8 @@ DENSITY_SUFFIXES = (".geojson", ".json", ".parquet", ".pq")
 STDIN = "-"
 """An input (or ``--text`` / ``--text-file`` value) that means: read one entry per line from stdin."""
 _MODEL_CHUNK = 8
+_FAILURE_LINES = 50
+"""Failed items listed one per line on stderr; the rest are counted (every one is a row of the outputs)."""
 """Items per model call inside a backbone batch: the progress bar moves (with an ETA) every few items even
 when one batch of 32 takes minutes of sampling on a CPU."""
 
@@ -469,6 +473,65 @@ def run_predict(
             r.embedding = r.samples = None
         results.append(r)
     return results
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What a predict run did, for the log and the exit code.
+
+    ``failures``: ``(item, reason)`` of every input that could not be used (item: its id, and its file when
+    that differs). ``ok`` — the run's exit code is 0 — when nothing failed, or when some items were located
+    and at most ``max_failure_rate`` of them failed (the rule of ``embed`` and ``store import``). A folder
+    where 3 of 4 images are unreadable is a failed run, though the one good answer is still written.
+    """
+
+    total: int
+    failures: tuple[tuple[str, str], ...]
+    max_failure_rate: float
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def located(self) -> int:
+        return self.total - self.failed
+
+    @property
+    def failure_rate(self) -> float:
+        return self.failed / self.total if self.total else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 or (self.located > 0 and self.failure_rate <= self.max_failure_rate)
+
+    def lines(self, limit: int = _FAILURE_LINES) -> list[str]:
+        """The counts, then one line per failed item (the first ``limit``) naming it and the reason."""
+        out = [f"{self.total} item(s), {self.located} located, {self.failed} failed"]
+        out += [f"  failed {item}: {reason}" for item, reason in self.failures[:limit]]
+        if self.failed > limit:
+            out.append(f"  ... {self.failed - limit} more failed item(s); --out FILE lists each in its error column")
+        return out
+
+    def verdict(self) -> str | None:
+        """None for a run that succeeded; else the one line saying why the exit code is 1."""
+        if self.ok:
+            return None
+        if self.located == 0:
+            return f"no item could be located ({self.failed} failed)"
+        return (
+            f"{self.failed} of {self.total} items failed ({self.failure_rate:.2%}, above the "
+            f"{self.max_failure_rate:.2%} of --max-failure-rate); the {self.located} located were written"
+        )
+
+
+def summarize(results: Sequence[ItemPrediction], max_failure_rate: float = PredictOptions.max_failure_rate
+              ) -> PredictSummary:
+    """Results of :func:`run_predict` → :class:`PredictSummary` (failed items in input order)."""
+    failures = tuple(
+        (r.id if r.input in ("", r.id) else f"{r.id} ({r.input})", r.error or "failed") for r in results if not r.ok
+    )
+    return PredictSummary(total=len(results), failures=failures, max_failure_rate=max_failure_rate)
 
 
 def _slug(text: str, is_path: bool) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -95,7 +96,9 @@ def test_folder_of_images_with_bad_files(tmp_path, vmf_ckpt):
         "--no-progress",
         "--estimator",
         "sample",
-    )
+        "--max-failure-rate",
+        "0.5",
+    )  # 2 of 5 fail: within this limit, so exit 0
     assert r.exit_code == 0, r.output
     assert "5 item(s), 3 located, 2 failed" in r.output
     assert "Paris" in r.output and "cannot decode image" in r.output and "no such file" in r.output
@@ -146,6 +149,8 @@ def test_manifest_items_carry_the_truth(tmp_path, vmf_ckpt):
         "test",
         "--estimator",
         "sample",
+        "--max-failure-rate",
+        "0.5",
     )
     assert r.exit_code == 0, r.output
     t = pq.read_table(tmp_path / "p.parquet").to_pylist()
@@ -164,11 +169,116 @@ def test_limit_and_all_failed_exit_code(tmp_path, vmf_ckpt):
     assert r.exit_code == 1 and "empty file" in r.output
     many = write_images(tmp_path / "many", n=3)  # 4 files: broken.jpg, img0..2.png
     r = _run(
-        many, "-c", vmf_ckpt, "--limit", "3", "--no-progress", "--show", "1", "--samples", "8", "--steps", "2"
+        many,
+        "-c",
+        vmf_ckpt,
+        "--limit",
+        "3",
+        "--no-progress",
+        "--show",
+        "1",
+        "--samples",
+        "8",
+        "--steps",
+        "2",
+        "--max-failure-rate",
+        "0.5",
     )
     assert r.exit_code == 0 and "3 item(s), 2 located, 1 failed" in r.output and "2 more row(s)" in r.output
-    r = _run(many, "-c", vmf_ckpt, "--no-progress", "--samples", "8", "--steps", "2", "-q")
+    r = _run(
+        many,
+        "-c",
+        vmf_ckpt,
+        "--no-progress",
+        "--samples",
+        "8",
+        "--steps",
+        "2",
+        "-q",
+        "--max-failure-rate",
+        "0.5",
+    )
     assert r.exit_code == 0 and "4 item(s)" in r.output and "Paris" not in r.output  # -q: no table
+
+
+def test_three_of_four_failing_is_a_failed_run_that_still_writes_the_good_one(tmp_path, vmf_ckpt):
+    # Issue 11: a folder where 3 of 4 images cannot be used exited 0. Now each failure is one line naming the
+    # item and the reason, every failure is a row of the outputs, the good answer is written, and the exit
+    # code is 1 (more than --max-failure-rate of the items failed).
+    photos = write_images(tmp_path / "photos", n=1)  # img0.png + broken.jpg
+    (photos / "empty.png").write_bytes(b"")
+    (photos / "notes.jpg").write_text("a text file named .jpg by mistake\n")
+    args = [
+        photos,
+        "-c",
+        vmf_ckpt,
+        "--out",
+        tmp_path / "p.csv",
+        "--samples",
+        "8",
+        "--steps",
+        "2",
+        "--no-progress",
+        "-q",
+    ]
+    r = _run(*args)
+    assert r.exit_code == 1, r.output
+    assert "4 item(s), 1 located, 3 failed" in r.output
+    lines = [line.strip() for line in r.output.splitlines() if line.strip().startswith("failed ")]
+    assert sorted(lines) == [
+        f"failed {photos / 'broken.jpg'}: cannot decode image: Truncated File Read",
+        f"failed {photos / 'empty.png'}: empty file (0 bytes)",
+        f"failed {photos / 'notes.jpg'}: cannot decode image: cannot identify image file",
+    ]
+    assert "error: 3 of 4 items failed (75.00%, above the 5.00% of --max-failure-rate)" in r.output
+    import csv
+
+    rows = {Path(row["id"]).name: row for row in csv.DictReader((tmp_path / "p.csv").open())}
+    assert set(rows) == {"img0.png", "broken.jpg", "empty.png", "notes.jpg"}
+    assert rows["img0.png"]["error"] == "" and abs(float(rows["img0.png"]["lat"]) - PARIS[0]) < 0.5
+    assert rows["empty.png"]["error"] == "empty file (0 bytes)" and rows["empty.png"]["lat"] == ""
+    assert rows["notes.jpg"]["error"].startswith("cannot decode image")
+    # The limit is the user's: 75% is within 0.8, not within 0.7; 0 refuses any failure.
+    assert _run(*args, "--max-failure-rate", "0.8").exit_code == 0
+    assert _run(*args, "--max-failure-rate", "0.7").exit_code == 1
+    ok_only = tmp_path / "ok"
+    ok_only.mkdir()
+    (photos / "img0.png").rename(ok_only / "img0.png")
+    assert _run(ok_only, *args[1:], "--max-failure-rate", "0").exit_code == 0
+
+
+def test_bad_manifest_rows_are_named_and_fail_the_run(tmp_path, vmf_ckpt):
+    root = write_images(tmp_path / "data" / "images", n=1).parent
+    (root / "test.csv").write_text(
+        f"id,lat,lon,path\na,{PARIS[0]},{PARIS[1]},img0.png\nb,1,2,nope.png\nc,3,4,broken.jpg\n"
+    )
+    (tmp_path / "mine.toml").write_text(
+        'name = "mine"\nkind = "folder"\nformat = "folder"\nroot = "data"\nlicence = "test"\n'
+        'description = "t"\n[columns]\nid = "id"\nlat = "lat"\nlon = "lon"\nimage_path = "path"\n'
+        '[splits.test]\ntable = "test.csv"\nimages = "images"\n'
+    )
+    r = _run(
+        tmp_path / "mine.toml",
+        "--root",
+        root,
+        "-c",
+        vmf_ckpt,
+        "--format",
+        "jsonl",
+        "--samples",
+        "8",
+        "--steps",
+        "2",
+        "--no-progress",
+    )
+    assert r.exit_code == 1
+    assert "3 item(s), 1 located, 2 failed" in r.stderr
+    failed = [line.strip() for line in r.stderr.splitlines() if line.strip().startswith("failed ")]
+    assert [line.split(":")[0].split(" (")[0] for line in failed] == ["failed b", "failed c"]
+    assert "nope.png" in failed[0] and "broken.jpg" in failed[1] and "decode" in failed[1]
+    answers = {a["id"]: a for a in map(json.loads, r.stdout.splitlines())}
+    assert answers["a"]["error"] is None and answers["a"]["lat"] == pytest.approx(PARIS[0], abs=0.5)
+    assert answers["b"]["error"] and answers["c"]["error"]
 
 
 def test_user_errors_are_one_line(tmp_path, vmf_ckpt):
@@ -208,6 +318,8 @@ def test_density_maps_with_trajectories(tmp_path):
         "--no-progress",
         "--top-k",
         "2",
+        "--max-failure-rate",
+        "0.5",
     )
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in (tmp_path / "maps").iterdir())
@@ -335,6 +447,8 @@ def test_json_to_stdout_logs_to_stderr(tmp_path, vmf_ckpt):
         "sample",
         "--out",
         tmp_path / "p.parquet",
+        "--max-failure-rate",
+        "0.5",
     )
     assert r.exit_code == 0, r.output
     recs = json.loads(r.stdout)  # stdout is nothing but the JSON list
@@ -428,6 +542,8 @@ def test_density_cells_export(tmp_path):
         "2",
         "--no-progress",
         "-q",
+        "--max-failure-rate",
+        "0.5",
     )
     r = _run(photos, "-c", ckpt, "--density-out", tmp_path / "cells.parquet", *args)
     assert r.exit_code == 0, r.output

@@ -31,6 +31,7 @@ from geoloc.pipeline.embed import (
     ShardWriter,
     _Mapper,
     _PartitionSkip,
+    _reason_kind,
     run_embed,
 )
 from geoloc.pipeline.items import Failure, Item
@@ -271,6 +272,25 @@ def test_failure_rate_threshold_and_summary(tmp_path: Path) -> None:
     text = report.summary()
     assert "30.77%" in text and "geoloc store failures" in text
     assert sum(report.reasons.values()) == 4
+
+
+def test_a_file_that_is_no_image_has_a_readable_reason(tmp_path: Path) -> None:
+    # Issue 11: PIL's message carries the repr of our BytesIO ("<_io.BytesIO object at 0x7f…>"); the summary
+    # folded its digits one by one into "NxNfNdNeNaN". The reason names the problem, not an address.
+    ds = make_dataset(tmp_path, n_good=4, bad=False)
+    (ds.root / "images" / "p0001.jpg").write_bytes(b"a text file that was named .jpg by mistake\n" * 4)
+    report = run_embed(_config(ds, tmp_path / "store", max_failure_rate=0.5))
+    assert (report.embedded, report.failed) == (3, 1)
+    assert list(report.reasons) == ["cannot decode image: cannot identify image file"]
+    assert "cannot decode image: cannot identify image file" in report.summary()
+    (row,) = FeatureStore.open(tmp_path / "store").failures_table().to_pylist()
+    assert row["id"] == "p0001" and row["reason"] == "cannot decode image: cannot identify image file"
+
+
+def test_reason_kinds_fold_numbers_but_not_hex_digits_one_by_one() -> None:
+    assert _reason_kind("bad header 0x7f99d6e17b00 after 12 bytes") == "bad header <hex> after N bytes"
+    assert _reason_kind("cannot open <_io.BytesIO object at 0x7f99d6e17b00>") == "cannot open <object>"
+    assert _reason_kind("file /data/x/1.jpg is 0 bytes; re-download it") == "file <file> is N bytes"
 
 
 def test_text_dataset_with_real_minilm(tmp_path: Path) -> None:
@@ -519,6 +539,46 @@ def _alive(pids: set[int]) -> set[int]:
     return {p for p in pids if p in table and table[p][1] != "Z"}
 
 
+SHM = Path("/dev/shm")
+
+
+def _shm_names() -> set[str]:
+    return {p.name for p in SHM.iterdir()} if SHM.is_dir() else set()
+
+
+def _shm_in_use() -> set[str]:
+    """Names in /dev/shm that a live process has open or mapped (other tests on the machine use it too)."""
+    used: set[str] = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            maps, fds = (d / "maps").read_text().splitlines(), list((d / "fd").iterdir())
+        except OSError:  # gone, or not ours to read
+            continue
+        used |= {
+            Path(line.split(None, 5)[5].strip()).name
+            for line in maps
+            if "/dev/shm/" in line and len(line.split(None, 5)) == 6
+        }
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed since it was listed
+                continue
+            if target.startswith("/dev/shm/"):
+                used.add(Path(target).name)
+    return used
+
+
+def _shm_leftovers(before: set[str], pids: set[int]) -> set[str]:
+    """/dev/shm entries that appeared since ``before`` and that no live process uses: segments nobody will
+    unlink. torch names its segments ``torch_<pid>_…``; one of ``pids`` (the run) is always counted."""
+    new = _shm_names() - before
+    ours = {n for n in new if any(n.startswith(f"torch_{p}_") for p in pids)}
+    return ours | (new - _shm_in_use())
+
+
 def _start_embed_with_workers(tmp_path: Path, n: int = 1200) -> tuple[subprocess.Popen, Path, set[int]]:
     ds = make_dataset(tmp_path, n_good=n, bad=False)
     store = tmp_path / "store"
@@ -563,17 +623,37 @@ def _start_embed_with_workers(tmp_path: Path, n: int = 1200) -> tuple[subprocess
     return proc, store, kids | _descendants(proc.pid)
 
 
+@pytest.mark.skipif(not SHM.is_dir(), reason="uses /dev/shm")
+def test_the_shm_leftover_check_sees_a_segment_nobody_holds() -> None:
+    before = _shm_names()
+    held, orphan = SHM / f"geoloc-test-held-{os.getpid()}", SHM / f"torch_{os.getpid()}_1_1"
+    try:
+        with held.open("wb") as f:
+            f.write(b"x")
+            orphan.write_bytes(b"x")
+            f.flush()
+            assert _shm_leftovers(before, set()) == {orphan.name}  # ours by name, held by nobody
+            assert _shm_leftovers(before, {os.getpid()}) == {orphan.name}
+        assert _shm_leftovers(before, set()) == {held.name, orphan.name}  # closed: nobody will unlink it
+    finally:
+        held.unlink(missing_ok=True)
+        orphan.unlink(missing_ok=True)
+    assert _shm_leftovers(before, set()) == set()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and PR_SET_PDEATHSIG")
 def test_sigkill_of_embed_leaves_no_worker_behind(tmp_path: Path) -> None:
+    shm_before = _shm_names()
     proc, _store, kids = _start_embed_with_workers(tmp_path)
     assert len(kids) >= 2 and _alive(kids)  # workers were running when the parent is killed
     proc.kill()
     proc.wait(timeout=30)
     proc.stderr.close()
     deadline = time.monotonic() + 5.0
-    while _alive(kids) and time.monotonic() < deadline:
+    while (_alive(kids) or _shm_leftovers(shm_before, kids | {proc.pid})) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _alive(kids) == set()  # no process of it left after 5 s
+    assert _shm_leftovers(shm_before, kids | {proc.pid}) == set()  # nor a shared-memory segment (issue 11)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
