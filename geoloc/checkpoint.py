@@ -95,7 +95,7 @@ def load_weights(directory: str | Path, raw: bool = False) -> dict[str, torch.Te
 def load_into(
     module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str, architecture: str = ""
 ) -> None:
-    """Load ``weights`` into ``module`` (built from a config.json), or raise one line saying what does not fit.
+    """Load ``weights`` into ``module`` (built from a config.json), or raise one line saying what doesn't fit.
 
     torch's own size-mismatch error lists every tensor (37 lines for a small network when ``dim`` is edited
     in config.json, issue 11); this names the checkpoint, how many tensors differ, and one of each kind (the
@@ -120,7 +120,8 @@ def load_into(
             parts.append(f"{len(unexpected)} not in this architecture (first: {unexpected[0]})")
         arch = f" ({architecture})" if architecture else ""
         raise CheckpointError(
-            f"{where}: the weights do not fit the architecture config.json describes{arch}: {'; '.join(parts)}; "
+            f"{where}: the weights do not fit the architecture config.json describes{arch}: "
+            f"{'; '.join(parts)}; "
             "was config.json edited? restore it, or use the checkpoint it came with"
         )
     module.load_state_dict(weights)

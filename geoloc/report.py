@@ -432,7 +432,7 @@ def prediction_tables(report: Report) -> Iterator[pa.Table]:
                     preds.localizability, mask=~np.isfinite(preds.localizability)
                 )
             if preds.hdr_level is not None:
-                # Calibration may cover only the first items (EvalConfig.calibration_items): the rest are null.
+                # Calibration may cover only the first items (EvalConfig.calibration_items); the rest: null.
                 hdr = np.full(n, np.nan)
                 hdr[: min(n, len(preds.hdr_level))] = preds.hdr_level[:n]
                 cols["hdr_level"] = pa.array(hdr, mask=~np.isfinite(hdr))

@@ -734,18 +734,25 @@ def test_calibration_on_the_first_items_only(tmp_path):
     """``calibration_items`` limits the costly calibration to the first items of the pass (across batches):
     its levels are those of the full run on the same items, the rest of the per-item file is null."""
     dim, n = 8, 300
-    geo = Geolocator.build(FamilyConfig(name="vmf"), ModelConfig(dim=16, depth=1, expansion=2), dim,
-                           config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2},
-                                   "cond_dim": dim})
+    geo = Geolocator.build(
+        FamilyConfig(name="vmf"),
+        ModelConfig(dim=16, depth=1, expansion=2),
+        dim,
+        config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2}, "cond_dim": dim},
+    )
     torch.manual_seed(0)
     cond = torch.randn(n, dim)
     truth = geo.sample(cond, 1, generator=torch.Generator().manual_seed(1))[:, 0]
     ll = xyz_to_latlon(truth.double()).numpy()
     fs = FeatureStore.create(tmp_path / "s", BackboneInfo("test", "r", dim, {}))
-    fs.write_shard(build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t")
+    fs.write_shard(
+        build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t"
+    )
     base = EvalConfig(seeds=(0,), prdc=False, calibration=True, calibration_n=50, batch_size=64)
     full = evaluate_stores({"vmf": geo}, tmp_path / "s", "test", base)
-    part = evaluate_stores({"vmf": geo}, tmp_path / "s", "test", dataclasses.replace(base, calibration_items=100))
+    part = evaluate_stores(
+        {"vmf": geo}, tmp_path / "s", "test", dataclasses.replace(base, calibration_items=100)
+    )
     lv_full, lv_part = full.row("vmf").predictions.hdr_level, part.row("vmf").predictions.hdr_level
     assert len(lv_full) == n and len(lv_part) == 100
     assert part.row("vmf").calibration["n"] == 100

@@ -185,7 +185,9 @@ def eval_command(
     ] = _DEFAULT.calibration_n,
     calibration_items: Annotated[
         int,
-        typer.Option(help="Calibrate on the first N items only (0: every item); the draws cost per item.", min=0),
+        typer.Option(
+            help="Calibrate on the first N items only (0: every item); the draws cost per item.", min=0
+        ),
     ] = _DEFAULT.calibration_items,
     retrieval_k: Annotated[
         int | None,

@@ -510,7 +510,9 @@ class PredictSummary:
         out = [f"{self.total} item(s), {self.located} located, {self.failed} failed"]
         out += [f"  failed {item}: {reason}" for item, reason in self.failures[:limit]]
         if self.failed > limit:
-            out.append(f"  ... {self.failed - limit} more failed item(s); --out FILE lists each in its error column")
+            out.append(
+                f"  ... {self.failed - limit} more failed item(s); --out FILE lists each in its error column"
+            )
         return out
 
     def verdict(self) -> str | None:
@@ -525,11 +527,14 @@ class PredictSummary:
         )
 
 
-def summarize(results: Sequence[ItemPrediction], max_failure_rate: float = PredictOptions.max_failure_rate
-              ) -> PredictSummary:
+def summarize(
+    results: Sequence[ItemPrediction], max_failure_rate: float = PredictOptions.max_failure_rate
+) -> PredictSummary:
     """Results of :func:`run_predict` → :class:`PredictSummary` (failed items in input order)."""
     failures = tuple(
-        (r.id if r.input in ("", r.id) else f"{r.id} ({r.input})", r.error or "failed") for r in results if not r.ok
+        (r.id if r.input in ("", r.id) else f"{r.id} ({r.input})", r.error or "failed")
+        for r in results
+        if not r.ok
     )
     return PredictSummary(total=len(results), failures=failures, max_failure_rate=max_failure_rate)
 
