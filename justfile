@@ -45,9 +45,10 @@ demo *ARGS: setup-run
 test *ARGS: setup
     {{py}} -m pytest -q {{ARGS}}
 
-# Lint with ruff.
+# Lint with ruff: the rules, then the formatting (line length 110, see pyproject.toml).
 lint: setup
     {{venv}}/bin/ruff check .
+    {{venv}}/bin/ruff format --check .
 
 # Run every benchmark in bench/ (each prints JSON).
 bench *ARGS: setup

@@ -51,7 +51,9 @@ def vmf(centre: tuple[float, float], kappa: float) -> Geolocator:
 
 def rfm_small() -> Geolocator:
     torch.manual_seed(0)
-    geo = Geolocator.build(FamilyConfig(name="rfm-s2"), ModelConfig(dim=256, depth=4, expansion=4), cond_dim=384)
+    geo = Geolocator.build(
+        FamilyConfig(name="rfm-s2"), ModelConfig(dim=256, depth=4, expansion=4), cond_dim=384
+    )
     for m in geo.net.modules():
         if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
             torch.nn.init.normal_(m.weight, std=0.02)
@@ -59,7 +61,7 @@ def rfm_small() -> Geolocator:
 
 
 def rfm_sharp() -> Geolocator:
-    """A random RFM field with larger weights: a peakier density, closer to a trained model's than rfm_small."""
+    """A random RFM field with larger weights: a peakier density, nearer a trained model's than rfm_small."""
     torch.manual_seed(0)
     geo = Geolocator.build(FamilyConfig(name="rfm-s2"), ModelConfig(dim=64, depth=2, expansion=2), cond_dim=8)
     for m in geo.net.modules():
@@ -92,8 +94,12 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     points = 128 if args.quick else 512
     lik = LikelihoodConfig(method="rk4", steps=args.steps)
-    out: dict = {"cpu": cpu_model(), "bf16_native": native_bf16(torch.device("cpu")),
-                 "torch_threads": torch.get_num_threads(), "likelihood": f"rk4 x {args.steps}"}
+    out: dict = {
+        "cpu": cpu_model(),
+        "bf16_native": native_bf16(torch.device("cpu")),
+        "torch_threads": torch.get_num_threads(),
+        "likelihood": f"rk4 x {args.steps}",
+    }
 
     # Cost of one exact-likelihood evaluation for a small-preset RFM network.
     rfm = rfm_small()
@@ -108,19 +114,30 @@ def main() -> None:
     out["rfm_small_evals_per_s"] = round(rate, 1)
 
     # Adaptive maps of known densities: evaluations and accuracy.
-    for name, kappa, start, levels in [("sharp", 3e4, 1, 5), ("sharp_start0", 3e4, 0, 6), ("broad", 50.0, 1, 5)]:
+    for name, kappa, start, levels in [
+        ("sharp", 3e4, 1, 5),
+        ("sharp_start0", 3e4, 0, 6),
+        ("broad", 50.0, 1, 5),
+    ]:
         geo = vmf((48.85, 2.35), kappa)
         walls, m = [], None
         for _ in range(repeats):
             t = time.perf_counter()
-            m = density_map(geo, torch.zeros(4), DensityConfig(start_resolution=start, levels=levels),
-                            generator=torch.Generator().manual_seed(0))
+            m = density_map(
+                geo,
+                torch.zeros(4),
+                DensityConfig(start_resolution=start, levels=levels),
+                generator=torch.Generator().manual_seed(0),
+            )
             walls.append(time.perf_counter() - t)
         finest = int(m.resolution.max())
         peak = m.peaks(1)[0]
         out[name] = {
-            "kappa": kappa, "start_resolution": start, "finest_resolution": finest,
-            "evaluations": m.evaluations, "cells": len(m),
+            "kappa": kappa,
+            "start_resolution": start,
+            "finest_resolution": finest,
+            "evaluations": m.evaluations,
+            "cells": len(m),
             "total_mass_error": round(abs(m.total_mass - 1.0), 5),
             "peak_log_density_error": round(abs(peak["log_density"] - math.log(kappa / (2 * math.pi))), 4),
             "wall_s_vmf": round(statistics.median(walls), 3),
@@ -132,9 +149,14 @@ def main() -> None:
 
     # The whole adaptive map on the RFM network itself (a smooth density: few refinements).
     t = time.perf_counter()
-    m = density_map(rfm, cond, DensityConfig(levels=2, likelihood=lik), generator=torch.Generator().manual_seed(0))
-    out["rfm_small_map"] = {"evaluations": m.evaluations, "wall_s": round(time.perf_counter() - t, 1),
-                            "total_mass_error": round(abs(m.total_mass - 1.0), 5)}
+    m = density_map(
+        rfm, cond, DensityConfig(levels=2, likelihood=lik), generator=torch.Generator().manual_seed(0)
+    )
+    out["rfm_small_map"] = {
+        "evaluations": m.evaluations,
+        "wall_s": round(time.perf_counter() - t, 1),
+        "total_mass_error": round(abs(m.total_mass - 1.0), 5),
+    }
 
     # Mass against solver and steps on a peakier field (escalation off, to see each setting alone).
     sharp, scond = rfm_sharp(), torch.randn(8, generator=torch.Generator().manual_seed(3))
@@ -143,15 +165,22 @@ def main() -> None:
         grid += [("rk4", 16), ("euler", 16), ("euler", 32)]
     out["mass_vs_steps"] = {}
     for method, steps in grid:
-        cfg = DensityConfig(levels=3, mass_tolerance=1.0, likelihood=LikelihoodConfig(method=method, steps=steps))
+        cfg = DensityConfig(
+            levels=3, mass_tolerance=1.0, likelihood=LikelihoodConfig(method=method, steps=steps)
+        )
         t = time.perf_counter()
         m = density_map(sharp, scond, cfg, generator=torch.Generator().manual_seed(0))
-        out["mass_vs_steps"][f"{method}x{steps}"] = {"mass": round(m.total_mass, 4),
-                                                     "wall_s": round(time.perf_counter() - t, 1)}
+        out["mass_vs_steps"][f"{method}x{steps}"] = {
+            "mass": round(m.total_mass, 4),
+            "wall_s": round(time.perf_counter() - t, 1),
+        }
     cfg = DensityConfig(levels=3, likelihood=LikelihoodConfig(method="midpoint", steps=4))
     m = density_map(sharp, scond, cfg, generator=torch.Generator().manual_seed(0))
-    out["escalated_midpoint_from_4"] = {"mass": round(m.total_mass, 4), "steps": m.likelihood_steps,
-                                        "evaluations": m.evaluations}
+    out["escalated_midpoint_from_4"] = {
+        "mass": round(m.total_mass, 4),
+        "steps": m.likelihood_steps,
+        "evaluations": m.evaluations,
+    }
 
     # Render time per item (the map of a three-mode vMF mixture: a sharp, a medium and a broad mode).
     geo = vmf((48.85, 2.35), 2e4)
@@ -161,16 +190,26 @@ def main() -> None:
         png_s, html_s = [], []
         for _ in range(repeats):
             t = time.perf_counter()
-            render_png(m, Path(tmp) / "m.png", title=map_title("bench", "Paris", 1.0), truth=(48.9, 2.4),
-                       estimate=(48.8, 2.3))
+            render_png(
+                m,
+                Path(tmp) / "m.png",
+                title=map_title("bench", "Paris", 1.0),
+                truth=(48.9, 2.4),
+                estimate=(48.8, 2.3),
+            )
             png_s.append(time.perf_counter() - t)
             t = time.perf_counter()
-            page = render_html(m, Path(tmp) / "m.html", title="bench", truth=(48.9, 2.4), estimate=(48.8, 2.3))
+            page = render_html(
+                m, Path(tmp) / "m.html", title="bench", truth=(48.9, 2.4), estimate=(48.8, 2.3)
+            )
             html_s.append(time.perf_counter() - t)
-        out["render"] = {"cells": len(m), "png_s_per_item": round(statistics.median(png_s), 2),
-                         "png_kb": round((Path(tmp) / "m.png").stat().st_size / 1024),
-                         "html_s_per_item": round(statistics.median(html_s), 2),
-                         "html_kb": round(page.stat().st_size / 1024)}
+        out["render"] = {
+            "cells": len(m),
+            "png_s_per_item": round(statistics.median(png_s), 2),
+            "png_kb": round((Path(tmp) / "m.png").stat().st_size / 1024),
+            "html_s_per_item": round(statistics.median(html_s), 2),
+            "html_kb": round(page.stat().st_size / 1024),
+        }
     print(json.dumps(out))
 
 

@@ -80,10 +80,21 @@ def _job_pieces(manifest: Path, backbone):
     from geoloc.pipeline.embed import EmbedJob, ManifestSource
     from geoloc.pipeline.manifests import load_manifest
 
-    return EmbedJob(source=ManifestSource(load_manifest(manifest)), skip=set(), store=None,
-                    backbone_name=backbone.name, weights=None, backbone_config=None,
-                    preprocessor=backbone.preprocessor, collator=backbone.collator, label_columns=(),
-                    device="cpu", dtype="fp32", shard_rows=1, flush_interval_s=1e9)
+    return EmbedJob(
+        source=ManifestSource(load_manifest(manifest)),
+        skip=set(),
+        store=None,
+        backbone_name=backbone.name,
+        weights=None,
+        backbone_config=None,
+        preprocessor=backbone.preprocessor,
+        collator=backbone.collator,
+        label_columns=(),
+        device="cpu",
+        dtype="fp32",
+        shard_rows=1,
+        flush_interval_s=1e9,
+    )
 
 
 def decode_only(manifest: Path, backbone, workers: int, batch_size: int) -> dict:
@@ -93,10 +104,15 @@ def decode_only(manifest: Path, backbone, workers: int, batch_size: int) -> dict
     from geoloc.pipeline.engines import _Records, _worker_init
 
     job = _job_pieces(manifest, backbone)
-    loader = DataLoader(_Records(job), batch_size=batch_size, num_workers=workers, collate_fn=job.collate,
-                        worker_init_fn=_worker_init if workers else None,
-                        prefetch_factor=4 if workers else None,
-                        multiprocessing_context="spawn" if workers else None)
+    loader = DataLoader(
+        _Records(job),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=job.collate,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context="spawn" if workers else None,
+    )
     # Steady state: timed from the first batch of the *last* worker to start (batches come round-robin),
     # so worker start-up (spawn + imports) is reported apart.
     t0 = time.perf_counter()
@@ -109,8 +125,11 @@ def decode_only(manifest: Path, backbone, workers: int, batch_size: int) -> dict
             n_after += len(batch)
         n += len(batch)
     end = time.perf_counter()
-    return {"items": n, "startup_s": round(first - t0, 2),
-            "items_per_s": round(n_after / max(end - first, 1e-9), 1)}
+    return {
+        "items": n,
+        "startup_s": round(first - t0, 2),
+        "items_per_s": round(n_after / max(end - first, 1e-9), 1),
+    }
 
 
 def model_only(manifest: Path, backbone, batch_size: int, max_items: int) -> dict:
@@ -121,7 +140,7 @@ def model_only(manifest: Path, backbone, batch_size: int, max_items: int) -> dic
         samples.append(job.prepare(record))
         if len(samples) >= max_items:
             break
-    batches = [job.collate(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+    batches = [job.collate(samples[i : i + batch_size]) for i in range(0, len(samples), batch_size)]
     batches = [b for b in batches if len(b.ids) == batch_size]
     import torch
 
@@ -147,12 +166,27 @@ def embed(manifest: Path, name: str, dtype: str, workers: int, batch_size: int, 
     from geoloc.pipeline.embed import EmbedConfig, run_embed
 
     t = time.perf_counter()
-    report = run_embed(EmbedConfig(manifest=manifest, store=store, backbone=name, dtype=dtype, num_workers=workers,
-                                   batch_size=batch_size, shard_size=100, progress=False))
+    report = run_embed(
+        EmbedConfig(
+            manifest=manifest,
+            store=store,
+            backbone=name,
+            dtype=dtype,
+            num_workers=workers,
+            batch_size=batch_size,
+            shard_size=100,
+            progress=False,
+        )
+    )
     wall = time.perf_counter() - t
-    return {"items": report.embedded, "failed": report.failed, "wall_s": round(wall, 2),
-            "items_per_s": round(report.embedded / wall, 1), "startup_s": round(report.startup_s or 0.0, 2),
-            "steady_items_per_s": round(report.steady_items_per_s or 0.0, 1)}
+    return {
+        "items": report.embedded,
+        "failed": report.failed,
+        "wall_s": round(wall, 2),
+        "items_per_s": round(report.embedded / wall, 1),
+        "startup_s": round(report.startup_s or 0.0, 2),
+        "steady_items_per_s": round(report.steady_items_per_s or 0.0, 1),
+    }
 
 
 def store_read(tmp: Path, rows: int, dim: int, repeats: int) -> dict:
@@ -166,9 +200,15 @@ def store_read(tmp: Path, rows: int, dim: int, repeats: int) -> dict:
     per = 50_000
     for s in range(0, rows, per):
         n = min(per, rows - s)
-        table = build_table([f"id{s + i}" for i in range(n)], "train", rng.uniform(-80, 80, n),
-                            rng.uniform(-179, 179, n), rng.standard_normal((n, dim), np.float32),
-                            {"country": rng.choice(["FR", "JP", "BR"], n).tolist()}, ("country",))
+        table = build_table(
+            [f"id{s + i}" for i in range(n)],
+            "train",
+            rng.uniform(-80, 80, n),
+            rng.uniform(-179, 179, n),
+            rng.standard_normal((n, dim), np.float32),
+            {"country": rng.choice(["FR", "JP", "BR"], n).tolist()},
+            ("country",),
+        )
         store.write_shard(table, "bench")
     rates = []
     for _ in range(repeats):
@@ -176,15 +216,23 @@ def store_read(tmp: Path, rows: int, dim: int, repeats: int) -> dict:
         total = 0
         checksum = 0.0
         for path in store.shard_paths():
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=["id", "lat", "lon", "emb"]):
+            for batch in pq.ParquetFile(path).iter_batches(
+                batch_size=8192, columns=["id", "lat", "lon", "emb"]
+            ):
                 col = batch.column("emb")
                 emb = col.flatten().to_numpy(zero_copy_only=True).reshape(len(col), dim)
                 checksum += float(emb[0, 0])
                 total += len(col)
         rates.append(total / (time.perf_counter() - t))
     mb = sum(p.stat().st_size for p in store.shard_paths()) / 1e6
-    return {"rows": rows, "dim": dim, "file_mb": round(mb, 1), "rows_per_s": round(statistics.median(rates)),
-            "emb_mb_per_s": round(statistics.median(rates) * dim * 2 / 1e6, 1), "repeats": repeats}
+    return {
+        "rows": rows,
+        "dim": dim,
+        "file_mb": round(mb, 1),
+        "rows_per_s": round(statistics.median(rates)),
+        "emb_mb_per_s": round(statistics.median(rates) * dim * 2 / 1e6, 1),
+        "repeats": repeats,
+    }
 
 
 def main() -> None:
@@ -204,23 +252,41 @@ def main() -> None:
 
     from geoloc.pipeline.backbones import load_backbone
 
-    out: dict = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                             "loadavg_1m_at_start": round(os.getloadavg()[0], 2), "torch": torch.__version__},
-                 "images": args.images, "image_size": list(size), "workers": args.workers,
-                 "batch_size": args.batch_size, "backbones": {}}
+    out: dict = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__,
+        },
+        "images": args.images,
+        "image_size": list(size),
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        "backbones": {},
+    }
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         manifest = make_photos(tmp / "photos", args.images, size)
         for name, dtype in (("tiny-random", "auto"), ("open_clip:ViT-B-32/random", "bf16")):
             bb = load_backbone(name).to("cpu", dtype)
-            res = {"dtype": str(bb.dtype).removeprefix("torch."),
-                   "decode_only": decode_only(manifest, bb, args.workers, args.batch_size),
-                   "model_only": model_only(manifest, bb, args.batch_size, max_items=min(args.images, 192)),
-                   "embed": embed(manifest, name, dtype, args.workers, args.batch_size,
-                                  tmp / f"store-{len(out['backbones'])}")}
+            res = {
+                "dtype": str(bb.dtype).removeprefix("torch."),
+                "decode_only": decode_only(manifest, bb, args.workers, args.batch_size),
+                "model_only": model_only(manifest, bb, args.batch_size, max_items=min(args.images, 192)),
+                "embed": embed(
+                    manifest,
+                    name,
+                    dtype,
+                    args.workers,
+                    args.batch_size,
+                    tmp / f"store-{len(out['backbones'])}",
+                ),
+            }
             ceiling = res["decode_only"]["items_per_s"]
-            res["embed_steady_vs_decode_only"] = (round(res["embed"]["steady_items_per_s"] / ceiling, 3)
-                                                  if ceiling else None)
+            res["embed_steady_vs_decode_only"] = (
+                round(res["embed"]["steady_items_per_s"] / ceiling, 3) if ceiling else None
+            )
             out["backbones"][name] = res
             del bb
         out["store_read"] = store_read(tmp, args.read_rows, 768, repeats=3)

@@ -84,10 +84,16 @@ def main() -> None:
     levels = ("country", "region", "city")
     gt_ids = gaz_table.label_ids(gt, levels)
     gt_keys = {lv: gaz_table.key_strings(gt_ids[lv], lv).astype(object) for lv in levels}
-    data = EvalData(ids=np.array([f"img{i:08d}" for i in range(n)], dtype=object), latlon=gt,
-                    levels={lv: f"unique_{lv}" for lv in levels}, label_source="columns", gt_keys=gt_keys)
-    row = RowPredictions("model", {"kind": "arrays"}, [0], [pred], log_prob=rng.normal(2.0, 1.0, n),
-                         nll_space="sphere")
+    data = EvalData(
+        ids=np.array([f"img{i:08d}" for i in range(n)], dtype=object),
+        latlon=gt,
+        levels={lv: f"unique_{lv}" for lv in levels},
+        label_source="columns",
+        gt_keys=gt_keys,
+    )
+    row = RowPredictions(
+        "model", {"kind": "arrays"}, [0], [pred], log_prob=rng.normal(2.0, 1.0, n), nll_space="sphere"
+    )
     cfg = EvalConfig(seeds=(0,), prdc=False)
 
     times: dict[str, list[float]] = {k: [] for k in ("score_s", "table_s", "json_s", "predictions_parquet_s")}
@@ -119,21 +125,28 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     r = report.row("model")
-    print(json.dumps({
-        "n": n,
-        "repeats": args.repeats,
-        **{k: round(v, 3) for k, v in med.items()},
-        "end_to_end_s": round(sum(med.values()), 3),
-        "predictions_per_s": round(n / sum(med.values())),
-        "prdc_s": round(prdc_s, 3),
-        "labels_table_points_per_s": round(throughput(gaz_table)),
-        "labels_exact_points_per_s": round(throughput(gaz)),
-        "gazetteer_table": str(table_path),
-        "gazetteer_build_s": round(build_s, 1) if built else 0.0,
-        "predictions_parquet_mb": round(parquet_mb, 1),
-        "check": {"dist_km": round(r.stat("dist_km")[0], 1), "acc_country": round(r.stat("acc_country")[0], 4),
-                  "n_failed": r.metrics["n_failed"][0]},
-    }))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "repeats": args.repeats,
+                **{k: round(v, 3) for k, v in med.items()},
+                "end_to_end_s": round(sum(med.values()), 3),
+                "predictions_per_s": round(n / sum(med.values())),
+                "prdc_s": round(prdc_s, 3),
+                "labels_table_points_per_s": round(throughput(gaz_table)),
+                "labels_exact_points_per_s": round(throughput(gaz)),
+                "gazetteer_table": str(table_path),
+                "gazetteer_build_s": round(build_s, 1) if built else 0.0,
+                "predictions_parquet_mb": round(parquet_mb, 1),
+                "check": {
+                    "dist_km": round(r.stat("dist_km")[0], 1),
+                    "acc_country": round(r.stat("acc_country")[0], 4),
+                    "n_failed": r.metrics["n_failed"][0],
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,13 +38,15 @@ def _generate(path: Path, rows: int, dim: int, chunk: int = 65_536) -> float:
     for start in range(0, rows, chunk):
         n = min(chunk, rows - start)
         emb = rng.standard_normal((n, dim), dtype=np.float32)
-        table = pa.table({
-            "id": pa.array([f"img{start + i:09d}" for i in range(n)]),
-            "lat": rng.uniform(-90, 90, n),
-            "lon": rng.uniform(-180, 180, n),
-            "unique_country": pa.array(rng.integers(0, 200, n).astype(str)),
-            "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
-        })
+        table = pa.table(
+            {
+                "id": pa.array([f"img{start + i:09d}" for i in range(n)]),
+                "lat": rng.uniform(-90, 90, n),
+                "lon": rng.uniform(-180, 180, n),
+                "unique_country": pa.array(rng.integers(0, 200, n).astype(str)),
+                "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+            }
+        )
         if writer is None:
             writer = pq.ParquetWriter(path, table.schema, compression="zstd")
         writer.write_table(table, row_group_size=chunk)
@@ -68,10 +70,18 @@ def _generate_wds(folder: Path, rows: int, dim: int, per_shard: int = 10_000) ->
             for i in range(start, min(rows, start + per_shard)):
                 buf = io.BytesIO()
                 np.save(buf, rng.standard_normal(dim, dtype=np.float32))
-                meta = {"id": f"img{i:09d}", "latitude": float(rng.uniform(-90, 90)),
-                        "longitude": float(rng.uniform(-180, 180)), "unique_country": "FR", "unique_city": "Paris"}
-                for ext, data in (("jpg", b"\xff\xd8" + bytes(2000)), ("json", json.dumps(meta).encode()),
-                                  ("street_clip.npy", buf.getvalue())):
+                meta = {
+                    "id": f"img{i:09d}",
+                    "latitude": float(rng.uniform(-90, 90)),
+                    "longitude": float(rng.uniform(-180, 180)),
+                    "unique_country": "FR",
+                    "unique_city": "Paris",
+                }
+                for ext, data in (
+                    ("jpg", b"\xff\xd8" + bytes(2000)),
+                    ("json", json.dumps(meta).encode()),
+                    ("street_clip.npy", buf.getvalue()),
+                ):
                     info = tarfile.TarInfo(f"{i:09d}.{ext}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
@@ -89,18 +99,34 @@ def _child(source: str, store: str) -> None:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child would report the parent's
     # (generator's) peak; VmHWM belongs to this process's own address space.
-    hwm_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
-                  if line.startswith("VmHWM:"))
-    print(json.dumps({"seconds": dt, "imported": rep.imported, "skipped": rep.skipped_existing,
-                      "failed": rep.failed,
-                      "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
-                      "peak_rss_mb": round(hwm_kb / 1024, 1)}))
+    hwm_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
+    print(
+        json.dumps(
+            {
+                "seconds": dt,
+                "imported": rep.imported,
+                "skipped": rep.skipped_existing,
+                "failed": rep.failed,
+                "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+                "peak_rss_mb": round(hwm_kb / 1024, 1),
+            }
+        )
+    )
 
 
 def _run_child(source: Path, store: Path) -> dict:
     """The import runs in a fresh interpreter so its peak RSS is the import's, not the generator's."""
-    out = subprocess.run([sys.executable, __file__, "--child", str(source), str(store)], check=True,
-                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(source), str(store)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -112,8 +138,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--wds-rows", type=int, default=0,
-                    help="also time a webdataset (tar) import of this many samples (the per-sample path)")
+    ap.add_argument(
+        "--wds-rows",
+        type=int,
+        default=0,
+        help="also time a webdataset (tar) import of this many samples (the per-sample path)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (printed) for inspection")
     ap.add_argument("--child", nargs=2, metavar=("SOURCE", "STORE"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="a 100k-row smoke run")
@@ -158,10 +188,15 @@ def main() -> None:
         if args.wds_rows:
             _generate_wds(tmp / "wds", args.wds_rows, args.dim)
             wds = _run_child(tmp / "wds", tmp / "store_wds")
-            result.update({"wds_rows": args.wds_rows, "wds_import_s": round(wds["seconds"], 2),
-                           "wds_rows_per_s": round(wds["imported"] / wds["seconds"]),
-                           "wds_rows_per_cpu_s": round(wds["imported"] / wds["cpu_s"]),
-                           "wds_peak_rss_mb": wds["peak_rss_mb"]})
+            result.update(
+                {
+                    "wds_rows": args.wds_rows,
+                    "wds_import_s": round(wds["seconds"], 2),
+                    "wds_rows_per_s": round(wds["imported"] / wds["seconds"]),
+                    "wds_rows_per_cpu_s": round(wds["imported"] / wds["cpu_s"]),
+                    "wds_peak_rss_mb": wds["peak_rss_mb"],
+                }
+            )
         if args.keep:
             result["dir"] = str(tmp)
         print(json.dumps(result))

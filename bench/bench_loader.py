@@ -38,8 +38,15 @@ sys.path.insert(0, str(ROOT))
 
 DIM = 768
 BATCH = 1024
-METHODS = ("pyarrow", "pyarrow_fp32", "duckdb_list", "duckdb_fixed", "loader_shuffled", "loader_shuffled_p4",
-           "loader_ordered")
+METHODS = (
+    "pyarrow",
+    "pyarrow_fp32",
+    "duckdb_list",
+    "duckdb_fixed",
+    "loader_shuffled",
+    "loader_shuffled_p4",
+    "loader_ordered",
+)
 DEFAULT_METHODS = ("pyarrow", "pyarrow_fp32", "duckdb_fixed", "loader_shuffled", "loader_ordered")
 
 
@@ -53,9 +60,14 @@ def write_store(root: Path, rows: int, shards: int = 10) -> None:
     for a, b in itertools.pairwise(bounds):
         n = b - a
         table = build_table(
-            [f"r{i}" for i in range(a, b)], "train", rng.uniform(-90, 90, n), rng.uniform(-180, 180, n),
-            rng.standard_normal((n, DIM), dtype=np.float32), {"unique_country": countries[rng.integers(0, 5, n)]},
-            ["unique_country"], check=False,
+            [f"r{i}" for i in range(a, b)],
+            "train",
+            rng.uniform(-90, 90, n),
+            rng.uniform(-180, 180, n),
+            rng.standard_normal((n, DIM), dtype=np.float32),
+            {"unique_country": countries[rng.integers(0, 5, n)]},
+            ["unique_country"],
+            check=False,
         )
         store.write_shard(table, "bench")
     store.close()
@@ -73,8 +85,9 @@ def _one_pass(method: str, store: Path) -> tuple[int, float]:
     if method.startswith("loader"):  # built before the clock starts: its row count is a one-off per run
         shuffle = method.startswith("loader_shuffled")
         parts = 4 if method.endswith("_p4") else 1
-        loader = FeatureLoader([store], BATCH, split="train", shuffle=shuffle, partitions=parts, seed=0,
-                               drop_last=False)
+        loader = FeatureLoader(
+            [store], BATCH, split="train", shuffle=shuffle, partitions=parts, seed=0, drop_last=False
+        )
     t0 = time.perf_counter()
     if method.startswith("pyarrow"):
         for p in paths:
@@ -106,8 +119,11 @@ def _one_pass(method: str, store: Path) -> tuple[int, float]:
 
 def worker(method: str, store: Path) -> dict:
     rows, seconds = _one_pass(method, store)
-    return {"rows_per_s": rows / seconds, "rows": rows,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "rows_per_s": rows / seconds,
+        "rows": rows,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def main() -> None:
@@ -136,21 +152,45 @@ def main() -> None:
             for method in methods:
                 out = subprocess.run(
                     [sys.executable, __file__, "--worker", method, "--store", str(store)],
-                    check=True, capture_output=True, text=True, env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    env=env,
                 )
                 runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
-        results = {m: {"rows_per_s": round(statistics.median(r["rows_per_s"] for r in rs)),
-                       "rows": rs[0]["rows"], "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
-                   for m, rs in runs.items()}
+        results = {
+            m: {
+                "rows_per_s": round(statistics.median(r["rows_per_s"] for r in rs)),
+                "rows": rs[0]["rows"],
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+            }
+            for m, rs in runs.items()
+        }
         size_mb = sum(p.stat().st_size for p in (store / "shards").iterdir()) / 2**20
     base = results.get("pyarrow", {}).get("rows_per_s")
-    ratios = {f"{m}_vs_pyarrow": round(r["rows_per_s"] / base, 3)
-              for m, r in results.items() if base and m.startswith("loader")}
-    print(json.dumps({
-        "bench": "loader", "rows": rows, "dim": DIM, "batch_size": BATCH, "emb_dtype_stored": "float16",
-        "store_mb": round(size_mb), "write_s": round(write_s, 1), "repeats": repeats, "cpu_count": os.cpu_count(),
-        "results": results, "ratios": ratios,
-    }, indent=1))
+    ratios = {
+        f"{m}_vs_pyarrow": round(r["rows_per_s"] / base, 3)
+        for m, r in results.items()
+        if base and m.startswith("loader")
+    }
+    print(
+        json.dumps(
+            {
+                "bench": "loader",
+                "rows": rows,
+                "dim": DIM,
+                "batch_size": BATCH,
+                "emb_dtype_stored": "float16",
+                "store_mb": round(size_mb),
+                "write_s": round(write_s, 1),
+                "repeats": repeats,
+                "cpu_count": os.cpu_count(),
+                "results": results,
+                "ratios": ratios,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

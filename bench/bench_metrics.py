@@ -5,8 +5,10 @@ a random GeoNames place + 0–3 km, predictions = ground truth + 1–2000 km (lo
 Also compares PRDC's exact float64 KD-tree neighbour search with faiss ``IndexFlatIP`` (float32) on one
 20-way chunk of OSV-5M's test size: time, and how far float32 inner products move the k-NN radii.
 
-    python bench/bench_metrics.py              # 1M predictions (≈2 min on 2 cores; builds the table once if needed)
+    python bench/bench_metrics.py              # 1M predictions (≈2 min on 2 cores)
     python bench/bench_metrics.py --quick      # 200k predictions
+
+Either run builds the gazetteer's label table once if it is not cached yet.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ def _faiss_vs_kdtree(points: np.ndarray, k: int = 3) -> dict:
     from scipy.spatial import cKDTree
 
     rad = np.radians(points)
-    xyz = np.stack([np.cos(rad[:, 0]) * np.cos(rad[:, 1]), np.cos(rad[:, 0]) * np.sin(rad[:, 1]), np.sin(rad[:, 0])], 1)
+    xyz = np.stack(
+        [np.cos(rad[:, 0]) * np.cos(rad[:, 1]), np.cos(rad[:, 0]) * np.sin(rad[:, 1]), np.sin(rad[:, 0])], 1
+    )
     t = time.perf_counter()
     chord = cKDTree(xyz).query(xyz, k=k + 1)[0][:, k]
     kd_s = time.perf_counter() - t
@@ -93,15 +97,21 @@ def main() -> None:
     r = args.repeats
 
     out["distances_s"], _ = _time(lambda: distance_metrics(distances_km(pred, gt)), r)
-    out["labels_pred_and_gt_s"], _ = _time(lambda: (gaz.label_ids(pred, LEVELS), gaz.label_ids(gt, LEVELS)), r)
+    out["labels_pred_and_gt_s"], _ = _time(
+        lambda: (gaz.label_ids(pred, LEVELS), gaz.label_ids(gt, LEVELS)), r
+    )
     out["admin_metrics_gt_points_s"], _ = _time(lambda: admin_metrics(pred, gaz, LEVELS, gt_latlon=gt), r)
     out["score_all_s"], s = _time(lambda: score(pred, gt, gazetteer=gaz, levels=LEVELS).as_dict(), r)
-    out["score_all_plonk_s"], sp = _time(lambda: score(pred, gt, gazetteer=gaz, levels=LEVELS, compat="plonk").as_dict(), r)
+    out["score_all_plonk_s"], sp = _time(
+        lambda: score(pred, gt, gazetteer=gaz, levels=LEVELS, compat="plonk").as_dict(), r
+    )
     # Published keys as strings (the OSV-5M columns) go through a per-item normalisation.
     gt_ids = gaz.resolve(gt, ("place",)).ids["place"]
     keys = {lv: gaz.keys[lv][gaz.ids[lv][gt_ids]].tolist() for lv in LEVELS}
     out["admin_metrics_gt_keys_s"], _ = _time(lambda: admin_metrics(pred, gaz, LEVELS, gt_keys=keys), r)
-    out["admin_metrics_gt_keys_plonk_s"], _ = _time(lambda: admin_metrics(pred, gaz, LEVELS, gt_keys=keys, compat="plonk"), r)
+    out["admin_metrics_gt_keys_plonk_s"], _ = _time(
+        lambda: admin_metrics(pred, gaz, LEVELS, gt_keys=keys, compat="plonk"), r
+    )
     out["metrics_fixed"] = {k: round(v, 5) for k, v in s.items()}
     out["metrics_plonk"] = {k: round(v, 5) for k, v in sp.items()}
 

@@ -1,4 +1,5 @@
-"""Quality vs NFE on a known-density task: how few sampler steps give the reference's 250-step answer, how fast.
+"""Quality vs NFE on a known-density task: how few sampler steps give the reference's 250-step answer, and
+how fast.
 
 Prints ONE JSON record (progress goes to stderr) naming the machine (``bench_speed.machine``: CPU model and
 flags, torch, threads) and whether bf16 is native (``geoloc.devices.native_bf16``).
@@ -15,19 +16,19 @@ flags, torch, threads) and whether bf16 is native (``geoloc.devices.native_bf16`
   from the same prior noise, so differences are paired (``diff_vs_*`` with their own standard error).
 - **Protocols**: ``one_draw``: one guided draw (ω = 2) per answer, the paper's protocol. ``reference`` is the
   reference's sampler loop (``bench_speed.reference_sample``: per step one forward pass over the concatenated
-  [cond; zero cond] batch, guidance, ambient Euler step, projection; 250 steps) on the reference's network class
-  when ``PLONK_REPO`` is set, filled with our trained weights, else on our network. ``ours`` is
+  [cond; zero cond] batch, guidance, ambient Euler step, projection; 250 steps) on the reference's network
+  class when ``PLONK_REPO`` is set, filled with our trained weights, else on our network. ``ours`` is
   ``Geolocator.sample`` (the checkpoint's exp retraction, one-pass ``forward_guided``) with each solver of
   ``geoloc.solvers.STEPPERS`` at NFE budgets 2-32 (NFE = steps × stages; one guided evaluation = 1 NFE).
   ``predict``: what ``geoloc predict`` answers by default (``PredictOptions``: the ``geoscore`` estimator over
   ``samples`` unguided draws, through ``Geolocator.predict``), at the same budgets and at 250 steps.
   ``predict_few_draws``: the same estimator over ``few_draws`` draws (Euler, every held-out condition), for
   the cheapest way to the reference's GeoScore.
-- **Speed**: answers/s over the whole evaluation, with every setting run chunk by chunk in turn (a busy machine
-  slows all alike); ``speedup_vs_reference`` = answers/s ÷ the reference's. ``within_noise`` (vs the reference,
-  and for ``predict`` vs its own 250-step answer): mean paired difference ≥ −max(1 standard error, 1 % of the
-  baseline's GeoScore). ``summary`` gives, per protocol and solver, the smallest NFE from which every larger
-  budget is within noise, its speed-up, and the ``predict`` steps that rule suggests.
+- **Speed**: answers/s over the whole evaluation, with every setting run chunk by chunk in turn (a busy
+  machine slows all alike); ``speedup_vs_reference`` = answers/s ÷ the reference's. ``within_noise`` (vs the
+  reference, and for ``predict`` vs its own 250-step answer): mean paired difference ≥ −max(1 standard error,
+  1 % of the baseline's GeoScore). ``summary`` gives, per protocol and solver, the smallest NFE from which
+  every larger budget is within noise, its speed-up, and the ``predict`` steps that rule suggests.
 - **Likelihood**: model NLL of held-out truth draws with the checkpoint's ``LikelihoodConfig`` vs a tight
   dopri5 solve, next to the true NLL.
 
@@ -119,7 +120,7 @@ def r(x: float, digits: int = 4) -> float:
 # ------------------------------------------------------------------------------------------------ the task
 @dataclasses.dataclass(frozen=True)
 class KnownMixtures:
-    """A set of conditions, each a 3-mode vMF mixture at known anchors with known concentrations and weights."""
+    """A set of conditions, each a 3-mode vMF mixture at known anchors, known concentrations and weights."""
 
     cond: torch.Tensor  # (N, anchors · levels)
     centres: torch.Tensor  # (N, 3, 3)
@@ -289,7 +290,7 @@ def row(
 
 
 def one_draw(geo: Geolocator, ev: KnownMixtures, truth: torch.Tensor, sz: Sizes) -> tuple[dict, torch.Tensor]:
-    """The paper's protocol: one guided draw per answer; the reference loop at 250 steps vs ours at budgets."""
+    """The paper's protocol, one guided draw per answer; reference loop at 250 steps vs ours at budgets."""
     ref_net, ref_api, source = reference_network(geo)
     a = sz.answers_per_condition
     fam = geo.family
@@ -453,7 +454,7 @@ def smallest_within(rows: list[dict], key: str) -> dict:
 
 
 def likelihood(geo: Geolocator, ev: KnownMixtures, truth: torch.Tensor, sz: Sizes) -> dict:
-    """Model NLL of one held-out truth draw per condition: the checkpoint's default solver vs a tight dopri5."""
+    """Model NLL of one held-out truth draw per condition: the checkpoint's default solver, a tight dopri5."""
     m = min(sz.lik_points, ev.cond.shape[0])
     x, c = truth[:m, 0].float(), ev.cond[:m]
     out = {

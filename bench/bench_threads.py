@@ -1,10 +1,11 @@
-"""Training speed under CPU contention: OpenMP waiting policy and thread count, quiet and with a busy neighbour.
+"""Training speed under CPU contention: OpenMP waiting policy and thread count, quiet and with a busy
+neighbour.
 
 Why: on a 2-core CPU, torch's two intra-op threads meet at a barrier in every kernel; when another program
 takes a core, a spinning waiter burns the time slice its partner needs and a training step slows 5-40×. geoloc
 sets ``OMP_WAIT_POLICY=PASSIVE`` at import (``geoloc/__init__.py``); this bench measures that choice against
-the OpenMP default (``GEOLOC_OMP_PASSIVE=0``) and one thread, each as a real ``geoloc train`` run (small preset,
-a synthetic 20k-row store), with no other load and with one busy-looping process beside it. Runs are
+the OpenMP default (``GEOLOC_OMP_PASSIVE=0``) and one thread, each as a real ``geoloc train`` run (small
+preset, a synthetic 20k-row store), with no other load and with one busy-looping process beside it. Runs are
 interleaved per repeat; the record names the CPU and whether bf16 is native (fp32 here either way).
 
     python bench/bench_threads.py            # 3 repeats × 3 settings × 2 loads, 150 steps each (≈ 10 min)
@@ -45,8 +46,21 @@ def _busy(stop) -> None:
 def _run(store: Path, out: Path, steps: int, env: dict[str, str]) -> float:
     full = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     full.update(env)
-    cmd = [sys.executable, "-m", "geoloc.cli", "train", "--preset", "small-rfm-s2", "--store", str(store),
-           "--out", str(out), "--steps", str(steps), "--no-resume"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "geoloc.cli",
+        "train",
+        "--preset",
+        "small-rfm-s2",
+        "--store",
+        str(store),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--no-resume",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=full, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
@@ -85,7 +99,9 @@ def main() -> None:
         "dtype": "fp32",
         "command": f"geoloc train --preset small-rfm-s2 --steps {steps} (start-up included), 20k x 384 store",
         "repeats": repeats,
-        "median_wall_s": {ld: {k: round(statistics.median(v), 2) for k, v in r.items()} for ld, r in results.items()},
+        "median_wall_s": {
+            ld: {k: round(statistics.median(v), 2) for k, v in r.items()} for ld, r in results.items()
+        },
         "all_wall_s": {ld: {k: [round(x, 2) for x in v] for k, v in r.items()} for ld, r in results.items()},
     }
     print(json.dumps(record, indent=2))

@@ -53,7 +53,7 @@ def log(msg: str) -> None:
 
 
 def steady_samples_per_s(history: list[dict], batch: int) -> float:
-    """Samples/s over every logged interval but the first (start-up: loader warm-up, first window, allocation)."""
+    """Samples/s over every logged interval but the first (start-up: loader warm-up, first window, allocs)."""
     recs = [h for h in history if "steps_per_s" in h]
     steps = seconds = 0.0
     for prev, cur in itertools.pairwise(recs):
@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--steps", type=int, help="steps per run (default: one shuffle window + one log interval)")
+    ap.add_argument(
+        "--steps", type=int, help="steps per run (default: one shuffle window + one log interval)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
     if args.quick:
@@ -98,10 +100,20 @@ def main() -> None:
     log_every = 8 if args.quick else 16
     steps = args.steps or (48 if args.quick else buffer // batch + log_every)
     result: dict = {
-        "bench": "train", "quick": args.quick, "rows": args.rows, "dim": args.dim, "emb_dtype_stored": "float16",
-        "preset": "small", "model": dataclasses.asdict(base.model), "batch": batch, "shuffle_buffer": buffer,
-        "steps_per_run": steps, "log_every": log_every, "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "bench": "train",
+        "quick": args.quick,
+        "rows": args.rows,
+        "dim": args.dim,
+        "emb_dtype_stored": "float16",
+        "preset": "small",
+        "model": dataclasses.asdict(base.model),
+        "batch": batch,
+        "shuffle_buffer": buffer,
+        "steps_per_run": steps,
+        "log_every": log_every,
+        "repeats": args.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "note": "shared machine: other processes were running; medians of interleaved repeats",
     }
@@ -125,8 +137,13 @@ def main() -> None:
         for rep in range(args.repeats):
             for dtype in ("fp32", "bf16"):
                 cfg = dataclasses.replace(
-                    base, steps=steps, dtype=dtype, device="cpu", log_every=log_every,
-                    eval_every=10 * steps, ckpt_every=10 * steps,
+                    base,
+                    steps=steps,
+                    dtype=dtype,
+                    device="cpu",
+                    log_every=log_every,
+                    eval_every=10 * steps,
+                    ckpt_every=10 * steps,
                     data=dataclasses.replace(base.data, stores=(str(store),), split="train"),
                 )
                 pair = {}
@@ -153,10 +170,11 @@ def main() -> None:
     result["meets_target"] = all(statistics.median(v) >= 0.95 for v in ratios.values())
     result["loader_only_rows_per_s"] = round(statistics.median(x["rows_per_s"] for x in loader_rows))
     result["loader_first_batch_s"] = round(statistics.median(x["first_batch_s"] for x in loader_rows), 3)
-    # The loader's CPU work (Parquet decode, cast, shuffle copy) as a share of one core at the bf16 training rate:
-    # where no spare core exists (a busy 2-core machine) this is roughly what the trainer loses.
+    # The loader's CPU work (Parquet decode, cast, shuffle copy) as a share of one core at the bf16 training
+    # rate: where no spare core exists (a busy 2-core machine) this is roughly what the trainer loses.
     result["loader_core_share_at_bf16_rate"] = round(
-        result["samples_per_s"]["bf16_memory"] / result["loader_only_rows_per_s"], 3)
+        result["samples_per_s"]["bf16_memory"] / result["loader_only_rows_per_s"], 3
+    )
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - t_all, 1)
     print(json.dumps(result, indent=1))

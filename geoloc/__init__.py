@@ -14,10 +14,11 @@ import os
 from typing import Any
 
 # Idle OpenMP threads sleep instead of spinning, unless the user chose (OMP_WAIT_POLICY set) or opted out
-# (GEOLOC_OMP_PASSIVE=0). Why: torch's CPU kernels synchronise their threads many times per training step; with
-# spinning waiters, a thread descheduled because another program wants a core stalls every barrier, and a
-# small-preset step went from 0.12 s to 1-4 s on a 2-core CPU shared with one other job (bench/bench_threads.py
-# measures it). Must run before torch is imported, hence here, in the package's first import.
+# (GEOLOC_OMP_PASSIVE=0). Why: torch's CPU kernels synchronise their threads many times per training step;
+# with spinning waiters, a thread descheduled because another program wants a core stalls every barrier, and a
+# small-preset step went from 0.12 s to 1-4 s on a 2-core CPU shared with one other job
+# (bench/bench_threads.py measures it). Must run before torch is imported, hence here, in the package's first
+# import.
 if os.environ.get("GEOLOC_OMP_PASSIVE", "1") != "0":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -1,8 +1,9 @@
 """Batch sources for the trainer that live in memory (tests, benchmarks, small experiments).
 
 The trainer takes any iterable of ``(cond (B, D) float32, xyz (B, 3) float32)`` batches; if the source has
-``state_dict()`` / ``load_state_dict()``, resuming continues its order exactly. ``pipeline.loader.FeatureLoader``
-streams the same pairs from a feature store; :class:`InMemoryBatches` serves tensors.
+``state_dict()`` / ``load_state_dict()``, resuming continues its order exactly.
+``pipeline.loader.FeatureLoader`` streams the same pairs from a feature store; :class:`InMemoryBatches` serves
+tensors.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Checkpoints: ``model.safetensors`` + ``config.json`` (+ ``train_state.pt`` for resuming), written atomically.
+"""Checkpoints: ``model.safetensors`` + ``config.json`` (+ ``train_state.pt`` to resume), written atomically.
 
 A checkpoint directory holds:
 - ``model.safetensors``: the weights evaluation uses (the EMA weights after training);
@@ -10,7 +10,8 @@ A checkpoint directory holds:
   tensors and plain containers and is read with ``torch.load(weights_only=True)``; weights are never pickled.
 
 ``geoloc.convert.convert_plonk`` turns the reference's published hub layout (its ``model.safetensors`` with
-the ``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim, docs/reference-behaviour.md §12) into ours.
+the ``GeoAdaLNMLP`` names, and a ``config.json`` with cond_dim/depth/dim/expansion/input_dim,
+docs/reference-behaviour.md §12) into ours.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def save_checkpoint(
     atomic_write(directory / "model.safetensors", lambda p: save_file(_contiguous(weights), p, metadata=meta))
     if raw_weights is not None:
         atomic_write(
-            directory / "model_raw.safetensors", lambda p: save_file(_contiguous(raw_weights), p, metadata=meta)
+            directory / "model_raw.safetensors",
+            lambda p: save_file(_contiguous(raw_weights), p, metadata=meta),
         )
     body = json.dumps({"format": CHECKPOINT_FORMAT, "version": 1, **config}, indent=2, default=str)
     atomic_write(directory / "config.json", lambda p: Path(p).write_text(body))
@@ -93,7 +95,7 @@ def load_weights(directory: str | Path, raw: bool = False) -> dict[str, torch.Te
 def load_into(
     module: torch.nn.Module, weights: dict[str, torch.Tensor], where: str, architecture: str = ""
 ) -> None:
-    """Load ``weights`` into ``module`` (built from a config.json), or raise one line saying what does not fit.
+    """Load ``weights`` into ``module`` (built from a config.json), or raise one line saying what doesn't fit.
 
     torch's own size-mismatch error lists every tensor (37 lines for a small network when ``dim`` is edited
     in config.json, issue 11); this names the checkpoint, how many tensors differ, and one of each kind (the
@@ -118,7 +120,8 @@ def load_into(
             parts.append(f"{len(unexpected)} not in this architecture (first: {unexpected[0]})")
         arch = f" ({architecture})" if architecture else ""
         raise CheckpointError(
-            f"{where}: the weights do not fit the architecture config.json describes{arch}: {'; '.join(parts)}; "
+            f"{where}: the weights do not fit the architecture config.json describes{arch}: "
+            f"{'; '.join(parts)}; "
             "was config.json edited? restore it, or use the checkpoint it came with"
         )
     module.load_state_dict(weights)

@@ -1,4 +1,4 @@
-"""Density maps: a model's exact predicted density for one item on an adaptive H3 grid, and its PNG / HTML map.
+"""Density maps: a model's exact predicted density for one item on an adaptive H3 grid, and its PNG/HTML map.
 
 Why adaptive. The likelihood ODE costs ~100 network evaluations (with a Jacobian) per point, so a uniform
 grid fine enough to show a city-sharp mode (H3 resolution 6: 14 million cells) would take hours per item on a
@@ -108,7 +108,7 @@ class DensityMap:
 
     @property
     def localizability_bits(self) -> float:
-        """E_p[log₂ p] from the map (bits, per steradian): the negative entropy the paper calls localizability."""
+        """E_p[log₂ p] from the map (bits, per steradian): negative entropy the paper calls localizability."""
         m = self.mass
         return float((m * self.log_density).sum() / m.sum() / math.log(2))
 
@@ -171,8 +171,15 @@ class DensityMap:
                 kept.append(int(r))
                 total[int(r)] = float(basin[r])
         kept.sort(key=lambda q: -total[q])
-        return [{"lat": float(self.latlon[q, 0]), "lon": float(self.latlon[q, 1]),
-                 "log_density": float(ld[q]), "mass": total[q]} for q in kept[:k]]
+        return [
+            {
+                "lat": float(self.latlon[q, 0]),
+                "lon": float(self.latlon[q, 1]),
+                "log_density": float(ld[q]),
+                "mass": total[q],
+            }
+            for q in kept[:k]
+        ]
 
 
 # ------------------------------------------------------------------------------------------------ compute
@@ -270,7 +277,9 @@ def _splits(tree: _Tree, res: int, start: int, seeds: list[str] | None, cfg: Den
             i = index.get(h3.cell_to_parent(seed, res))
             if i is not None and spread[i] > _SEED_SPREAD:
                 want[i] = True
-    chosen = [cells[i] for i in np.flatnonzero(want)[np.argsort(-error[want], kind="stable")]][: cfg.max_refine]
+    chosen = [cells[i] for i in np.flatnonzero(want)[np.argsort(-error[want], kind="stable")]][
+        : cfg.max_refine
+    ]
     split = dict.fromkeys(chosen)
     for c in chosen:
         for n in h3.grid_ring(c, 1):
@@ -360,7 +369,9 @@ def density_maps(
     return maps
 
 
-def _adaptive_maps(geo: Any, cond: Any, seeds: Any, config: DensityConfig, lik: LikelihoodConfig) -> list[DensityMap]:
+def _adaptive_maps(
+    geo: Any, cond: Any, seeds: Any, config: DensityConfig, lik: LikelihoodConfig
+) -> list[DensityMap]:
     """One pass of the adaptive refinement for every row of ``cond`` at the ODE settings ``lik``."""
     import h3
 
@@ -370,8 +381,10 @@ def _adaptive_maps(geo: Any, cond: Any, seeds: Any, config: DensityConfig, lik: 
     seed_cells = None
     if seeds is not None:
         finest = config.start_resolution + config.levels
-        seed_cells = [[h3.latlng_to_cell(float(a), float(o), finest) for a, o in item]
-                      for item in xyz_to_latlon(seeds.double()).cpu().numpy()]
+        seed_cells = [
+            [h3.latlng_to_cell(float(a), float(o), finest) for a, o in item]
+            for item in xyz_to_latlon(seeds.double()).cpu().numpy()
+        ]
 
     start = res = config.start_resolution
     base = list(_global_cells(res))
@@ -415,21 +428,29 @@ def _adaptive_maps(geo: Any, cond: Any, seeds: Any, config: DensityConfig, lik: 
             top = ld.max()
             norm = -float(top + np.log(np.sum(np.exp(ld - top) * area_sr)))
             ld = ld + norm
-        maps.append(DensityMap(
-            cells=np.array(cells, dtype=str), resolution=np.array([_resolution(c) for c in cells], dtype=np.int8),
-            latlon=np.array([t.centre[c] for c in cells], dtype=np.float64).reshape(-1, 2), area_sr=area_sr,
-            log_density=ld, evaluations=evaluations[i],
-            space="r3-restricted" if r3 else "sphere", log_normaliser=norm,
-            meta={"family": getattr(geo.family, "name", ""), "config": config, "likelihood_steps": lik.steps},
-        ))
+        maps.append(
+            DensityMap(
+                cells=np.array(cells, dtype=str),
+                resolution=np.array([_resolution(c) for c in cells], dtype=np.int8),
+                latlon=np.array([t.centre[c] for c in cells], dtype=np.float64).reshape(-1, 2),
+                area_sr=area_sr,
+                log_density=ld,
+                evaluations=evaluations[i],
+                space="r3-restricted" if r3 else "sphere",
+                log_normaliser=norm,
+                meta={
+                    "family": getattr(geo.family, "name", ""),
+                    "config": config,
+                    "likelihood_steps": lik.steps,
+                },
+            )
+        )
     return maps
 
 
 def density_map(geo: Any, cond: Any, config: DensityConfig = DensityConfig(), **kwargs: Any) -> DensityMap:
     """:func:`density_maps` for one item (``cond`` is ``(D,)`` or ``(1, D)``)."""
     return density_maps(geo, cond, config, **kwargs)[0]
-
-
 
 
 # ------------------------------------------------------------------------------------------------ regions
@@ -492,10 +513,16 @@ def highest_density_regions(dmap: DensityMap, levels: Sequence[float] = (0.5, 0.
                 rings = [np.asarray(poly.outer, dtype=np.float64)]
                 rings += [np.asarray(h, dtype=np.float64) for h in poly.holes]
                 outline.append(rings)
-        regions.append(Region(
-            level=float(q), cells=idx, mass=float(mass[idx].sum() / total) if total > 0 else 0.0,
-            area_km2=float(dmap.area_sr[idx].sum() * EARTH_RADIUS_KM**2), outline=outline, outline_resolution=r,
-        ))
+        regions.append(
+            Region(
+                level=float(q),
+                cells=idx,
+                mass=float(mass[idx].sum() / total) if total > 0 else 0.0,
+                area_km2=float(dmap.area_sr[idx].sum() * EARTH_RADIUS_KM**2),
+                outline=outline,
+                outline_resolution=r,
+            )
+        )
     return regions
 
 

@@ -7,17 +7,20 @@ minimiser of one risk, computed from ``n`` samples per item:
 - ``mean``: the normalised mean vector (minimises the mean squared chord distance); a cheap baseline.
 - ``median``: the geodesic (geometric) median, which minimises the mean great-circle distance, i.e. the
   mean km error. Weiszfeld's algorithm run in the tangent space.
-- ``geoscore``: the point maximising the expected GeoScore 5000·exp(−d_km/1492.7) (docs/reference-behaviour.md §10).
+- ``geoscore``: the point maximising the expected GeoScore 5000·exp(−d_km/1492.7)
+  (docs/reference-behaviour.md §10).
 - ``mode``: the highest mode of a von Mises–Fisher kernel density estimate (accuracy within small radii).
-- ``best-of-n``: the sample with the highest exact model likelihood (docs/reference-behaviour.md §8.2, the "swarm" mode).
+- ``best-of-n``: the sample with the highest exact model likelihood (docs/reference-behaviour.md §8.2, the
+  "swarm" mode).
 - :func:`top_k_modes`: distinct modes with the fraction of samples in each mode's basin of attraction
   (every sample counted once, in a mode or in "other"); :func:`basin_of` says which mode a point estimate
   falls in, so an estimate between modes can be labelled as such.
 
-The reference has no top-k and a KDE in (lat, lon) radians with a batch-global bandwidth (docs/reference-behaviour.md §9.6, §16.14); the
-KDE here is a sum of von Mises–Fisher kernels on S², so it has no seams at the antimeridian or the poles, with
-a bandwidth per sample from its k-th nearest neighbour (:func:`kde_bandwidth_km`), so that a city-sharp mode
-and a country-wide one in the same prediction are both found whole.
+The reference has no top-k and a KDE in (lat, lon) radians with a batch-global bandwidth
+(docs/reference-behaviour.md §9.6, §16.14); the KDE here is a sum of von Mises–Fisher kernels on S², so it has
+no seams at the antimeridian or the poles, with a bandwidth per sample from its k-th nearest neighbour
+(:func:`kde_bandwidth_km`), so that a city-sharp mode and a country-wide one in the same prediction are both
+found whole.
 
 Shapes: ``samples`` are unit vectors ``(B, n, 3)``; every estimator returns ``(B, 3)`` in the samples' dtype
 and device (half precision is computed in float32). Everything is batched over B with matrix operations;
@@ -76,7 +79,9 @@ _CHUNK_ELEMENTS = 1 << 22  # max pairwise entries (B × rows × n) held at once:
 _MEDIAN_STARTS = 32  # samples tried (with the mean direction) as the median's starting point
 _MODE_POOL = 256  # samples whose KDE density picks the starts of density_mode
 _MODE_STARTS = 8  # mean-shift starts of density_mode
-_BASIN_TOL = 1e-2  # mean-shift stop for basin assignment, in bandwidths: the point is then ~0.1 h from its mode
+_BASIN_TOL = (
+    1e-2  # mean-shift stop for basin assignment, in bandwidths: the point is then ~0.1 h from its mode
+)
 _MODE_TOL = 1e-4  # mean-shift stop when locating a mode, in bandwidths
 _MAX_STRETCH = 32.0  # largest over-relaxation factor of a mean-shift step
 
@@ -106,8 +111,10 @@ def _check_samples(samples: Tensor, what: str = "samples") -> Tensor:
     if bad.any():
         rows = bad.nonzero().flatten().tolist()
         shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
-        raise InputError(f"{what}: {len(rows)} item(s) with NaN/inf samples at batch index {shown}; "
-                         "drop those items before estimating")
+        raise InputError(
+            f"{what}: {len(rows)} item(s) with NaN/inf samples at batch index {shown}; "
+            "drop those items before estimating"
+        )
     norm = x.norm(dim=-1)
     if (norm < 1e-6).any():
         raise InputError(f"{what}: zero-length vectors cannot be placed on the sphere; pass unit vectors")
@@ -121,8 +128,10 @@ def _per_item(value: float | Tensor | None, ref: Tensor, what: str) -> Tensor | 
     v = torch.as_tensor(value, dtype=ref.dtype, device=ref.device).detach()
     v = v.expand(ref.shape[0]) if v.dim() == 0 else v
     if v.shape != (ref.shape[0],) or not bool(torch.isfinite(v).all()) or bool((v <= 0).any()):
-        raise ConfigError(f"{what}: expected a positive finite number or one per item "
-                          f"({ref.shape[0]} values), got {value!r}")
+        raise ConfigError(
+            f"{what}: expected a positive finite number or one per item "
+            f"({ref.shape[0]} values), got {value!r}"
+        )
     return v.clone()
 
 
@@ -179,8 +188,9 @@ def _mean_direction(x: Tensor) -> Tensor:
 
 
 def best_by_likelihood(samples: Tensor, log_prob: Tensor) -> Tensor:
-    """The sample with the highest log density ``log_prob`` ``(B, n)`` (docs/reference-behaviour.md §8.2: best of 32 by NLL).
+    """The sample with the highest log density ``log_prob`` ``(B, n)``.
 
+    The reference's "swarm" mode: best of 32 by NLL (docs/reference-behaviour.md §8.2).
     NaN log densities count as −∞; an item whose log densities are all NaN gets its first sample.
     """
     x = _check_samples(samples)
@@ -280,7 +290,7 @@ def _check_weights(weights: Tensor | None, x: Tensor) -> Tensor | None:
 
 
 def _geoscore_of(candidates: Tensor, x: Tensor, w: Tensor | None) -> Tensor:
-    """Expected GeoScore ``(B, m)`` of validated candidates under validated samples with normalised weights."""
+    """Expected GeoScore ``(B, m)`` of validated candidates under validated samples, normalised weights."""
     out = torch.empty(candidates.shape[:2], dtype=x.dtype, device=x.device)
     rate = EARTH_RADIUS_KM / GEOSCORE_SCALE_KM  # per radian
     for sl in _row_chunks(candidates.shape[1], candidates.shape[0], x.shape[1]):
@@ -331,8 +341,9 @@ def max_expected_geoscore(
     if extra_candidates is not None:
         extra = _check_samples(extra_candidates, "extra_candidates").to(device=c.device, dtype=c.dtype)
         if extra.shape[0] != c.shape[0]:
-            raise InputError(f"extra_candidates: batch size {extra.shape[0]} does not match samples' "
-                             f"{c.shape[0]}")
+            raise InputError(
+                f"extra_candidates: batch size {extra.shape[0]} does not match samples' {c.shape[0]}"
+            )
         c = torch.cat([c, extra], dim=1)
     if c.shape[0] != x.shape[0]:
         raise InputError(f"candidates: batch size {c.shape[0]} does not match samples' {x.shape[0]}")
@@ -370,9 +381,10 @@ def kde_bandwidth_km(samples: Tensor, max_km: float = MAX_BANDWIDTH_KM) -> Tenso
     ceiling (default :data:`MAX_BANDWIDTH_KM`) keeps distant groups apart. Why:
     - Scale: for one 2-D Gaussian cluster of per-axis spread σ, the k-NN distance at the median-density point
       is ≈ 2σ·√(k/n) = σ·n^(−1/8): the rate that is optimal for estimating the density's gradient, which is
-      what mean-shift follows (Scott's n^(−1/6) is for the density itself, and splits clusters of ~100
-      samples into spurious modes). A k-NN distance, unlike the global std/IQR of the reference (docs/reference-behaviour.md §9.6), is not
-      inflated by far-apart modes: samples split between Paris and Sydney get the bandwidth of one city.
+      what mean-shift follows (Scott's n^(−1/6) is for the density itself, and splits clusters of ~100 samples
+      into spurious modes). A k-NN distance, unlike the global std/IQR of the reference
+      (docs/reference-behaviour.md §9.6), is not inflated by far-apart modes: samples split between Paris and
+      Sydney get the bandwidth of one city.
     - Adaptivity: where samples are sparser than at the median (tails, a broad secondary mode) the kernel
       widens with r_k ∝ f^(−1/2) (Abramson's square-root law in 2-D), so a country-wide spread beside a tight
       city cluster is smoothed at its own scale instead of breaking up into many small modes. Kernels never
@@ -422,8 +434,13 @@ class _Kde:
         return cls(x, h, kappa, log_c, scale)
 
     def select(self, items: Tensor) -> _Kde:
-        return _Kde(self.samples[items], self.bandwidth_km[items], self.kappa[items], self.log_c[items],
-                    self.scale[items])
+        return _Kde(
+            self.samples[items],
+            self.bandwidth_km[items],
+            self.kappa[items],
+            self.log_c[items],
+            self.scale[items],
+        )
 
     def _log_kernels(self, points: Tensor) -> Tensor:
         """log C(κ_j) − κ_j|x − s_j|²/2, ``(B, p, n)`` for ``points`` (B, p, 3)."""
@@ -465,8 +482,10 @@ def _per_sample(value: float | Tensor, x: Tensor) -> Tensor:
     if v.dim() == 1 and v.shape[0] == b:
         v = v[:, None]
     if v.dim() == 1 or v.dim() > 2 or (v.dim() == 2 and v.shape not in ((b, n), (b, 1))):
-        raise ConfigError(f"bandwidth_km: expected a number, {b} values (one per item) or a ({b}, {n}) "
-                          f"tensor (one per sample), got shape {tuple(v.shape)}")
+        raise ConfigError(
+            f"bandwidth_km: expected a number, {b} values (one per item) or a ({b}, {n}) "
+            f"tensor (one per sample), got shape {tuple(v.shape)}"
+        )
     if not bool(torch.isfinite(v).all()) or bool((v <= 0).any()):
         raise ConfigError("bandwidth_km: bandwidths must be positive and finite")
     return v.expand(b, n).clone()
@@ -560,13 +579,15 @@ def _mean_shift(pos: Tensor, kde: _Kde, tol: Tensor, max_iter: int) -> tuple[Ten
         length = torch.minimum(s["stretch"] * plain, plain + sub.scale[:, None])
         stretched = expmap(s["pos"], v * (length / plain.clamp_min(1e-30)).unsqueeze(-1))
         new = {
-            "pos": torch.where(settled.unsqueeze(-1), target,
-                               torch.where(accept.unsqueeze(-1), stretched, s["back"])),
+            "pos": torch.where(
+                settled.unsqueeze(-1), target, torch.where(accept.unsqueeze(-1), stretched, s["back"])
+            ),
             "origin": torch.where(accept.unsqueeze(-1), s["pos"], s["origin"]),
             "back": torch.where(accept.unsqueeze(-1), target, s["back"]),
             "best": torch.where(accept, log_f, s["best"]),
-            "stretch": torch.where(accept, (2.0 * s["stretch"]).clamp_max(_MAX_STRETCH),
-                                   (0.25 * s["stretch"]).clamp_min(1.0)),
+            "stretch": torch.where(
+                accept, (2.0 * s["stretch"]).clamp_max(_MAX_STRETCH), (0.25 * s["stretch"]).clamp_min(1.0)
+            ),
             "forced": ~accept,
         }
         for key, val in new.items():
@@ -622,7 +643,9 @@ def density_mode(
     if log_prob_fn is not None:
         dens = log_prob_fn(modes.to(samples.dtype)).detach().to(x.device, x.dtype)
         if dens.shape != modes.shape[:2]:
-            raise InputError(f"log_prob_fn: returned shape {tuple(dens.shape)}, expected {tuple(modes.shape[:2])}")
+            raise InputError(
+                f"log_prob_fn: returned shape {tuple(dens.shape)}, expected {tuple(modes.shape[:2])}"
+            )
         dens = torch.nan_to_num(dens, nan=-math.inf)
     else:
         with torch.no_grad():
@@ -720,8 +743,16 @@ def top_k_modes(
     sep = _per_item(min_separation_km, x, "min_separation_km")
     if b == 0:
         z = samples.detach().new_zeros
-        return TopK(z((0, k, 3)), z((0, k, 2)), z((0, k)), z((0, k), dtype=torch.bool), z(0), z((0, k)),
-                    z((0, k)), z((0, n), dtype=torch.long))
+        return TopK(
+            z((0, k, 3)),
+            z((0, k, 2)),
+            z((0, k)),
+            z((0, k), dtype=torch.bool),
+            z(0),
+            z((0, k)),
+            z((0, k)),
+            z((0, n), dtype=torch.long),
+        )
     with torch.no_grad():
         kde = _Kde.build(x, bandwidth_km)
         pos, _ = _mean_shift(x, kde, _BASIN_TOL * kde.scale, max_iter)
@@ -784,8 +815,10 @@ def basin_of(
     p = _check_samples(points, "points")
     x = _check_samples(samples)
     if p.shape[0] != x.shape[0] or top.xyz.shape[0] != x.shape[0]:
-        raise InputError(f"points / top: batch sizes {p.shape[0]} / {top.xyz.shape[0]} do not match the "
-                         f"samples' {x.shape[0]}")
+        raise InputError(
+            f"points / top: batch sizes {p.shape[0]} / {top.xyz.shape[0]} do not match the "
+            f"samples' {x.shape[0]}"
+        )
     if x.shape[0] == 0:
         return torch.zeros(p.shape[:2], dtype=torch.long, device=x.device)
     with torch.no_grad():
@@ -819,8 +852,10 @@ class Estimator:
 
     def __call__(self, samples: Tensor, log_prob: Tensor | None = None) -> Tensor:
         if self.log_prob == "required" and log_prob is None:
-            raise ConfigError(f"estimator {self.name!r} needs the log densities of the samples; pass "
-                              "log_prob (B, n) or choose 'mean', 'median', 'geoscore' or 'mode'")
+            raise ConfigError(
+                f"estimator {self.name!r} needs the log densities of the samples; pass "
+                "log_prob (B, n) or choose 'mean', 'median', 'geoscore' or 'mode'"
+            )
         return self.fn(samples, log_prob)
 
 
@@ -850,6 +885,8 @@ ESTIMATORS: dict[str, Estimator] = {
     "median": Estimator("median", _median, "unused", "mean great-circle distance (mean km error)"),
     "geoscore": Estimator("geoscore", _geoscore, "unused", "expected GeoScore"),
     "mode": Estimator("mode", _mode, "optional", "accuracy within small radii (the most probable point)"),
-    "best-of-n": Estimator("best-of-n", _best, "required", "the most likely of the samples (docs/reference-behaviour.md §8.2)"),
+    "best-of-n": Estimator(
+        "best-of-n", _best, "required", "the most likely of the samples (docs/reference-behaviour.md §8.2)"
+    ),
 }
 """Point estimates by name. The paper's default, one guided sample, is the sampler's job, not listed here."""

@@ -26,8 +26,16 @@ from geoloc.errors import ConfigError
 from geoloc.files import atomic_write
 from geoloc.sphere import EARTH_RADIUS_KM
 
-__all__ = ["density_features", "density_rows", "format_table", "prediction_rows", "to_geojson",
-           "write_density", "write_geojson", "write_table"]
+__all__ = [
+    "density_features",
+    "density_rows",
+    "format_table",
+    "prediction_rows",
+    "to_geojson",
+    "write_density",
+    "write_geojson",
+    "write_table",
+]
 
 _ROUND = 6  # decimals of degrees in files: ~0.1 m
 
@@ -48,7 +56,7 @@ def _levels(predictions: Sequence[Any]) -> list[float]:
 
 
 def _region_cols(p: Any, levels: Sequence[float]) -> dict[str, Any]:
-    """``region50_km2``, ``region90_km2``, ...: the area of each highest-density region (None: not computed)."""
+    """``region50_km2``, ``region90_km2``, ...: the area of each highest-density region (None: uncomputed)."""
     areas = getattr(p, "region_km2", None) or {}
     return {f"region{100 * a:g}_km2": _r(areas.get(a), 1) for a in levels}
 
@@ -68,12 +76,19 @@ def prediction_rows(predictions: Sequence[Any], top_k: int | None = None) -> lis
     rows = []
     for p in predictions:
         row: dict[str, Any] = {
-            "id": p.id, "input": p.input, "kind": p.kind, "lat": _r(p.lat), "lon": _r(p.lon),
-            "estimator": p.estimator or None, "query": getattr(p, "query", "") or p.input,
+            "id": p.id,
+            "input": p.input,
+            "kind": p.kind,
+            "lat": _r(p.lat),
+            "lon": _r(p.lon),
+            "estimator": p.estimator or None,
+            "query": getattr(p, "query", "") or p.input,
             "estimate_kind": getattr(p, "estimate_kind", "") or None,
             "estimate_mode": getattr(p, "estimate_mode", None),
-            "estimate_label": getattr(p, "estimate_label", "") or None, **_place_cols("place", p.place),
-            "localizability_bits": _r(p.localizability_bits, 4), **_region_cols(p, levels),
+            "estimate_label": getattr(p, "estimate_label", "") or None,
+            **_place_cols("place", p.place),
+            "localizability_bits": _r(p.localizability_bits, 4),
+            **_region_cols(p, levels),
         }
         for i in range(k):
             m = p.modes[i] if i < len(p.modes) else None
@@ -81,8 +96,15 @@ def prediction_rows(predictions: Sequence[Any], top_k: int | None = None) -> lis
             row[f"mode{i + 1}_lon"] = None if m is None else _r(m.lon)
             row[f"mode{i + 1}_mass"] = None if m is None else _r(m.mass, 4)
             row[f"mode{i + 1}_place"] = None if m is None or m.place is None else m.place.label
-        row.update({"other_mass": _r(p.other_mass, 4), "true_lat": _r(p.true_lat), "true_lon": _r(p.true_lon),
-                    "error_km": _r(p.error_km, 3), "error": p.error})
+        row.update(
+            {
+                "other_mass": _r(p.other_mass, 4),
+                "true_lat": _r(p.true_lat),
+                "true_lon": _r(p.true_lon),
+                "error_km": _r(p.error_km, 3),
+                "error": p.error,
+            }
+        )
         rows.append(row)
     return rows
 
@@ -96,7 +118,9 @@ def _parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     types = {}
     for n, vals in columns.items():
         present = [v for v in vals if v is not None]
-        types[n] = pa.float64() if present and all(isinstance(v, (int, float)) for v in present) else pa.string()
+        types[n] = (
+            pa.float64() if present and all(isinstance(v, (int, float)) for v in present) else pa.string()
+        )
     table = pa.table({n: pa.array(v, type=types[n]) for n, v in columns.items()})
     buf = io.BytesIO()
     pq.write_table(table, buf)
@@ -137,27 +161,50 @@ def to_geojson(predictions: Sequence[Any]) -> dict[str, Any]:
     for p in predictions:
         base = {"id": p.id, "query": getattr(p, "query", "") or p.input, "input": p.input}
         if not p.ok or p.lat is None:
-            features.append({"type": "Feature", "geometry": None,
-                             "properties": {**base, "role": "failed", "error": p.error}})
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": None,
+                    "properties": {**base, "role": "failed", "error": p.error},
+                }
+            )
             continue
         props: dict[str, Any] = {
-            **base, "role": "estimate", "estimator": p.estimator,
+            **base,
+            "role": "estimate",
+            "estimator": p.estimator,
             "estimate_kind": getattr(p, "estimate_kind", "") or None,
             "estimate_mode": getattr(p, "estimate_mode", None),
             "estimate_label": getattr(p, "estimate_label", "") or None,
             "place": None if p.place is None else p.place.label,
-            "localizability_bits": _r(p.localizability_bits, 4), **_region_cols(p, levels),
+            "localizability_bits": _r(p.localizability_bits, 4),
+            **_region_cols(p, levels),
         }
         if p.true_lat is not None:
-            props.update({"true_lat": _r(p.true_lat), "true_lon": _r(p.true_lon), "error_km": _r(p.error_km, 3)})
-        features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [_r(p.lon), _r(p.lat)]},
-                         "properties": props})
+            props.update(
+                {"true_lat": _r(p.true_lat), "true_lon": _r(p.true_lon), "error_km": _r(p.error_km, 3)}
+            )
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [_r(p.lon), _r(p.lat)]},
+                "properties": props,
+            }
+        )
         for rank, m in enumerate(p.modes, start=1):
-            features.append({
-                "type": "Feature", "geometry": {"type": "Point", "coordinates": [_r(m.lon), _r(m.lat)]},
-                "properties": {**base, "role": "mode", "rank": rank, "mass": _r(m.mass, 4),
-                               "place": None if m.place is None else m.place.label},
-            })
+            features.append(
+                {
+                    "type": "Feature",
+                    "geometry": {"type": "Point", "coordinates": [_r(m.lon), _r(m.lat)]},
+                    "properties": {
+                        **base,
+                        "role": "mode",
+                        "rank": rank,
+                        "mass": _r(m.mass, 4),
+                        "place": None if m.place is None else m.place.label,
+                    },
+                }
+            )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -182,6 +229,7 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
     km when the truth is known, and the areas of the highest-density regions (``50% km²``) when computed.
     Failed inputs show ``error: <reason>``.
     """
+
     def query(p: Any) -> str:  # the text of a text query whose id is not that text (manifest id, slug)
         q = getattr(p, "query", "") or ""
         return q if p.kind == "text" and q != p.id else ""
@@ -205,8 +253,13 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
             row.append(p.estimate_label)
         for i in range(top_k):
             m = p.modes[i] if i < len(p.modes) else None
-            row.append("" if m is None else _cut(f"{m.mass:4.0%} " + (m.place.label if m.place else
-                                                                     f"{m.lat:.2f},{m.lon:.2f}"), width))
+            row.append(
+                ""
+                if m is None
+                else _cut(
+                    f"{m.mass:4.0%} " + (m.place.label if m.place else f"{m.lat:.2f},{m.lon:.2f}"), width
+                )
+            )
         if show_loc:
             row.append("" if p.localizability_bits is None else f"{p.localizability_bits:.2f}")
         for a in levels:
@@ -225,13 +278,16 @@ def format_table(predictions: Sequence[Any], top_k: int = 3, width: int = 30) ->
             out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         else:
             lead = len(row) - 1  # id (and query) columns, then the error message
-            out.append("  ".join([*(c.ljust(w) for c, w in zip(row[:lead], widths, strict=False)), *row[lead:]]))
+            out.append(
+                "  ".join([*(c.ljust(w) for c, w in zip(row[:lead], widths, strict=False)), *row[lead:]])
+            )
     return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------ density
-def density_rows(dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9),
-                 regions: Sequence[Region] | None = None) -> dict[str, np.ndarray]:
+def density_rows(
+    dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9), regions: Sequence[Region] | None = None
+) -> dict[str, np.ndarray]:
     """A density map's cells as columns: ``cell`` (H3 index), ``resolution``, ``lat``, ``lon`` (centre),
     ``area_km2``, ``density_km2``, ``mass`` (p·area), ``log_density`` (per steradian) and ``region``: the
     smallest of ``levels`` whose highest-density region holds the cell (NaN: none). ``regions``: those
@@ -241,14 +297,21 @@ def density_rows(dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9),
     for reg in sorted(regions, key=lambda r: -r.level):
         region[reg.cells] = reg.level
     return {
-        "cell": dmap.cells.astype(str), "resolution": dmap.resolution.astype(np.int64),
-        "lat": dmap.latlon[:, 0], "lon": dmap.latlon[:, 1], "area_km2": dmap.area_sr * EARTH_RADIUS_KM**2,
-        "density_km2": dmap.density_km2, "mass": dmap.mass, "log_density": dmap.log_density, "region": region,
+        "cell": dmap.cells.astype(str),
+        "resolution": dmap.resolution.astype(np.int64),
+        "lat": dmap.latlon[:, 0],
+        "lon": dmap.latlon[:, 1],
+        "area_km2": dmap.area_sr * EARTH_RADIUS_KM**2,
+        "density_km2": dmap.density_km2,
+        "mass": dmap.mass,
+        "log_density": dmap.log_density,
+        "region": region,
     }
 
 
-def density_features(dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9),
-                     regions: Sequence[Region] | None = None) -> dict[str, Any]:
+def density_features(
+    dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9), regions: Sequence[Region] | None = None
+) -> dict[str, Any]:
     """The cells as a GeoJSON FeatureCollection, in the map's order: a Polygon per cell (a MultiPolygon for
     one cut at the antimeridian, RFC 7946 §3.1.9), with the :func:`density_rows` columns as properties."""
     cols = density_rows(dmap, levels, regions)
@@ -257,8 +320,11 @@ def density_features(dmap: DensityMap, levels: Sequence[float] = (0.5, 0.9),
     for i, cell in enumerate(cols["cell"].tolist()):
         rings = [[[_r(x), _r(y)] for x, y in ring] for ring in cell_rings(cell)]
         rings = [ring + ring[:1] for ring in rings]
-        geom = ({"type": "Polygon", "coordinates": rings} if len(rings) == 1
-                else {"type": "MultiPolygon", "coordinates": [[ring] for ring in rings]})
+        geom = (
+            {"type": "Polygon", "coordinates": rings}
+            if len(rings) == 1
+            else {"type": "MultiPolygon", "coordinates": [[ring] for ring in rings]}
+        )
         props = {}
         for n in names:
             v = cols[n][i]

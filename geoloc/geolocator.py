@@ -44,10 +44,10 @@ class Prediction:
     The estimate and the modes can disagree (a guided draw lands where the unguided distribution has
     little mass; a GeoScore-optimal point sits between two basins), so the answer says which:
     ``estimate_mode (B,)``: the index (0..k−1) of the top-k mode whose basin holds the estimate and within
-    whose draws it lies, −1 when it lies outside every reported mode (None without top-k); ``estimate_kind``: what the point is —
-    ``"guided-sample"`` (one draw with guidance ω ≠ 0, the paper's protocol: not a draw from the
-    distribution the modes describe), ``"sample"`` (one unguided draw), ``"mean-direction"`` (vMF families'
-    closed form), or the estimator's name over the model's draws (``"median"``, ``"geoscore"``, …),
+    whose draws it lies, −1 when it lies outside every reported mode (None without top-k); ``estimate_kind``:
+    what the point is — ``"guided-sample"`` (one draw with guidance ω ≠ 0, the paper's protocol: not a draw
+    from the distribution the modes describe), ``"sample"`` (one unguided draw), ``"mean-direction"`` (vMF
+    families' closed form), or the estimator's name over the model's draws (``"median"``, ``"geoscore"``, …),
     prefixed ``"guided-"`` when those draws were guided. ``estimate_omega``: the guidance behind it (0: none).
     """
 
@@ -105,7 +105,9 @@ class Geolocator:
         return cls(fam.build_network(model, cond_dim), fam, cond_dim, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", raw: bool = False) -> Geolocator:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", raw: bool = False
+    ) -> Geolocator:
         """Load a checkpoint directory (EMA weights unless ``raw``)."""
         cfg = read_config(directory)
         try:
@@ -173,7 +175,9 @@ class Geolocator:
         return self.family.sample(self.net, self._cond(cond), n, cfg, generator, trajectory)
 
     @torch.no_grad()
-    def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor, config: LikelihoodConfig | None = None) -> torch.Tensor:
+    def log_prob(
+        self, xyz: torch.Tensor, cond: torch.Tensor, config: LikelihoodConfig | None = None
+    ) -> torch.Tensor:
         """Exact log-density (nats per steradian on S², per unit volume for R³ families) ``(M,)``.
 
         ``cond`` is ``(M, D)`` or a single ``(D,)``/``(1, D)`` row broadcast to every point.
@@ -215,7 +219,8 @@ class Geolocator:
 
         Samples come from exactly the density whose log we take (the likelihood ODE run forward), so the
         estimate is unbiased up to discretisation. # reference differs: its pipeline divides by an extra 4π
-        (docs/reference-behaviour.md §9.3, §15.8). For R³ families the density is per unit volume, so values are not comparable with S².
+        (docs/reference-behaviour.md §9.3, §15.8). For R³ families the density is per unit volume, so values
+        are not comparable with S².
         """
         _, lp = self.sample_with_log_prob(cond, n, generator)
         return lp.mean(-1) / math.log(2)
@@ -239,8 +244,8 @@ class Geolocator:
         Default: ``geoscore``, the draw that maximises the expected GeoScore (the best answer; issue 13).
         ``estimator="sample"`` draws one sample with guidance ``omega`` (default 2, the paper's protocol,
         ``geoloc eval``'s default); the others use ``n`` draws with ``omega`` (default 0, the model's own
-        distribution). ``steps``: sampler steps (None: ``sample_config``'s). With top-k, the estimate is placed
-        in the basin of one of the modes or outside them (``Prediction.estimate_mode``).
+        distribution). ``steps``: sampler steps (None: ``sample_config``'s). With top-k, the estimate is
+        placed in the basin of one of the modes or outside them (``Prediction.estimate_mode``).
         """
         from geoloc.estimators import ESTIMATORS, basin_of, top_k_modes
 
@@ -264,7 +269,9 @@ class Geolocator:
                 lp = self.log_prob(flat, cond.repeat_interleave(n, dim=0)).reshape(samples.shape[:2])
             point = ESTIMATORS[estimator](samples, lp)
         else:
-            raise ConfigError(f"unknown estimator {estimator!r}; choose 'sample' or one of {sorted(ESTIMATORS)}")
+            raise ConfigError(
+                f"unknown estimator {estimator!r}; choose 'sample' or one of {sorted(ESTIMATORS)}"
+            )
         topk = None
         if top_k > 0:
             if samples is None or (omega not in (None, 0.0) and estimator != "sample"):

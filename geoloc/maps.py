@@ -166,7 +166,7 @@ def mollweide(lonlat: np.ndarray) -> np.ndarray:
 
 
 def _densify(ring: np.ndarray, closed: bool, max_step: float = 2.0) -> np.ndarray:
-    """Points every ~``max_step`` degrees along a lon/lat path, so straight projected edges follow the curve."""
+    """Points every ~``max_step`` degrees along a lon/lat path, so projected straight edges follow curves."""
     pts = np.vstack([ring, ring[:1]]) if closed else ring
     step = np.diff(pts, axis=0)
     n = max(1, int(np.ceil(np.abs(step).max() / max_step))) if len(step) else 1
@@ -604,7 +604,9 @@ _PAGE_JS = """
 (function () {
   var D = GEOLOC_DATA, I = D.info;
   var map = L.map('map', {worldCopyJump: true, minZoom: 1, preferCanvas: true}).setView([20, 0], 2);
-  var esc = function (s) { var d = document.createElement('div'); d.textContent = String(s); return d.innerHTML; };
+  var esc = function (s) {
+    var d = document.createElement('div'); d.textContent = String(s); return d.innerHTML;
+  };
   var cells = L.geoJSON(D.cells, {
     style: function (f) { return {fillColor: f.properties.fill, color: f.properties.fill, weight: 0.6,
                                   fillOpacity: 0.7, opacity: 0.7}; },
@@ -630,7 +632,8 @@ _PAGE_JS = """
       .bindTooltip(text, {permanent: j === 0, direction: 'right', className: 'geoloc-label'}).addTo(marks);
   });
   if (D.marks.estimate) {
-    L.circleMarker(D.marks.estimate, {radius: 6, color: '#000', weight: 1, fillColor: '#00b4d8', fillOpacity: 1})
+    L.circleMarker(D.marks.estimate,
+                   {radius: 6, color: '#000', weight: 1, fillColor: '#00b4d8', fillOpacity: 1})
       .bindTooltip('estimate').addTo(marks);
   }
   if (D.marks.truth) {
@@ -642,7 +645,9 @@ _PAGE_JS = """
   probe.onload = function () {  // online: the tiles underneath, the floor cells faint so the tiles show
     tiles.addTo(map);
     tiles.bringToBack();
-    cells.setStyle(function (f) { return {fillOpacity: f.properties.floor ? 0.15 : 0.6, opacity: f.properties.floor ? 0.1 : 0.6}; });
+    cells.setStyle(function (f) {
+      return {fillOpacity: f.properties.floor ? 0.15 : 0.6, opacity: f.properties.floor ? 0.1 : 0.6};
+    });
   };
   probe.src = I.tiles.replace('{z}', '0').replace('{x}', '0').replace('{y}', '0');
   L.control.layers({}, {'density (H3 cells)': cells, 'highest-density regions': regions,
@@ -654,7 +659,8 @@ _PAGE_JS = """
     var rows = '<h4>' + esc(I.title) + '</h4>';
     if (I.localizability) rows += 'localizability ' + esc(I.localizability) + ' bits<br>';
     D.marks.modes.forEach(function (m, j) {
-      rows += (j + 1) + '. ' + esc(m.label) + (m.mass === null ? '' : ' — ' + Math.round(100 * m.mass) + '%') + '<br>';
+      rows += (j + 1) + '. ' + esc(m.label) +
+              (m.mass === null ? '' : ' — ' + Math.round(100 * m.mass) + '%') + '<br>';
     });
     I.regions.forEach(function (r) { rows += esc(r) + '<br>'; });
     rows += 'mass in map ' + esc(I.mass) + ' · ' + I.cells + ' cells';
@@ -665,15 +671,17 @@ _PAGE_JS = """
   var legend = L.control({position: 'bottomright'});
   legend.onAdd = function () {
     var div = L.DomUtil.create('div', 'geoloc-box');
-    div.innerHTML = 'probability per km² (log scale)<div class="geoloc-bar" style="background: linear-gradient(' +
+    div.innerHTML = 'probability per km² (log scale)' +
+      '<div class="geoloc-bar" style="background: linear-gradient(' +
       'to right, ' + I.stops.join(', ') + ')"></div><span>&le; ' + esc(I.vmin) + '</span>' +
       '<span style="float: right">' + esc(I.vmax) + '</span>';
     return div;
   };
   legend.addTo(map);
   // Open on the top modes (all of them in view), or on the regions when there is one mode.
-  var focus = D.marks.modes.length > 1 ? L.latLngBounds(D.marks.modes.map(function (m) { return [m.lat, m.lon]; }))
-                                       : regions.getBounds();
+  var focus = D.marks.modes.length > 1
+    ? L.latLngBounds(D.marks.modes.map(function (m) { return [m.lat, m.lon]; }))
+    : regions.getBounds();
   if (focus.isValid()) { map.fitBounds(focus.pad(0.3), {maxZoom: 8}); }
   if (map.getZoom() < 2) { map.setZoom(2); }
   window.geolocMap = {map: map, cells: cells, regions: regions, world: world, marks: marks};

@@ -1,8 +1,8 @@
 """The published geolocation metrics as pure numpy functions (float64), with the reference's quirks on demand.
 
-Formulas (docs/eval-protocol.md §2–§3, docs/reference-behaviour.md §9–§10): haversine distance with R = 6371 km, its mean
-(the published "dist") and median, GeoScore = mean 5000·exp(−d/1492.7), accuracy within 1 / 25 / 200 / 750 /
-2500 km with a strict ``<``, admin accuracy at country / region / sub-region / city (labels from
+Formulas (docs/eval-protocol.md §2–§3, docs/reference-behaviour.md §9–§10): haversine distance with R = 6371
+km, its mean (the published "dist") and median, GeoScore = mean 5000·exp(−d/1492.7), accuracy within 1 / 25 /
+200 / 750 / 2500 km with a strict ``<``, admin accuracy at country / region / sub-region / city (labels from
 :mod:`geoloc.gazetteer`), NLL in bits per dimension, localizability, and precision / recall / density /
 coverage (Naeem et al. 2020) with k = 3 on the great-circle distance, over 20 chunks as the reference does.
 
@@ -14,7 +14,8 @@ coverage (Naeem et al. 2020) with k = 3 on the great-circle distance, over 20 ch
 - ``"plonk"``: the published numbers' behaviour. Failed predictions are dropped from every average (quirk D).
   Ground-truth keys are read as pandas reads OSV-5M's CSV: a whole field in pandas' NA list becomes ``"NaN"``
   (so Namibia's ``NA`` never matches, quirk C), a missing admin field never equals the prediction's empty one
-  (quirk A), and the reference's ``!= "nan"`` mask is applied, which after that never masks anything (quirk B).
+  (quirk A), and the reference's ``!= "nan"`` mask is applied, which after that never masks anything
+  (quirk B).
   # reference differs: with admin levels, a batch holding a NaN prediction makes the reference's ``reverse()``
   # index a shorter array with a longer mask and raise IndexError; there is no published behaviour to copy,
   # so compat mode drops those items from the admin accuracies too, aligned with the distances.
@@ -105,9 +106,9 @@ def _as_latlon(x, what: str) -> np.ndarray:
     return arr
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Distances
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def failed_predictions(pred_latlon) -> np.ndarray:
@@ -183,9 +184,9 @@ def distance_metrics(
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Administrative labels
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 _N_FIELDS = {"country": 1, "region": 2, "sub-region": 3, "city": 4}
 
@@ -195,7 +196,7 @@ def _is_missing(v) -> bool:
 
 
 def _fields_fixed(v) -> list[str] | None:
-    """A GT key split into fields, OSV's literal ``"NaN"`` field read back as the empty field it stands for."""
+    """A GT key split into fields, OSV's literal ``"NaN"`` field read as the empty field it stands for."""
     if _is_missing(v) or str(v) in ("", "NaN", "nan"):
         return None
     return ["" if f == "NaN" else f for f in str(v).split("_")]
@@ -256,8 +257,8 @@ def gt_label_ids(
         for lv in levels:
             col = np.where(found >= 0, gazetteer.ids[lv][np.clip(found, 0, None)], -1).astype(np.int32)
             if compat == "plonk":
-                # OSV-5M's CSV, read by pandas, never holds a prediction key with an empty field (quirk A) or a
-                # key that is itself an NA token (Namibia's "NA", quirk C).
+                # OSV-5M's CSV, read by pandas, never holds a prediction key with an empty field (quirk A) or
+                # a key that is itself an NA token (Namibia's "NA", quirk C).
                 na_key = np.fromiter((k in PANDAS_NA_STRINGS for k in gazetteer.keys[lv].tolist()), bool)
                 place = np.clip(found, 0, None)
                 col[gazetteer.places.has_empty_field(lv)[place] | na_key[np.clip(col, 0, None)]] = -1
@@ -275,7 +276,8 @@ def gt_label_ids(
     for lv in levels:
         index = gazetteer.key_index[lv]
         if compat == "plonk":
-            # pandas reads a whole field in its NA list as NaN and the loaders fill "NaN": never a prediction key.
+            # pandas reads a whole field in its NA list as NaN and the loaders fill "NaN": never a prediction
+            # key.
             ids[lv] = np.fromiter(
                 (
                     index.get(v, -1) if isinstance(v, str) and v not in PANDAS_NA_STRINGS else -1
@@ -288,7 +290,8 @@ def gt_label_ids(
             ids[lv] = np.fromiter(
                 (index.get(v, -1) if isinstance(v, str) else -1 for v in cols[lv]), np.int32, count=n
             )
-        # Quirk B: the reference drops GT equal to "nan", but every NA token is "NaN" by then: nothing is dropped.
+        # Quirk B: the reference drops GT equal to "nan", but every NA token is "NaN" by then: nothing is
+        # dropped.
         counted[lv] = np.ones(n, dtype=bool)
     if compat == "fixed":
         # Keys that are not prediction keys as they stand (missing, or OSV's "NaN" field): repair, then map.
@@ -344,9 +347,9 @@ def admin_metrics(
     return AdminMetrics(acc, hits, n_used, n_bad, pred_ids, gt_ids)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Everything for one prediction set
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -412,9 +415,9 @@ def score(
     return Scores(compat, distance_metrics(dist, compat, thresholds_km), admin, per_item)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Likelihood and localizability
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -439,10 +442,10 @@ def nll_bits_per_dim(log_prob, dim: int = 3) -> Nll:
 
 
 def localizability_bits(log_prob_samples, compat: Compat = "fixed") -> np.ndarray:
-    """Localizability per item, E_{y∼p}[log₂ p(y|c)], from ``(N, S)`` natural-log densities of S model samples.
+    """Localizability per item, E_{y∼p}[log₂ p(y|c)], from ``(N, S)`` natural-log densities of S samples.
 
-    # reference differs: it divides by 4π·ln 2 instead of ln 2 (docs/reference-behaviour.md §9.3); ``compat="plonk"``
-    # reproduces that constant rescale.
+    # reference differs: it divides by 4π·ln 2 instead of ln 2 (docs/reference-behaviour.md §9.3);
+    # ``compat="plonk"`` reproduces that constant rescale.
     """
     _check_compat(compat)
     lp = np.asarray(log_prob_samples, dtype=np.float64)
@@ -505,9 +508,9 @@ def localizability_stats(loc_bits, dist_km=None, bins: int = 10) -> dict[str, ob
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Precision / recall / density / coverage
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -547,7 +550,8 @@ def _prdc_once(real: np.ndarray, fake: np.ndarray, k: int) -> Prdc:
     """
     if len(real) <= k or len(fake) <= k:
         raise InputError(
-            f"PRDC with k={k} needs more than {k} points per chunk (got {len(real)} real, {len(fake)} fake); use fewer chunks"
+            f"PRDC with k={k} needs more than {k} points per chunk "
+            f"(got {len(real)} real, {len(fake)} fake); use fewer chunks"
         )
     # float64 unit vectors: PRDC's ``d < r`` tests need every bit.
     xr, xf = latlon_to_xyz(real, np.float64), latlon_to_xyz(fake, np.float64)

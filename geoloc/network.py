@@ -1,13 +1,15 @@
 """The conditional networks: the AdaLN-MLP of the reference and the von Mises–Fisher heads.
 
-:class:`GeoAdaLNMLP` follows docs/reference-behaviour.md §4 exactly, down to the parameter names, so that a published PLONK
-``model.safetensors`` loads into it without renaming (docs/reference-behaviour.md §12.1): a sinusoidal embedding of ``1000·s`` (the
-signal level), standardised per sample, then an MLP; the condition mapped by one Linear and added to it;
-``depth`` residual blocks ``h + g ⊙ MLP((1 + a) ⊙ LN(h) + b)`` whose (a, b, g) come from the condition; a
-final AdaLN and a Linear back to 3-D. The last Linear of every block MLP starts at zero, so every block
-starts as the identity. At dim 512 / depth 12 / expansion 4 / cond 1024 this is 36,034,563 parameters.
+:class:`GeoAdaLNMLP` follows docs/reference-behaviour.md §4 exactly, down to the parameter names, so that a
+published PLONK ``model.safetensors`` loads into it without renaming (docs/reference-behaviour.md §12.1): a
+sinusoidal embedding of ``1000·s`` (the signal level), standardised per sample, then an MLP; the condition
+mapped by one Linear and added to it; ``depth`` residual blocks ``h + g ⊙ MLP((1 + a) ⊙ LN(h) + b)`` whose
+(a, b, g) come from the condition; a final AdaLN and a Linear back to 3-D. The last Linear of every block MLP
+starts at zero, so every block starts as the identity. At dim 512 / depth 12 / expansion 4 / cond 1024 this
+is 36,034,563 parameters.
 
-The vMF networks (docs/reference-behaviour.md §13) share the block and replace time and input with a learned register vector.
+The vMF networks (docs/reference-behaviour.md §13) share the block and replace time and input with a learned
+register vector.
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ def count_parameters(module: nn.Module) -> int:
 
 
 class _SinusoidalEncoding(nn.Module):
-    """[cos(s·f), sin(s·f)] with f_i = 10000^(−2i/C), standardised per sample (unbiased std, docs/reference-behaviour.md §4.1)."""
+    """[cos(s·f), sin(s·f)] with f_i = 10000^(−2i/C), standardised per sample (unbiased std).
+
+    As docs/reference-behaviour.md §4.1 describes it.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -117,7 +122,7 @@ class CondCache:
 
 
 class GeoAdaLNMLP(nn.Module):
-    """ψ(x, s, c): a 3-vector (velocity or noise, by family) for a point x at signal level s under condition c.
+    """ψ(x, s, c): a 3-vector (velocity or noise, by family) for a point x at signal level s, condition c.
 
     Shapes: ``x (B, 3)``, ``s (B,)`` in [0, 1], ``cond (B, cond_dim)`` → ``(B, 3)``. The all-zeros condition
     is the unconditional ("null") token used by classifier-free guidance (docs/reference-behaviour.md §4.1).
@@ -203,7 +208,8 @@ class GeoAdaLNMLP(nn.Module):
         computed once when all rows share s; the null branch's modulation is computed for ONE row and
         broadcast (its condition is the same zero vector for every row); all AdaLN modulations come from
         one stacked GEMM; the two branches share the input mapping and run the block MLPs as one batch.
-        # reference differs: it runs the network twice on the concatenated batch (docs/reference-behaviour.md §7.3); same field.
+        # reference differs: it runs the network twice on the concatenated batch
+        # (docs/reference-behaviour.md §7.3); same field.
         """
         if cache is None:
             cache = self.prepare(cond)
@@ -264,7 +270,7 @@ def _fused_mlp(dim: int) -> nn.Sequential:
 
 
 class VonMisesFisherNet(nn.Module):
-    """Condition → parameters of a K-component vMF mixture (K = 1: a single vMF), docs/reference-behaviour.md §13.
+    """Condition → parameters of a K-component vMF mixture (K = 1: one vMF), docs/reference-behaviour.md §13.
 
     A learned register vector is the initial state; ``depth`` AdaLN blocks conditioned on Linear(cond) (no
     time), a final AdaLN, then heads. Returns ``(mu (B, K, 3) unit, kappa (B, K) > 0, log_w (B, K))``.

@@ -51,7 +51,7 @@ class PathSample:
 
 @dataclass(frozen=True)
 class LikelihoodProblem:
-    """The ODE the likelihood integrates: field ``f(x, τ)``, grid from data to prior, and the prior's density."""
+    """The ODE the likelihood integrates: field ``f(x, τ)``, grid from data to prior, the prior's density."""
 
     field: OutputFn
     grid: torch.Tensor
@@ -80,7 +80,7 @@ class Path:
         raise NotImplementedError
 
     def interpolate(self, x0: torch.Tensor, x1: torch.Tensor, s: torch.Tensor) -> PathSample:
-        """``x_s`` and the target for prior draws ``x0``, data ``x1`` (both ``(M, 3)``) at levels ``s (M,)``."""
+        """``x_s`` and the target for prior draws ``x0``, data ``x1`` (both ``(M, 3)``), levels ``s (M,)``."""
         raise NotImplementedError
 
     def to_velocity(
@@ -104,7 +104,8 @@ class Path:
         """Carry prior draws ``x`` along the signal ``grid`` (prior → data) with the named solver."""
         if method == "ddim":
             raise ConfigError(
-                f"'ddim' samples the diffusion family only; {self.name} paths use euler, heun, midpoint or rk4"
+                f"'ddim' samples the diffusion family only; "
+                f"{self.name} paths use euler, heun, midpoint or rk4"
             )
         tangent = retraction != "project"
 
@@ -140,8 +141,9 @@ class GeodesicPath(Path):
     """Riemannian flow matching on S²: uniform prior, constant-speed geodesics, tangent-velocity target.
 
     The loss ``mean ‖ψ − u‖²/3`` on the raw 3-vector output is the squared Riemannian error of its tangent
-    part plus a penalty on its normal part (docs/reference-behaviour.md §6); at sampling the output is projected onto the
-    tangent plane unless the reference's ``retraction="project"`` step is asked for (docs/reference-behaviour.md §7.3).
+    part plus a penalty on its normal part (docs/reference-behaviour.md §6); at sampling the output is
+    projected onto the tangent plane unless the reference's ``retraction="project"`` step is asked for
+    (docs/reference-behaviour.md §7.3).
     """
 
     name = "geodesic"
@@ -208,7 +210,10 @@ class VPPath(_GaussianPrior, Path):
         return x / (2 * sc) - out / (2 * sc * (1 - sc).sqrt())
 
     def solve(self, out_fn, x, grid, method, retraction="exp", trajectory=None):
-        """Deterministic DDIM (η = 0) with x̂ clamped to [−1, 1] (docs/reference-behaviour.md §7.1): Euler in DDIM coordinates."""
+        """Deterministic DDIM (η = 0), x̂ clamped to [−1, 1]: Euler in DDIM coordinates.
+
+        As the reference samples (docs/reference-behaviour.md §7.1).
+        """
         if method not in ("euler", "ddim"):
             raise ConfigError(
                 f"diffusion-r3 samples with 'ddim' (alias 'euler'); {method!r} is for the flow families"

@@ -82,13 +82,13 @@ class ItemPrediction:
     (degrees) of ``estimator``; ``estimate_kind``: what that point is (``"guided-sample"``: one draw with
     guidance, not from the distribution the modes describe; see :class:`geoloc.geolocator.Prediction`);
     ``estimate_mode``: the rank (1 = ``modes[0]``, as ``#1`` / ``mode1_*`` in the outputs) of the mode whose
-    basin holds the estimate, −1 when it lies outside every reported mode, None without top-k.
-    ``modes``: the top-k locations, heaviest first, and ``other_mass`` the mass outside them;
-    ``localizability_bits``: E_p[log₂ p] (higher = more localizable), when asked for; ``region_km2``: level →
-    area in km² of the highest-density region holding that share of the mass (e.g. ``{0.5: 1.2e4, 0.9:
-    3.1e5}``), when asked for; ``place``: the nearest place of the estimate; ``true_lat``/``true_lon`` and ``error_km``: when the input came with
-    coordinates (a manifest). ``embedding`` and ``samples`` (unit vectors ``(n, 3)``) are kept only when
-    asked for (density maps use them).
+    basin holds the estimate, −1 when it lies outside every reported mode, None without top-k. ``modes``: the
+    top-k locations, heaviest first, and ``other_mass`` the mass outside them; ``localizability_bits``:
+    E_p[log₂ p] (higher = more localizable), when asked for; ``region_km2``: level → area in km² of the
+    highest-density region holding that share of the mass (e.g. ``{0.5: 1.2e4, 0.9: 3.1e5}``), when asked for;
+    ``place``: the nearest place of the estimate; ``true_lat``/``true_lon`` and ``error_km``: when the input
+    came with coordinates (a manifest). ``embedding`` and ``samples`` (unit vectors ``(n, 3)``) are kept only
+    when asked for (density maps use them).
     """
 
     id: str
@@ -141,19 +141,32 @@ class ItemPrediction:
         true_lon, error_km, error``; plus ``regions`` when the prediction carries highest-density regions.
         """
         out: dict[str, Any] = {
-            "id": self.id, "query": self.query or self.input, "input": self.input, "kind": self.kind,
-            "lat": _num(self.lat, 6), "lon": _num(self.lon, 6),
+            "id": self.id,
+            "query": self.query or self.input,
+            "input": self.input,
+            "kind": self.kind,
+            "lat": _num(self.lat, 6),
+            "lon": _num(self.lon, 6),
             "place": None if self.place is None else self.place.label,
-            "estimator": self.estimator or None, "estimate_kind": self.estimate_kind or None,
-            "estimate_mode": self.estimate_mode, "estimate_omega": self.estimate_omega if self.ok else None,
+            "estimator": self.estimator or None,
+            "estimate_kind": self.estimate_kind or None,
+            "estimate_mode": self.estimate_mode,
+            "estimate_omega": self.estimate_omega if self.ok else None,
             "estimate_label": self.estimate_label or None,
             "top_k": [
-                {"rank": i, "lat": _num(m.lat, 6), "lon": _num(m.lon, 6), "mass": _num(m.mass, 4),
-                 "place": None if m.place is None else m.place.label}
+                {
+                    "rank": i,
+                    "lat": _num(m.lat, 6),
+                    "lon": _num(m.lon, 6),
+                    "mass": _num(m.mass, 4),
+                    "place": None if m.place is None else m.place.label,
+                }
                 for i, m in enumerate(self.modes, start=1)
             ],
-            "other_mass": _num(self.other_mass, 4), "localizability_bits": _num(self.localizability_bits, 4),
-            "true_lat": _num(self.true_lat, 6), "true_lon": _num(self.true_lon, 6),
+            "other_mass": _num(self.other_mass, 4),
+            "localizability_bits": _num(self.localizability_bits, 4),
+            "true_lat": _num(self.true_lat, 6),
+            "true_lon": _num(self.true_lon, 6),
             "error_km": _num(self.error_km, 3),
             "error": self.error,
         }

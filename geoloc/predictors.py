@@ -43,8 +43,9 @@ class Predictor(Protocol):
     ``predict`` returns ``(B, 2)`` float64 degrees with NaN rows for failed predictions; ``log_prob`` the
     natural-log density of the true points ``xyz (B, 3)`` (or None: no density); ``localizability`` bits per
     item (or None); ``sample_log_prob`` the exact log-densities ``(B, n)`` of n exact draws per item (or
-    None), from which the evaluator gets each truth's HDR level (calibration). ``deterministic`` predictors are run for the first seed only. ``expects`` is the
-    backbone the predictor was built for, ``(name or None, dim or None)``, checked against the data.
+    None), from which the evaluator gets each truth's HDR level (calibration). ``deterministic`` predictors
+    are run for the first seed only. ``expects`` is the backbone the predictor was built for,
+    ``(name or None, dim or None)``, checked against the data.
     """
 
     deterministic: bool
@@ -269,8 +270,8 @@ class RetrievalPredictor:
     """Nearest-neighbour retrieval (the paper's "retrieval" row): the location of the most similar training
     embedding by cosine similarity (faiss inner product on L2-normalised float32 vectors).
 
-    With ``k > 1`` it is the weighted-neighbour row of issue 13: the ``k`` most similar training items weighted
-    by ``softmax(sim / tau)``, answering with the neighbour that maximises expected GeoScore
+    With ``k > 1`` it is the weighted-neighbour row of issue 13: the ``k`` most similar training items
+    weighted by ``softmax(sim / tau)``, answering with the neighbour that maximises expected GeoScore
     (:func:`geoloc.retrieval.weighted_retrieval`); :meth:`weighted` makes one sharing the same index, and
     :meth:`fit_weights` chooses ``k`` and ``tau`` on held-out items of the database.
 

@@ -15,8 +15,25 @@ from tqdm.auto import tqdm
 __all__ = ["progress_bar"]
 
 
-def progress_bar(total: int | float | None, desc: str, *, unit: str = "item", enabled: bool = True,
-                 initial: int = 0, leave: bool = True, **kwargs: Any) -> tqdm:
+def progress_bar(
+    total: int | float | None,
+    desc: str,
+    *,
+    unit: str = "item",
+    enabled: bool = True,
+    initial: int = 0,
+    leave: bool = True,
+    **kwargs: Any,
+) -> tqdm:
     """A tqdm bar on stderr; ``total=None`` (or 0) shows a counter without a percentage."""
-    return tqdm(total=total or None, desc=desc, unit=unit, initial=initial, disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True, leave=leave, **kwargs)
+    return tqdm(
+        total=total or None,
+        desc=desc,
+        unit=unit,
+        initial=initial,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=leave,
+        **kwargs,
+    )

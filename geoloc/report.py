@@ -1,6 +1,6 @@
 """What ``geoloc eval`` found and writes: the result types (:class:`Report`, :class:`RowResult`, the per-item
-arrays they hold) and their forms on disk — ``report.json``, Markdown tables laid out like the paper's, per-item
-predictions (Parquet, optionally CSV) and two PNG plots.
+arrays they hold) and their forms on disk — ``report.json``, Markdown tables laid out like the paper's,
+per-item predictions (Parquet, optionally CSV) and two PNG plots.
 
 The result types live here, with what formats them, so that :mod:`geoloc.evaluate` (which computes them)
 imports this module and never the other way round. By the time a :class:`Report` exists its numbers are
@@ -50,9 +50,9 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Result types
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -222,9 +222,9 @@ def _clean(x: Any) -> Any:
     return x
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Tables
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 # (header, metric key, scale, decimals)
 _OSV = [
@@ -374,9 +374,9 @@ def format_tables(report: Report, layout: str = "auto") -> str:
     return "\n".join(out) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Per-item predictions
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _label_array(ids: np.ndarray, keys: np.ndarray) -> pa.Array:
@@ -432,7 +432,7 @@ def prediction_tables(report: Report) -> Iterator[pa.Table]:
                     preds.localizability, mask=~np.isfinite(preds.localizability)
                 )
             if preds.hdr_level is not None:
-                # Calibration may cover only the first items (EvalConfig.calibration_items): the rest are null.
+                # Calibration may cover only the first items (EvalConfig.calibration_items); the rest: null.
                 hdr = np.full(n, np.nan)
                 hdr[: min(n, len(preds.hdr_level))] = preds.hdr_level[:n]
                 cols["hdr_level"] = pa.array(hdr, mask=~np.isfinite(hdr))
@@ -487,9 +487,9 @@ def write_predictions(report: Report, path: str | Path, fmt: str = "parquet") ->
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Plots
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 _MIN_KM = 0.1  # left edge of the log axis; smaller errors (e.g. exact retrieval) are drawn there
 
@@ -582,9 +582,9 @@ def plot_localizability(report: Report, path: str | Path, max_points: int = 2000
         plt.close(fig)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Everything
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def write_outputs(

@@ -13,7 +13,8 @@ between the two without change. The reference's inverted time appears only here 
 ``convert.py``.
 
 Like the reference, ``α`` is clamped to ``[1e-9, 1]`` (it is divided by in DDIM) while ``α'`` is exact and
-unclamped. The reference's cosine derivative has an extra cos factor (docs/reference-behaviour.md §16.13); ours is exact.
+unclamped. The reference's cosine derivative has an extra cos factor (docs/reference-behaviour.md §16.13);
+ours is exact.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ class Schedule:
 
 @dataclass(frozen=True)
 class SigmoidSchedule(Schedule):
-    """γ_ref(u) = (σ(e/τ) − σ((b + u(e − b))/τ)) / (σ(e/τ) − σ(b/τ)); every PLONK experiment uses b=−7, e=3, τ=1.
+    """γ_ref(u) = (σ(e/τ) − σ((b + u(e − b))/τ)) / (σ(e/τ) − σ(b/τ)).
 
+    Every PLONK experiment uses b=−7, e=3, τ=1.
     (The paper's "α=−3, β=7" does not reproduce the released models; docs/reference-behaviour.md §5.3.)
     """
 
@@ -119,7 +121,8 @@ class LinearSchedule(Schedule):
 class CosineSchedule(Schedule):
     """γ_ref(u) = (cos(x)^{2τ} − v_e)/(v_s − v_e), x = (b + u(e − b))π/2; b=1, e=0, τ=1 gives γ = cos²(πu/2).
 
-    # reference differs: its derivative carries an extra cos(x) factor (docs/reference-behaviour.md §16.13); this one is exact.
+    # reference differs: its derivative carries an extra cos(x) factor (docs/reference-behaviour.md §16.13);
+    # this one is exact.
     """
 
     start: float = 1.0

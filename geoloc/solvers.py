@@ -7,11 +7,12 @@ and hand it to these loops; no loop knows which family it serves.
   paper —, ``heun``, ``midpoint``, ``rk4``). On S² every step moves along the sphere (``Sphere.step``) and
   every extra stage's velocity is brought back to the current tangent plane, so states never leave S².
 - :func:`guided` is the only place classifier-free guidance exists: one batched forward pass over
-  ``[cond; null]`` and ``(1+ω)·cond − ω·uncond`` with the all-zeros null condition (docs/reference-behaviour.md §7).
-- :func:`log_prob_ode` integrates ``(x, ℓ)`` from the data to the prior with the *exact* divergence. On S² the field
-  is extended 0-homogeneously off the sphere, ``F(x) = P_x̂ f(x̂)`` with ``x̂ = x/|x|``; its ambient divergence
-  then equals the surface divergence on S², and the exact flow keeps ``|x|`` fixed. The divergence comes
-  from one batched backward pass over the three basis vectors (exact, not Hutchinson).
+  ``[cond; null]`` and ``(1+ω)·cond − ω·uncond`` with the all-zeros null condition
+  (docs/reference-behaviour.md §7).
+- :func:`log_prob_ode` integrates ``(x, ℓ)`` from the data to the prior with the *exact* divergence. On S² the
+  field is extended 0-homogeneously off the sphere, ``F(x) = P_x̂ f(x̂)`` with ``x̂ = x/|x|``; its ambient
+  divergence then equals the surface divergence on S², and the exact flow keeps ``|x|`` fixed. The divergence
+  comes from one batched backward pass over the three basis vectors (exact, not Hutchinson).
   # reference differs: it takes the ambient trace of the raw network field, whose radial derivative is
   # uncontrolled, so its RFM log-densities are not densities on S² (docs/reference-behaviour.md §16.3).
 """
@@ -165,7 +166,7 @@ def _field_and_divergence(
     t: torch.Tensor,
     on_sphere: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """F(x, t) and the exact tr(∂F/∂x): one forward pass and one batched backward pass (vector–Jacobian products).
+    """F(x, t) and the exact tr(∂F/∂x): one forward pass, one batched backward pass (vector–Jacobian).
 
     In R³ the trace takes the three basis vectors. On S² (``on_sphere``, F the 0-homogeneous tangent
     extension) J·x̂ = 0, so x̂ᵀJx̂ = 0 and the trace is e₁ᵀJe₁ + e₂ᵀJe₂ for an orthonormal tangent basis

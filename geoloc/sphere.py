@@ -9,8 +9,9 @@ Coordinates:
 
 The maps are written to be stable where naive formulas are not: angles come from ``atan2(|x×y|, x·y)``
 (accurate for identical *and* antipodal points, unlike ``acos``), the exponential map uses a series for tiny
-steps, and the logarithm at an antipodal point picks a deterministic tangent direction instead of dividing
-by zero. No distance floors: the reference's geoopt floors distances at ~90 km (docs/reference-behaviour.md §16.9); we do not.
+steps, and the logarithm at an antipodal point picks a deterministic tangent direction instead of dividing by
+zero. No distance floors: the reference's geoopt floors distances at ~90 km
+(docs/reference-behaviour.md §16.9); we do not.
 
 :class:`Sphere` and :class:`Euclidean` give the solvers one interface (``project``, ``to_tangent``,
 ``step``), so the same integration loop serves flat and curved families.
@@ -88,9 +89,10 @@ def validate_latlon(latlon: Any, what: str = "coordinates") -> None:
 
 
 def normalize_latlon(latlon: torch.Tensor) -> torch.Tensor:
-    """Wrap arbitrary (lat, lon) degrees into [-90, 90] x [-180, 180), as the reference loaders do (docs/reference-behaviour.md §3.1).
+    """Wrap arbitrary (lat, lon) degrees into [-90, 90] x [-180, 180), as the reference loaders do.
 
-    A latitude past a pole continues on the other side of the globe (lon + 180).
+    A latitude past a pole continues on the other side of the globe (lon + 180);
+    docs/reference-behaviour.md §3.1.
     """
     lat = torch.remainder(latlon[..., 0] + 90.0, 360.0) - 90.0
     lon = latlon[..., 1]
@@ -104,9 +106,9 @@ def normalize_latlon(latlon: torch.Tensor) -> torch.Tensor:
 def latlon_to_xyz(latlon: Any, dtype: Any = np.float32) -> Any:
     """Degrees ``(..., 2)`` → unit vectors ``(..., 3)`` (see the module docstring for the axes).
 
-    A numpy array gives unit vectors computed in float64 numpy, returned as ``dtype`` (float32 for the loader's
-    thread: torch's shared intra-op pool makes tiny torch ops 100x slower there under contention; float64 for
-    the metrics' exact distance tests); a tensor gives a tensor (``dtype`` is then unused).
+    A numpy array gives unit vectors computed in float64 numpy, returned as ``dtype`` (float32 for the
+    loader's thread: torch's shared intra-op pool makes tiny torch ops 100x slower there under contention;
+    float64 for the metrics' exact distance tests); a tensor gives a tensor (``dtype`` is then unused).
     """
     if isinstance(latlon, np.ndarray):
         la, lo = np.radians(latlon[..., 0]), np.radians(latlon[..., 1])
@@ -122,7 +124,8 @@ def xyz_to_latlon(xyz: torch.Tensor) -> torch.Tensor:
     """Any non-zero vectors ``(..., 3)`` → degrees ``(..., 2)``.
 
     # reference differs: it uses asin(z) on the raw, unnormalised output, which gives NaN for |z| > 1 and
-    # biased latitudes otherwise (docs/reference-behaviour.md §3.3, §16.4). atan2 needs no normalisation and is exact at the poles.
+    # biased latitudes otherwise (docs/reference-behaviour.md §3.3, §16.4). atan2 needs no normalisation and
+    # is exact at the poles.
     """
     x, y, z = xyz[..., 0], xyz[..., 1], xyz[..., 2]
     lat = torch.atan2(z, torch.hypot(x, y))
@@ -168,7 +171,7 @@ def _any_tangent(x: torch.Tensor) -> torch.Tensor:
 
 
 def tangent_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An orthonormal basis (e₁, e₂) of the tangent plane at each unit vector ``x``, smooth almost everywhere."""
+    """Orthonormal basis (e₁, e₂) of the tangent plane at each unit vector ``x``, smooth almost everywhere."""
     e1 = _any_tangent(x)
     return e1, torch.linalg.cross(x, e1)
 
@@ -212,7 +215,8 @@ def haversine_km(a: Any, b: Any) -> Any:
     """Great-circle distance in km between (lat, lon) degree arrays ``(..., 2)``; R = 6371 km.
 
     Accepts numpy arrays (computed in float64) or torch tensors (computed in their dtype). This is the
-    published metric's formula (docs/reference-behaviour.md §10): d = 2R·atan2(√h, √(1−h)), h = sin²(Δφ/2) + cos φ₁ cos φ₂ sin²(Δλ/2).
+    published metric's formula (docs/reference-behaviour.md §10): d = 2R·atan2(√h, √(1−h)), h = sin²(Δφ/2) +
+    cos φ₁ cos φ₂ sin²(Δλ/2).
     """
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         lib: Any = torch

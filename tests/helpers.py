@@ -95,23 +95,42 @@ def make_store(
         for i in range(0, n, 20):
             vals[i] = None
         labels[col] = vals
-    backbone = BackboneInfo(name=backbone_name, revision="test-rev", dim=dim,
-                            preprocessing={"kind": "synthetic", "seed": seed})
-    store = FeatureStore.create(root, backbone, label_columns=label_columns,
-                                source={"name": f"synthetic-{seed}", "kind": "embed", "manifest_sha256": ""})
+    backbone = BackboneInfo(
+        name=backbone_name, revision="test-rev", dim=dim, preprocessing={"kind": "synthetic", "seed": seed}
+    )
+    store = FeatureStore.create(
+        root,
+        backbone,
+        label_columns=label_columns,
+        source={"name": f"synthetic-{seed}", "kind": "embed", "manifest_sha256": ""},
+    )
     bounds = np.linspace(0, n, max(1, min(shards, n)) + 1).astype(int)
     records = []
     for a, b in itertools.pairwise(bounds):
         if b <= a:
             continue
-        table = build_table(ids[a:b], split[a:b], latlon[a:b, 0], latlon[a:b, 1], emb[a:b],
-                            {c: v[a:b] for c, v in labels.items()}, label_columns)
+        table = build_table(
+            ids[a:b],
+            split[a:b],
+            latlon[a:b, 0],
+            latlon[a:b, 1],
+            emb[a:b],
+            {c: v[a:b] for c, v in labels.items()},
+            label_columns,
+        )
         records.append(store.write_shard_file(table, task))
     store.commit(records)
     if failures:
         store.write_failures(
-            [Failure(id=f"{id_prefix}-bad-{k}", source=f"synthetic:{k}", reason="corrupt image (synthetic)",
-                     split="train") for k in range(failures)],
+            [
+                Failure(
+                    id=f"{id_prefix}-bad-{k}",
+                    source=f"synthetic:{k}",
+                    reason="corrupt image (synthetic)",
+                    split="train",
+                )
+                for k in range(failures)
+            ],
             task,
         )
     return store

@@ -25,12 +25,16 @@ class VmfMixtureTask:
     @classmethod
     def default(cls, dim: int = 8, seed: int = 0, kappa: float = 60.0) -> VmfMixtureTask:
         g = torch.Generator().manual_seed(seed)
-        centres = latlon_to_xyz(torch.tensor([
-            [[48.85, 2.35], [-33.87, 151.21]],   # Paris / Sydney
-            [[40.71, -74.0], [35.68, 139.69]],   # New York / Tokyo
-            [[-23.55, -46.63], [-1.29, 36.82]],  # São Paulo / Nairobi
-            [[64.1, -21.9], [-54.8, -68.3]],     # Reykjavik / Ushuaia
-        ]))
+        centres = latlon_to_xyz(
+            torch.tensor(
+                [
+                    [[48.85, 2.35], [-33.87, 151.21]],  # Paris / Sydney
+                    [[40.71, -74.0], [35.68, 139.69]],  # New York / Tokyo
+                    [[-23.55, -46.63], [-1.29, 36.82]],  # São Paulo / Nairobi
+                    [[64.1, -21.9], [-54.8, -68.3]],  # Reykjavik / Ushuaia
+                ]
+            )
+        )
         k = centres.shape[0]
         w = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.8, 0.2], [0.6, 0.4]])
         emb = torch.nn.functional.normalize(torch.randn(k, dim, generator=g), dim=-1) * 3

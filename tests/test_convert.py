@@ -1,8 +1,9 @@
 """`geoloc convert plonk`: a state dict laid out exactly as the published PLONK checkpoints must give the same
 velocity field (and the same sampler steps) after conversion.
 
-The reference network and samplers are re-implemented here from the spec (docs/reference-behaviour.md §4.1, §5.1, §7),
-operating on the raw tensors of the state dict, independently of ``geoloc.network`` and ``geoloc.families``.
+The reference network and samplers are re-implemented here from the spec
+(docs/reference-behaviour.md §4.1, §5.1, §7), operating on the raw tensors of the state dict, independently of
+``geoloc.network`` and ``geoloc.families``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,13 @@ DIM, DEPTH, EXP, COND = 32, 3, 4, 1024
 
 
 # ----------------------------------------------------------------------------- reference, from the spec
-def reference_state_dict(dim=DIM, depth=DEPTH, expansion=EXP, cond_dim=COND, seed=0) -> dict[str, torch.Tensor]:
-    """Random tensors under the reference names and shapes (docs/reference-behaviour.md §12.1), including the zero-init layers."""
+def reference_state_dict(
+    dim=DIM, depth=DEPTH, expansion=EXP, cond_dim=COND, seed=0
+) -> dict[str, torch.Tensor]:
+    """Random tensors under the reference names and shapes, including the zero-init layers.
+
+    Names and shapes: docs/reference-behaviour.md §12.1.
+    """
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=None):
@@ -35,13 +41,18 @@ def reference_state_dict(dim=DIM, depth=DEPTH, expansion=EXP, cond_dim=COND, see
     c = dim // 4
     sd = {
         "time_embedder.encode_time.freqs": 10000.0 ** (-2.0 * torch.arange(c // 2, dtype=torch.float32) / c),
-        "time_embedder.map_time.0.weight": rnd(dim, c), "time_embedder.map_time.0.bias": rnd(dim, scale=0.1),
-        "time_embedder.map_time.2.weight": rnd(dim, dim), "time_embedder.map_time.2.bias": rnd(dim, scale=0.1),
-        "cond_mapper.weight": rnd(dim, cond_dim), "cond_mapper.bias": rnd(dim, scale=0.1),
-        "initial_mapper.weight": rnd(dim, 3, scale=1.0), "initial_mapper.bias": rnd(dim, scale=0.1),
+        "time_embedder.map_time.0.weight": rnd(dim, c),
+        "time_embedder.map_time.0.bias": rnd(dim, scale=0.1),
+        "time_embedder.map_time.2.weight": rnd(dim, dim),
+        "time_embedder.map_time.2.bias": rnd(dim, scale=0.1),
+        "cond_mapper.weight": rnd(dim, cond_dim),
+        "cond_mapper.bias": rnd(dim, scale=0.1),
+        "initial_mapper.weight": rnd(dim, 3, scale=1.0),
+        "initial_mapper.bias": rnd(dim, scale=0.1),
         "final_adaln.1.weight": rnd(2 * dim, dim, scale=0.3 / math.sqrt(dim)),
         "final_adaln.1.bias": rnd(2 * dim, scale=0.1),
-        "final_linear.weight": rnd(3, dim), "final_linear.bias": rnd(3, scale=0.1),
+        "final_linear.weight": rnd(3, dim),
+        "final_linear.bias": rnd(3, scale=0.1),
     }
     for i in range(depth):
         sd[f"blocks.{i}.mlp.0.weight"] = rnd(expansion * dim, dim)
@@ -64,7 +75,7 @@ def _ln(h):
 
 
 def reference_forward(sd, y, gamma, emb):
-    """GeoAdaLNMLP.forward of the reference (docs/reference-behaviour.md §4.1) on raw tensors: ψ(y, γ, emb)."""
+    """The reference GeoAdaLNMLP.forward (docs/reference-behaviour.md §4.1) on raw tensors: ψ(y, γ, emb)."""
     dim = sd["cond_mapper.weight"].shape[0]
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     c_ch = dim // 4
@@ -73,8 +84,9 @@ def reference_forward(sd, y, gamma, emb):
     s = (1000.0 * gamma).unsqueeze(-1) * freqs
     feats = torch.cat([torch.cos(s), torch.sin(s)], dim=-1)
     feats = (feats - feats.mean(-1, keepdim=True)) / feats.std(-1, keepdim=True, unbiased=True)
-    t_emb = _lin(torch.nn.functional.silu(_lin(feats, sd, "time_embedder.map_time.0")), sd,
-                 "time_embedder.map_time.2")
+    t_emb = _lin(
+        torch.nn.functional.silu(_lin(feats, sd, "time_embedder.map_time.0")), sd, "time_embedder.map_time.2"
+    )
     c = _lin(emb, sd, "cond_mapper") + t_emb
     h = _lin(y, sd, "initial_mapper")
     for b in range(depth):
@@ -88,7 +100,10 @@ def reference_forward(sd, y, gamma, emb):
 
 def reference_gamma(t_ref: torch.Tensor) -> torch.Tensor:
     """The sigmoid scheduler (start −7, end 3, τ 1) in the reference's time: γ(0) = 1 data, γ(1) = 0 noise."""
-    vs, ve = torch.sigmoid(torch.tensor(-7.0, dtype=torch.float64)), torch.sigmoid(torch.tensor(3.0, dtype=torch.float64))
+    vs, ve = (
+        torch.sigmoid(torch.tensor(-7.0, dtype=torch.float64)),
+        torch.sigmoid(torch.tensor(3.0, dtype=torch.float64)),
+    )
     return ((ve - torch.sigmoid(-7.0 + 10.0 * t_ref)) / (ve - vs)).clamp(1e-9, 1.0)
 
 
@@ -148,19 +163,23 @@ def test_converted_network_matches_reference_forward(tmp_path, ref_sd, family):
 
 def test_schedule_is_the_reference_signal_level(tmp_path, ref_sd):
     """Our α(t) on our grid (t: 0 noise → 1 data) is the reference's γ on its grid (t_ref = 1 − t)."""
-    geo = Geolocator.from_pretrained(convert_plonk(write_hub(tmp_path / "PLONK_OSV_5M", ref_sd), tmp_path / "o").out)
+    geo = Geolocator.from_pretrained(
+        convert_plonk(write_hub(tmp_path / "PLONK_OSV_5M", ref_sd), tmp_path / "o").out
+    )
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
     torch.testing.assert_close(geo.family.schedule.signal(t), reference_gamma(1.0 - t), rtol=1e-9, atol=1e-12)
 
 
 def test_rfm_euler_sampler_matches_reference_steps(tmp_path, ref_sd):
-    """x ← projx(x + (γ_{k+1} − γ_k)·ψ(x, γ_k)) (docs/reference-behaviour.md §7.3), from the same starting points, step by step.
+    """x ← projx(x + (γ_{k+1} − γ_k)·ψ(x, γ_k)) (docs/reference-behaviour.md §7.3), step by step, same starts.
 
     With ``retraction="project"`` geoloc steps with the raw network output exactly like the reference. With
     the default exponential map it removes the normal component first and walks the great circle: both land
     near each other (the normal component only rescales a step by 1/(1 + h·x·ψ)).
     """
-    geo = Geolocator.from_pretrained(convert_plonk(write_hub(tmp_path / "PLONK_YFCC", ref_sd), tmp_path / "o").out)
+    geo = Geolocator.from_pretrained(
+        convert_plonk(write_hub(tmp_path / "PLONK_YFCC", ref_sd), tmp_path / "o").out
+    )
     steps, n = 6, 32
     _, _, emb = _inputs(1, seed=3)
     traj: list[torch.Tensor] = []
@@ -182,9 +201,13 @@ def test_rfm_euler_sampler_matches_reference_steps(tmp_path, ref_sd):
 
 
 def test_flow_euler_sampler_matches_reference_steps(tmp_path, ref_sd):
-    """FM in R³ (docs/reference-behaviour.md §7.2): x ← x + (γ_{k+1} − γ_k)·ψ(x, γ_k), exactly (geoloc only projects at the end)."""
+    """FM in R³ (docs/reference-behaviour.md §7.2): x ← x + (γ_{k+1} − γ_k)·ψ(x, γ_k), exactly.
+
+    geoloc only projects at the end.
+    """
     geo = Geolocator.from_pretrained(
-        convert_plonk(write_hub(tmp_path / "PLONK_YFCC_flow", ref_sd), tmp_path / "o").out)
+        convert_plonk(write_hub(tmp_path / "PLONK_YFCC_flow", ref_sd), tmp_path / "o").out
+    )
     assert geo.family.name == "flow-r3"
     steps, n = 5, 16
     _, _, emb = _inputs(1, seed=4)
@@ -197,9 +220,10 @@ def test_flow_euler_sampler_matches_reference_steps(tmp_path, ref_sd):
 
 
 def test_diffusion_ddim_matches_reference_steps(tmp_path, ref_sd):
-    """DDIM η = 0 (docs/reference-behaviour.md §7.1) with ε = ψ: x̂₀ clamped to [−1, 1], ε re-derived, then the next level."""
+    """DDIM η = 0 (docs/reference-behaviour.md §7.1), ε = ψ: x̂₀ clamped to [−1, 1], ε re-derived, stepped."""
     geo = Geolocator.from_pretrained(
-        convert_plonk(write_hub(tmp_path / "PLONK_YFCC_diffusion", ref_sd), tmp_path / "o").out)
+        convert_plonk(write_hub(tmp_path / "PLONK_YFCC_diffusion", ref_sd), tmp_path / "o").out
+    )
     assert geo.family.name == "diffusion-r3"
     steps, n = 5, 16
     _, _, emb = _inputs(1, seed=5)
@@ -217,8 +241,11 @@ def test_diffusion_ddim_matches_reference_steps(tmp_path, ref_sd):
 
 def test_lightning_ckpt_takes_the_ema_network(tmp_path, ref_sd):
     other = reference_state_dict(seed=9)
-    state = {**{f"ema_network.{k}": v for k, v in ref_sd.items()}, **{f"network.{k}": v for k, v in other.items()},
-             "loss.dummy": torch.zeros(1)}
+    state = {
+        **{f"ema_network.{k}": v for k, v in ref_sd.items()},
+        **{f"network.{k}": v for k, v in other.items()},
+        "loss.dummy": torch.zeros(1),
+    }
     run = tmp_path / "osv_5m_geoadalnmlp_r3_small_sigmoid_flow_riemann_-7_3"
     run.mkdir()
     torch.save({"state_dict": state, "global_step": 10}, run / "last.ckpt")
@@ -227,13 +254,18 @@ def test_lightning_ckpt_takes_the_ema_network(tmp_path, ref_sd):
     geo = Geolocator.from_pretrained(tmp_path / "o")
     x, gamma, emb = _inputs(8)
     with torch.no_grad():
-        torch.testing.assert_close(geo.net(x, gamma, emb), reference_forward(ref_sd, x, gamma, emb),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            geo.net(x, gamma, emb), reference_forward(ref_sd, x, gamma, emb), rtol=1e-5, atol=1e-5
+        )
     raw = convert_plonk(run / "last.ckpt", tmp_path / "r", weights="raw")
     assert raw.tensors == len(ref_sd)
     with torch.no_grad():
-        torch.testing.assert_close(Geolocator.from_pretrained(tmp_path / "r").net(x, gamma, emb),
-                                   reference_forward(other, x, gamma, emb), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            Geolocator.from_pretrained(tmp_path / "r").net(x, gamma, emb),
+            reference_forward(other, x, gamma, emb),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_buffer_may_be_absent_and_sizes_come_from_shapes(tmp_path, ref_sd):
@@ -281,7 +313,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, ref_sd):
         ("hub/PLONK_YFCC", ("yfcc", "rfm-s2")),
         ("hub/PLONK_OSV_5M_flow", ("osv5m", "flow-r3")),
         ("hub/PLONK_iNaturalist_diffusion/model.safetensors", ("inat21", "diffusion-r3")),
-        ("cache/models--nicolas-dufour--PLONK_YFCC_flow/snapshots/0123abc/model.safetensors", ("yfcc", "flow-r3")),
+        (
+            "cache/models--nicolas-dufour--PLONK_YFCC_flow/snapshots/0123abc/model.safetensors",
+            ("yfcc", "flow-r3"),
+        ),
         ("runs/YFCC100M_geoadalnmlp_r3_small_sigmoid_flow_riemann_10M_10M/last.ckpt", ("yfcc", "rfm-s2")),
         ("runs/osv_5m_geoadalnmlp_r3_small_sigmoid_diffusion/last.ckpt", ("osv5m", "diffusion-r3")),
         ("somewhere/model", (None, None)),
@@ -304,6 +339,18 @@ def test_cli_convert_plonk(tmp_path, ref_sd):
     assert cfg["family"]["name"] == "flow-r3" and cfg["command"].startswith("geoloc")
     r = CliRunner().invoke(app, ["convert", "plonk", str(hub), str(tmp_path / "out"), "--family", "rfm-s2"])
     assert isinstance(r.exception, CheckpointError)
-    r = CliRunner().invoke(app, ["convert", "plonk", str(hub), str(tmp_path / "out"), "--family", "rfm-s2",
-                                 "--backbone", "dinov2-l-reg", "--force"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "convert",
+            "plonk",
+            str(hub),
+            str(tmp_path / "out"),
+            "--family",
+            "rfm-s2",
+            "--backbone",
+            "dinov2-l-reg",
+            "--force",
+        ],
+    )
     assert r.exit_code == 0 and read_config(tmp_path / "out")["backbone"]["name"] == "dinov2-l-reg"

@@ -75,7 +75,9 @@ def test_mixture_basins_carry_the_component_weights():
     m = density_map(geo, torch.zeros(4), generator=torch.Generator().manual_seed(1))
     peaks = m.peaks(3)
     assert len(peaks) == 2 and abs(m.total_mass - 1.0) < 0.01
-    assert peaks[0]["mass"] == pytest.approx(0.7, abs=0.02) and peaks[1]["mass"] == pytest.approx(0.3, abs=0.02)
+    assert peaks[0]["mass"] == pytest.approx(0.7, abs=0.02) and peaks[1]["mass"] == pytest.approx(
+        0.3, abs=0.02
+    )
     assert haversine_km(np.array([peaks[0]["lat"], peaks[0]["lon"]]), np.array([39.8, -89.65])) < 30
     assert haversine_km(np.array([peaks[1]["lat"], peaks[1]["lon"]]), np.array([-25.3, 131.0])) < 60
 
@@ -146,15 +148,23 @@ def test_uniform_density_needs_no_refinement():
 
 
 def test_a_map_off_normalised_is_recomputed_with_more_ode_steps():
-    """The midpoint rule with 4 steps is ~9% off on this network; the map doubles the steps until it is not."""
+    """The midpoint rule with 4 steps is ~9% off on this network; the map doubles steps until it is not."""
     geo = untrained("rfm-s2")
     cond = torch.randn(8, generator=torch.Generator().manual_seed(3))
     lik = LikelihoodConfig(method="midpoint", steps=4)
-    raw = density_map(geo, cond, DensityConfig(levels=2, likelihood=lik, mass_tolerance=1.0),
-                      generator=torch.Generator().manual_seed(0))
+    raw = density_map(
+        geo,
+        cond,
+        DensityConfig(levels=2, likelihood=lik, mass_tolerance=1.0),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert raw.mass_error > 0.02 and raw.likelihood_steps == 4
-    fixed = density_map(geo, cond, DensityConfig(levels=2, likelihood=lik, max_steps=64),
-                        generator=torch.Generator().manual_seed(0))
+    fixed = density_map(
+        geo,
+        cond,
+        DensityConfig(levels=2, likelihood=lik, max_steps=64),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert fixed.mass_error < 0.01 and fixed.likelihood_steps >= 8
     assert fixed.evaluations > len(fixed)  # the discarded coarse-step pass is counted too
     vmf = density_map(vmf_geolocator([(0.0, 0.0)], [50.0]), torch.zeros(4))
@@ -166,7 +176,9 @@ def test_highest_density_regions_of_a_vmf_match_the_closed_form():
     from geoloc.density import highest_density_regions
 
     kappa = 400.0
-    m = density_map(vmf_geolocator([(10.0, 20.0)], [kappa]), torch.zeros(4), generator=torch.Generator().manual_seed(0))
+    m = density_map(
+        vmf_geolocator([(10.0, 20.0)], [kappa]), torch.zeros(4), generator=torch.Generator().manual_seed(0)
+    )
     r50, r90 = highest_density_regions(m, (0.5, 0.9))
     for reg, q in ((r50, 0.5), (r90, 0.9)):
         cos_t = 1 + math.log(1 - q) / kappa

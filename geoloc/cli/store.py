@@ -27,7 +27,9 @@ store_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-StoreArg = Annotated[Path, typer.Argument(help="Feature store directory (holds store.json).", show_default=False)]
+StoreArg = Annotated[
+    Path, typer.Argument(help="Feature store directory (holds store.json).", show_default=False)
+]
 
 
 class OutputFormat(StrEnum):
@@ -59,12 +61,14 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: OutputFormat | str) 
     """Render a result set as an aligned text table, CSV, or a JSON array of objects."""
     fmt = OutputFormat(fmt)
     if fmt is OutputFormat.json:
+
         def clean(v: Any) -> Any:
             if isinstance(v, float) and not math.isfinite(v):
                 return None
             if isinstance(v, (list, tuple)):
                 return [clean(x) for x in v]
             return v
+
         return json.dumps([{c: clean(v) for c, v in zip(columns, r, strict=True)} for r in rows], default=str)
     if fmt is OutputFormat.csv:
         buf = io.StringIO()
@@ -165,7 +169,9 @@ def verify(
 @store_app.command("repair")
 def repair(
     store: StoreArg,
-    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for a running writer.", min=0.0)] = 0.0,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for a running writer.", min=0.0)
+    ] = 0.0,
 ) -> None:
     """Remove duplicate ids (keeping the first copy); affected shards are rewritten atomically.
 
@@ -203,34 +209,58 @@ SourceKindOpt = choice_enum("SourceKindOpt", SourceKind)
 
 @store_app.command("import")
 def import_(
-    source: Annotated[str, typer.Argument(help="A .tar/.parquet/.npy file, a directory, or a glob (quote it).")],
+    source: Annotated[
+        str, typer.Argument(help="A .tar/.parquet/.npy file, a directory, or a glob (quote it).")
+    ],
     store: Annotated[Path, typer.Option("--store", help="Feature store directory (created if missing).")],
     backbone: Annotated[str, typer.Option(help="Backbone that produced the embeddings (recorded/checked).")],
-    split: Annotated[str | None, typer.Option(help="Split for every row (default: the source's `split` "
-                                                   "column, else train).")] = default(ImportConfig, "split"),
-    kind: Annotated[SourceKindOpt, typer.Option(help="Source kind (auto: by file extension).")] = SourceKindOpt(
-        default(ImportConfig, "kind")),
+    split: Annotated[
+        str | None,
+        typer.Option(help="Split for every row (default: the source's `split` column, else train)."),
+    ] = default(ImportConfig, "split"),
+    kind: Annotated[
+        SourceKindOpt, typer.Option(help="Source kind (auto: by file extension).")
+    ] = SourceKindOpt(default(ImportConfig, "kind")),
     id_col: Annotated[str | None, typer.Option(help="Id column / JSON key (auto: id, __key__, key).")] = None,
-    lat_col: Annotated[str | None, typer.Option(help="Latitude column / JSON key (auto: lat, latitude).")] = None,
-    lon_col: Annotated[str | None, typer.Option(help="Longitude column / JSON key (auto: lon, lng, "
-                                                     "longitude).")] = None,
-    emb_col: Annotated[str | None, typer.Option(help="Parquet embedding column, or a glob like 'emb_*' for one "
-                                                     "column per dimension (auto: emb, embedding).")] = None,
-    emb_key: Annotated[str, typer.Option(help="Webdataset member holding the embedding.")] = default(ImportConfig,
-                                                                                                    "emb_key"),
-    metadata: Annotated[Path | None, typer.Option(help="CSV/Parquet paired with an .npy source (default: same "
-                                                       "stem next to it).")] = None,
-    labels: Annotated[str, typer.Option(help="Extra label columns to keep, comma-separated (unique_* are "
-                                             "always kept).")] = "",
-    revision: Annotated[str, typer.Option(help="Backbone revision to record.")] = default(ImportConfig, "revision"),
-    max_failure_rate: Annotated[float, typer.Option(help="Exit 1 if more than this fraction of rows fail.",
-                                                    min=0.0, max=1.0)] = default(ImportConfig, "max_failure_rate"),
-    chunk_rows: Annotated[int, typer.Option(help="Rows per processing chunk (bounds memory).", min=1)] = default(
-        ImportConfig, "chunk_rows"),
+    lat_col: Annotated[
+        str | None, typer.Option(help="Latitude column / JSON key (auto: lat, latitude).")
+    ] = None,
+    lon_col: Annotated[
+        str | None, typer.Option(help="Longitude column / JSON key (auto: lon, lng, longitude).")
+    ] = None,
+    emb_col: Annotated[
+        str | None,
+        typer.Option(
+            help="Parquet embedding column, or a glob like 'emb_*' for one "
+            "column per dimension (auto: emb, embedding)."
+        ),
+    ] = None,
+    emb_key: Annotated[str, typer.Option(help="Webdataset member holding the embedding.")] = default(
+        ImportConfig, "emb_key"
+    ),
+    metadata: Annotated[
+        Path | None,
+        typer.Option(help="CSV/Parquet paired with an .npy source (default: same stem next to it)."),
+    ] = None,
+    labels: Annotated[
+        str, typer.Option(help="Extra label columns to keep, comma-separated (unique_* are always kept).")
+    ] = "",
+    revision: Annotated[str, typer.Option(help="Backbone revision to record.")] = default(
+        ImportConfig, "revision"
+    ),
+    max_failure_rate: Annotated[
+        float, typer.Option(help="Exit 1 if more than this fraction of rows fail.", min=0.0, max=1.0)
+    ] = default(ImportConfig, "max_failure_rate"),
+    chunk_rows: Annotated[
+        int, typer.Option(help="Rows per processing chunk (bounds memory).", min=1)
+    ] = default(ImportConfig, "chunk_rows"),
     progress: ProgressOpt = default(ImportConfig, "progress"),
-    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait when another writer holds the store "
-                                                       "(0 = exit at once).", min=0.0)] = default(ImportConfig,
-                                                                                                  "wait_s"),
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait", help="Seconds to wait when another writer holds the store (0 = exit at once).", min=0.0
+        ),
+    ] = default(ImportConfig, "wait_s"),
 ) -> None:
     """Import precomputed embeddings (webdataset tars, Parquet, or .npy + metadata) into a feature store.
 
@@ -244,14 +274,30 @@ def import_(
     from geoloc.pipeline.importers import import_embeddings  # pyarrow and numpy: not for --help
 
     cfg = ImportConfig(
-        source=source, store=store, backbone=backbone, revision=revision, split=split, kind=kind.value,
-        id_col=id_col, lat_col=lat_col, lon_col=lon_col, emb_col=emb_col, emb_key=emb_key, metadata=metadata,
-        labels=tuple(x.strip() for x in labels.split(",") if x.strip()), chunk_rows=chunk_rows,
-        max_failure_rate=max_failure_rate, progress=progress, wait_s=wait,
+        source=source,
+        store=store,
+        backbone=backbone,
+        revision=revision,
+        split=split,
+        kind=kind.value,
+        id_col=id_col,
+        lat_col=lat_col,
+        lon_col=lon_col,
+        emb_col=emb_col,
+        emb_key=emb_key,
+        metadata=metadata,
+        labels=tuple(x.strip() for x in labels.split(",") if x.strip()),
+        chunk_rows=chunk_rows,
+        max_failure_rate=max_failure_rate,
+        progress=progress,
+        wait_s=wait,
     )
     report = import_embeddings(cfg)
     typer.echo(report.summary())
     if not report.ok:
-        typer.echo(f"error: {report.failure_rate:.2%} of rows failed (limit {max_failure_rate:.2%}); "
-                   f"see `geoloc store failures {store}`", err=True)
+        typer.echo(
+            f"error: {report.failure_rate:.2%} of rows failed (limit {max_failure_rate:.2%}); "
+            f"see `geoloc store failures {store}`",
+            err=True,
+        )
         raise typer.Exit(1)

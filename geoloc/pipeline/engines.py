@@ -36,7 +36,7 @@ __all__ = ["ENGINES", "EngineOptions", "Job", "run_local", "run_ray"]
 
 
 class Job(Protocol):
-    """What an engine needs from a job. Everything but ``commit``/``progress`` must work in other processes."""
+    """What an engine needs from a job. All but ``commit``/``progress`` must work in other processes."""
 
     def read(self, part: int, parts: int) -> Iterator[Any]:
         """Records of partition ``part`` of ``parts`` (disjoint, together the whole dataset)."""
@@ -157,8 +157,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def run_local(job: Job, opts: EngineOptions) -> None:
     """Run the job in this process: DataLoader workers read + prepare, the main process maps and writes.
 
-    On Ctrl-C or SIGTERM the rows embedded so far are flushed and committed before the interrupt propagates; on
-    SIGKILL only the unflushed buffer is lost (the store never shows a partial shard).
+    On Ctrl-C or SIGTERM the rows embedded so far are flushed and committed before the interrupt propagates;
+    on SIGKILL only the unflushed buffer is lost (the store never shows a partial shard).
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside forked workers: no warning
     loader = DataLoader(
@@ -300,8 +300,9 @@ def run_ray(job: Job, opts: EngineOptions) -> None:
         raise ConfigError("--engine ray needs Ray Data: pip install 'geoloc[ray]' (or 'ray[data]')") from e
     started_here = False
     if not ray.is_initialized():
-        ray.init(address=opts.ray_address, include_dashboard=False, ignore_reinit_error=True,
-                 log_to_driver=False)
+        ray.init(
+            address=opts.ray_address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False
+        )
         started_here = True
     try:
         ctx = ray.data.DataContext.get_current()
@@ -317,12 +318,21 @@ def run_ray(job: Job, opts: EngineOptions) -> None:
         ds = ray.data.from_items([{"id": k} for k in range(parts)], override_num_blocks=parts)
         ds = ds.flat_map(_RayRead(job, parts), num_cpus=0.5)
         ds = ds.map_batches(_RayPrepare(job), batch_size=opts.batch_size, num_cpus=0.5)
-        ds = ds.map_batches(_RayMap, fn_constructor_args=(job,), batch_size=opts.batch_size,
-                            compute=ActorPoolStrategy(size=replicas), **per_replica)
+        ds = ds.map_batches(
+            _RayMap,
+            fn_constructor_args=(job,),
+            batch_size=opts.batch_size,
+            compute=ActorPoolStrategy(size=replicas),
+            **per_replica,
+        )
         # Each mapped row carries one batch, so this batch size makes one writer call ≈ one shard.
-        ds = ds.map_batches(_RayWrite, fn_constructor_args=(job, opts.task),
-                            batch_size=max(1, math.ceil(opts.shard_rows / opts.batch_size)),
-                            compute=ActorPoolStrategy(size=1), num_cpus=0.1)
+        ds = ds.map_batches(
+            _RayWrite,
+            fn_constructor_args=(job, opts.task),
+            batch_size=max(1, math.ceil(opts.shard_rows / opts.batch_size)),
+            compute=ActorPoolStrategy(size=1),
+            num_cpus=0.1,
+        )
         with progress_bar(opts.total, "embed (ray)", enabled=opts.progress) as bar:
             for row in ds.iter_rows():
                 commits = row["obj"]

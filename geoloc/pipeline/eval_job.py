@@ -6,8 +6,8 @@ split exists, resolves the admin label columns, builds the table's rows (checkpo
 retrieval baseline's faiss index is filled from the training split here), streams the evaluated split with
 ``iter_eval_batches`` into :func:`geoloc.evaluate.evaluate`, and writes the outputs.
 
-Data flow, one way: paths → :class:`EvalStores` → (rows, batches) → ``evaluate`` → :class:`~geoloc.report.Report`
-→ ``report.write``.
+Data flow, one way: paths → :class:`EvalStores` → (rows, batches) → ``evaluate`` →
+:class:`~geoloc.report.Report` → ``report.write``.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ class EvalStores:
         if (dim is not None and int(dim) != have_dim) or (name is not None and name != have_name):
             want = f"{name!r} {dim}-d" if name else f"{dim}-d"
             raise BackboneError(
-                f"{what} expects {want} embeddings but store {self.paths[0]} holds {have_name!r} {have_dim}-d "
-                f"ones; evaluate it on a store embedded with {name or 'its backbone'}, or train a model on this store"
+                f"{what} expects {want} embeddings but store {self.paths[0]} holds "
+                f"{have_name!r} {have_dim}-d ones; evaluate it on a store embedded with "
+                f"{name or 'its backbone'}, or train a model on this store"
             )
 
     def require_split(self, split: str, what: str) -> None:
@@ -201,7 +202,7 @@ def _estimators(config: EvalConfig) -> tuple[str, ...]:
 def _row_names(
     checkpoints: Sequence[str | Path], baselines: Sequence[str], estimators: Sequence[str]
 ) -> list[str]:
-    """One name per (checkpoint, estimator) — ``model[estimator]`` when there are several — then per baseline."""
+    """One name per (checkpoint, estimator) — ``model[estimator]`` when there are several — then baselines."""
     items = [Path(c).resolve().name or str(c) for c in checkpoints]
     if len(estimators) > 1:
         items = [f"{c}[{e}]" for c in items for e in estimators]
@@ -240,7 +241,7 @@ def _checkpoint_rows(
 
 
 def _hybrid_retrieval_fit(checkpoints: Sequence[str | Path]) -> dict[str, Any] | None:
-    """The weighted-retrieval ``k`` / ``tau`` a hybrid checkpoint of this run fitted on its validation split."""
+    """The weighted-retrieval ``k`` / ``tau`` that a hybrid checkpoint of this run fitted on its val split."""
     for ckpt in checkpoints:
         if is_hybrid(ckpt):
             doc = json.loads((Path(ckpt) / HYBRID_FILE).read_text())

@@ -84,8 +84,8 @@ class ImportReport:
     reasons: Counter = field(default_factory=Counter)
     ignored_labels: tuple[str, ...] = ()
     max_failure_rate: float = 0.05
-    lost_rows: int = 0                  # rows of unreadable row groups / files (counted in ``failed``)
-    lost_unknown: int = 0               # unreadable files whose row count is unknown (each counted as 1)
+    lost_rows: int = 0  # rows of unreadable row groups / files (counted in ``failed``)
+    lost_unknown: int = 0  # unreadable files whose row count is unknown (each counted as 1)
     lost_where: list[str] = field(default_factory=list)
 
     @property
@@ -108,13 +108,20 @@ class ImportReport:
         if self.imported == 0 and self.skipped_existing and not self.failed:
             lines.append(f"  nothing new: 0 new, {self.skipped_existing} already present")
         if self.lost_rows or self.lost_unknown:
-            unknown = (f" + {self.lost_unknown} unreadable file(s) of unknown size (≥1 row each)"
-                       if self.lost_unknown else "")
+            unknown = (
+                f" + {self.lost_unknown} unreadable file(s) of unknown size (≥1 row each)"
+                if self.lost_unknown
+                else ""
+            )
             where = ", ".join(self.lost_where[:5]) + (" …" if len(self.lost_where) > 5 else "")
-            lines.append(f"  lost: {self.lost_rows} row(s) in unreadable row groups/files{unknown}, at {where}")
+            lines.append(
+                f"  lost: {self.lost_rows} row(s) in unreadable row groups/files{unknown}, at {where}"
+            )
         lines += [f"  failure: {r} × {k}" for r, k in self.reasons.most_common(10)]
         if self.ignored_labels:
-            lines.append(f"  note: label(s) {list(self.ignored_labels)} are not columns of this store; not kept")
+            lines.append(
+                f"  note: label(s) {list(self.ignored_labels)} are not columns of this store; not kept"
+            )
         return "\n".join(lines)
 
 
@@ -124,7 +131,9 @@ def _detect_kind(source: str) -> str:
     names = [source] if not p.is_dir() else [f.name for f in p.rglob("*") if f.is_file()]
     if any(ch in source for ch in "*?["):
         names = glob.glob(source, recursive=True)
-    exts = {("tar" if n.lower().endswith(".tar.gz") else n.rsplit(".", 1)[-1].lower()) for n in names if "." in n}
+    exts = {
+        ("tar" if n.lower().endswith(".tar.gz") else n.rsplit(".", 1)[-1].lower()) for n in names if "." in n
+    }
     for kind, ext in (("wds", {"tar", "tgz"}), ("parquet", {"parquet", "pq"}), ("numpy", {"npy"})):
         if exts & ext:
             return kind
@@ -157,8 +166,9 @@ def _fingerprint(src: Source, cfg: ImportConfig) -> str:
 
 # ---------------------------------------------------------------------------------------------- import
 def _failure_keys(ids: pa.Array, sources: pa.Array, reasons: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    joined = pc.binary_join_element_wise(pc.fill_null(ids, ""), pc.fill_null(sources, ""),
-                                         pc.fill_null(reasons, ""), "\x00")
+    joined = pc.binary_join_element_wise(
+        pc.fill_null(ids, ""), pc.fill_null(sources, ""), pc.fill_null(reasons, ""), "\x00"
+    )
     return hash_ids(joined)
 
 
@@ -168,8 +178,8 @@ class _Importer:
     def __init__(self, cfg: ImportConfig, src: Source, report: ImportReport, task: str) -> None:
         self.cfg, self.src, self.report, self.task = cfg, src, report, task
         self.store: FeatureStore | None = None
-        self.known = IdIndex()      # ids in the store when the import started (read-only afterwards)
-        self.seen = IdIndex()       # ids met in this source so far (duplicates are failures)
+        self.known = IdIndex()  # ids in the store when the import started (read-only afterwards)
+        self.seen = IdIndex()  # ids met in this source so far (duplicates are failures)
         self.failure_seen = IdIndex()
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
@@ -185,21 +195,28 @@ class _Importer:
             labels = existing.label_columns
             wanted = [x for x in cfg.labels if x not in labels]
             if wanted:
-                raise StoreError(f"{existing.root}: --labels {wanted} are not label columns of this store "
-                                 f"({list(labels)}); import into a new store to keep them")
+                raise StoreError(
+                    f"{existing.root}: --labels {wanted} are not label columns of this store "
+                    f"({list(labels)}); import into a new store to keep them"
+                )
             self.report.ignored_labels = tuple(x for x in src.label_candidates if x not in labels)
         else:
             labels = tuple(src.label_candidates)
         backbone = BackboneInfo(name=cfg.backbone, revision=cfg.revision, dim=int(src.dim or 0))
-        source = {"name": str(cfg.source), "kind": "import", "format": src.kind,
-                  "manifest_sha256": _fingerprint(src, cfg)}
+        source = {
+            "name": str(cfg.source),
+            "kind": "import",
+            "format": src.kind,
+            "manifest_sha256": _fingerprint(src, cfg),
+        }
         self.store = FeatureStore.create(cfg.store, backbone, labels, source=source)
         if existing is None:
             self.known = self.store.id_index()  # empty unless another writer raced us; cheap either way
         fails = self.store.failures_table()
         if fails.num_rows:
-            self.failure_seen.add_hashes(*_failure_keys(fails.column("id"), fails.column("source"),
-                                                        fails.column("reason")))
+            self.failure_seen.add_hashes(
+                *_failure_keys(fails.column("id"), fails.column("source"), fails.column("reason"))
+            )
         self.report.label_columns = self.store.label_columns
         self.report.dim = self.store.dim
 
@@ -227,7 +244,7 @@ class _Importer:
         order = np.lexsort((h2, h1))
         same = (h1[order][1:] == h1[order][:-1]) & (h2[order][1:] == h2[order][:-1])
         dup = np.zeros(n, bool)
-        dup[order[1:][same]] = True              # lexsort is stable: the first occurrence is kept
+        dup[order[1:][same]] = True  # lexsort is stable: the first occurrence is kept
         dup |= self.seen.contains_hashes(h1, h2)
         first = ~dup & ~no_id
         self.seen.add_hashes(h1[first], h2[first])
@@ -240,13 +257,18 @@ class _Importer:
         rep.skipped_existing += int(existing.sum())
         failed = np.flatnonzero(~existing & ~ok)
         if len(failed):
-            split = (pc.fill_null(chunk.split, self.default_split) if chunk.split is not None and self.cfg.split
-                     is None else None)
+            split = (
+                pc.fill_null(chunk.split, self.default_split)
+                if chunk.split is not None and self.cfg.split is None
+                else None
+            )
             self._fail_records(
                 pc.fill_null(ids.take(pa.array(failed)), "").to_pylist(),
                 chunk.where(failed),
                 reason[failed].tolist(),
-                split.take(pa.array(failed)).to_pylist() if split is not None else [self.default_split] * len(failed),
+                split.take(pa.array(failed)).to_pylist()
+                if split is not None
+                else [self.default_split] * len(failed),
             )
         if ok.any():
             keep = ok[todo]  # ok is a subset of todo, and emb16 holds the todo rows
@@ -278,16 +300,23 @@ class _Importer:
             m_nan[idx[bad_rows[~orig_finite]]] = True
             m_big = np.zeros(len(todo), bool)
             m_big[idx[bad_rows[orig_finite]]] = True
-            checks += [(m_nan, "embedding has NaN/inf values"),
-                       (m_big, f"embedding values beyond float16 range (|x| > {FP16_MAX:g})")]
+            checks += [
+                (m_nan, "embedding has NaN/inf values"),
+                (m_big, f"embedding values beyond float16 range (|x| > {FP16_MAX:g})"),
+            ]
         for mask, text in checks:
             hit = todo & mask & np.equal(reason, None)
             reason[hit] = text
         return emb16
 
     def _fail_records(self, ids: list, sources: list, reasons: list, splits: list) -> None:
-        t = pa.table({"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string()),
-                      "reason": pa.array(reasons, pa.string())})
+        t = pa.table(
+            {
+                "id": pa.array(ids, pa.string()),
+                "source": pa.array(sources, pa.string()),
+                "reason": pa.array(reasons, pa.string()),
+            }
+        )
         self.report.failed += len(ids)
         self.report.reasons.update(reasons)
         k1, k2 = _failure_keys(t.column("id"), t.column("source"), t.column("reason"))
@@ -298,11 +327,17 @@ class _Importer:
         keep = pa.array(new)
         n = int(new.sum())
         now = _utc_now()
-        table = pa.table({
-            "id": t.column("id").filter(keep), "split": pa.array(splits, pa.string()).filter(keep),
-            "source": t.column("source").filter(keep), "reason": t.column("reason").filter(keep),
-            "task": pa.array([self.task] * n, pa.string()), "time": pa.array([now] * n, pa.string()),
-        }, schema=FAILURE_SCHEMA)
+        table = pa.table(
+            {
+                "id": t.column("id").filter(keep),
+                "split": pa.array(splits, pa.string()).filter(keep),
+                "source": t.column("source").filter(keep),
+                "reason": t.column("reason").filter(keep),
+                "task": pa.array([self.task] * n, pa.string()),
+                "time": pa.array([now] * n, pa.string()),
+            },
+            schema=FAILURE_SCHEMA,
+        )
         self.fail_parts.append(table)
         self.fail_rows += n
 
@@ -315,8 +350,15 @@ class _Importer:
         else:
             splits = self.default_split
         labels = {c: chunk.labels[c].filter(sel) for c in self.store.label_columns if c in chunk.labels}
-        table = build_table(chunk.ids.filter(sel), splits, chunk.lat[idx], chunk.lon[idx], emb16, labels,
-                            self.store.label_columns)
+        table = build_table(
+            chunk.ids.filter(sel),
+            splits,
+            chunk.lat[idx],
+            chunk.lon[idx],
+            emb16,
+            labels,
+            self.store.label_columns,
+        )
         self.pending.append(table)
         self.pending_rows += table.num_rows
         if self.pending_rows >= self.cfg.shard_rows:
@@ -399,17 +441,26 @@ def _import_locked(cfg: ImportConfig, src: Source) -> ImportReport:
     if (Path(cfg.store) / "store.json").exists():
         existing = FeatureStore.open(cfg.store)
         if existing.backbone.name != cfg.backbone:
-            raise StoreError(f"{cfg.store}: store holds {existing.backbone.name!r} embeddings, not "
-                             f"{cfg.backbone!r}; use another --store directory")
+            raise StoreError(
+                f"{cfg.store}: store holds {existing.backbone.name!r} embeddings, not "
+                f"{cfg.backbone!r}; use another --store directory"
+            )
         src.dim = existing.dim
     task = cfg.task or f"import-{hashlib.sha256(str(cfg.source).encode()).hexdigest()[:8]}"
-    report = ImportReport(store=str(cfg.store), source=str(cfg.source), kind=src.kind, backbone=cfg.backbone,
-                          max_failure_rate=cfg.max_failure_rate)
+    report = ImportReport(
+        store=str(cfg.store),
+        source=str(cfg.source),
+        kind=src.kind,
+        backbone=cfg.backbone,
+        max_failure_rate=cfg.max_failure_rate,
+    )
     imp = _Importer(cfg, src, report, task)
     if existing is not None:
         imp.known = existing.id_index()
         src.skip_index = imp.known  # lets readers skip decoding embeddings of row groups already stored
-    bar = progress_bar(src.total, "import", unit="row", enabled=cfg.progress, unit_scale=True, mininterval=0.5)
+    bar = progress_bar(
+        src.total, "import", unit="row", enabled=cfg.progress, unit_scale=True, mininterval=0.5
+    )
     held: list[Chunk] = []
     # The next chunk is read on a background thread while this one is validated and written.
     chunks = Prefetcher(src.chunks(), depth=1, name="import-reader", join_s=5.0)
@@ -425,15 +476,20 @@ def _import_locked(cfg: ImportConfig, src: Source) -> ImportReport:
                 held = []
             imp.process(chunk)
             bar.update(len(chunk))
-            bar.set_postfix(new=report.imported + imp.pending_rows, skip=report.skipped_existing,
-                            fail=report.failed, refresh=False)
+            bar.set_postfix(
+                new=report.imported + imp.pending_rows,
+                skip=report.skipped_existing,
+                fail=report.failed,
+                refresh=False,
+            )
     finally:
         chunks.close()
         bar.close()
     if imp.store is None:
         if existing is None:
-            reasons = Counter(r for h in held for r in h.bad if r) + Counter(f.reason for h in held
-                                                                             for f in h.failures)
+            reasons = Counter(r for h in held for r in h.bad if r) + Counter(
+                f.reason for h in held for f in h.failures
+            )
             top = "; ".join(f"{r} × {k}" for r, k in reasons.most_common(3)) or "the source is empty"
             raise InputError(f"{cfg.source}: no usable embedding to import ({top})")
         imp.open_store(existing)

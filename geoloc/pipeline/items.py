@@ -22,7 +22,8 @@ class Item:
         split: dataset split ("train", "test", ...).
         lat, lon: degrees (validated by the reader; NaN rows become failures, never items).
         payload: encoded image bytes (``kind="image"``) or a text string (``kind="text"``).
-        source: where it came from, for error messages (``path``, ``archive.zip:member``, ``file.csv:row 12``).
+        source: where it came from, for error messages (``path``, ``archive.zip:member``,
+            ``file.csv:row 12``).
         labels: extra string columns kept in the store (e.g. ``unique_country``); ``None`` = missing.
     """
 

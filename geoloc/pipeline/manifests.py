@@ -92,8 +92,8 @@ class Template:
 
     A field whose column is null or empty makes the whole result null, unless it has a default (``|x``):
     this is how the OSV-5M keys behave (``unique_sub-region`` is missing when admin2 is empty, while
-    ``unique_city`` spells a missing admin2 as the literal ``NaN``; docs/eval-protocol.md §1.3). A bare column name
-    (no braces) is the template ``{name}``.
+    ``unique_city`` spells a missing admin2 as the literal ``NaN``; docs/eval-protocol.md §1.3). A bare column
+    name (no braces) is the template ``{name}``.
     """
 
     text: str
@@ -137,7 +137,7 @@ class Template:
         )
 
     def render(self, row: dict[str, Any]) -> str | None:
-        """Render against one row (values: str / number / None). Returns None when a required field is missing."""
+        """Render against one row (values: str / number / None); None when a required field is missing."""
         out: list[str] = []
         for p in self.parts:
             if isinstance(p, str):
@@ -307,7 +307,8 @@ def _rel_path(value: str, where: str, *, glob: bool = False) -> str:
     p = PurePosixPath(value.replace("\\", "/"))
     if p.is_absolute() or re.match(r"^[A-Za-z]:", value) or value.startswith("~"):
         raise ManifestError(
-            f"{where}: path {value!r} is absolute; paths must be relative to the dataset root (set `root` instead)"
+            f"{where}: path {value!r} is absolute; "
+            "paths must be relative to the dataset root (set `root` instead)"
         )
     if ".." in p.parts:
         raise ManifestError(
@@ -337,7 +338,8 @@ def _table_spec(d: dict, path: str, where: str) -> TableSpec:
         fmt = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet", ".json": "coco"}.get(ext)
         if fmt is None:
             raise ManifestError(
-                f"{where}: cannot tell the format of table {path!r} from its extension; set format = one of {', '.join(TABLE_FORMATS)}"
+                f"{where}: cannot tell the format of table {path!r} from its extension; "
+                f"set format = one of {', '.join(TABLE_FORMATS)}"
             )
     if fmt not in TABLE_FORMATS:
         did = did_you_mean(fmt, TABLE_FORMATS)
@@ -380,7 +382,8 @@ def _split_spec(name: str, d: Any, fmt: str, table_defaults: dict, where: str) -
         )
     elif fmt in ("zip", "wds", "parquet"):
         raise ManifestError(
-            f"{where}: missing required key 'images' (a glob of the {fmt} files, e.g. 'images/{name}/*.{'tar' if fmt == 'wds' else fmt}')"
+            f"{where}: missing required key 'images' (a glob of the {fmt} files, "
+            f"e.g. 'images/{name}/*.{'tar' if fmt == 'wds' else fmt}')"
         )
     fraction = None
     if "fraction" in d:
@@ -446,8 +449,8 @@ def _check_overlaps(splits: dict[str, SplitSpec], where: str) -> None:
                 same_filters = (a.equals, a.at_least, a.exclude_ids) == (b.equals, b.at_least, b.exclude_ids)
                 if same_filters and fa[0] < fb[1] and fb[0] < fa[1]:
                     raise ManifestError(
-                        f"{where}: splits '{a.name}' and '{b.name}' read the same table {a.table.path!r} with "
-                        f"overlapping fractions {list(fa)} and {list(fb)}; make them disjoint"
+                        f"{where}: splits '{a.name}' and '{b.name}' read the same table {a.table.path!r} "
+                        f"with overlapping fractions {list(fa)} and {list(fb)}; make them disjoint"
                     )
 
 
@@ -457,7 +460,8 @@ def load_manifest(
     """Load and validate a manifest.
 
     Args:
-        path_or_name: a ``.toml`` path, or the bare name of a shipped manifest (``"osv5m"``, ``"demo-geonames"``).
+        path_or_name: a ``.toml`` path, or the bare name of a shipped manifest (``"osv5m"``,
+            ``"demo-geonames"``).
         root: overrides the manifest's ``root`` (``--root``); relative roots resolve against the working
             directory; ``pkg:<package>`` names an installed package's directory.
         limit: overrides the manifest's ``limit`` (a deterministic subsample of that many rows, taken before
@@ -532,7 +536,8 @@ def load_manifest(
     lim = lim or None
     if lim is not None and fmt not in _NEEDS_TABLE:
         raise ManifestError(
-            f"{where}: limit needs a metadata table (formats {', '.join(_NEEDS_TABLE)}); format '{fmt}' has none"
+            f"{where}: limit needs a metadata table "
+            f"(formats {', '.join(_NEEDS_TABLE)}); format '{fmt}' has none"
         )
 
     h = hashlib.sha256(data)

@@ -180,9 +180,10 @@ class Predictor(EmbeddingPredictor):
 
         A directory holding ``hybrid.json`` loads the hybrid (:func:`~geoloc.pipeline.fit_hybrid.load_hybrid`:
         the flow checkpoint it names, its neighbour index, the store identity checked unless
-        ``verify_store=False``); the backbone is the flow's. ``backbone`` overrides the recorded name (for checkpoints trained on imported features, which record
-        none); ``weights``: local backbone weights instead of the offline Hugging Face cache.
-        ``load_backbone=False`` gives a predictor for embeddings only (:meth:`predict_embeddings`).
+        ``verify_store=False``); the backbone is the flow's. ``backbone`` overrides the recorded name (for
+        checkpoints trained on imported features, which record none); ``weights``: local backbone weights
+        instead of the offline Hugging Face cache. ``load_backbone=False`` gives a predictor for embeddings
+        only (:meth:`predict_embeddings`).
         """
         dev = str(resolve_device(device))
         if is_hybrid(checkpoint):
@@ -263,7 +264,10 @@ class Predictor(EmbeddingPredictor):
 
     # --- internals ----------------------------------------------------------------------------------
     def _run_batch(
-        self, batch: list[Item | Failure], opts: PredictOptions, advance: Callable[[int], Any] = lambda n: None
+        self,
+        batch: list[Item | Failure],
+        opts: PredictOptions,
+        advance: Callable[[int], Any] = lambda n: None,
     ) -> list[ItemPrediction]:
         """One backbone batch; ``advance(n)`` is called as items finish (``_MODEL_CHUNK`` at a time)."""
         bb = self.backbone
@@ -272,8 +276,9 @@ class Predictor(EmbeddingPredictor):
         prepared: list[Any] = []
         for i, rec in enumerate(batch):
             if isinstance(rec, Failure):
-                results[i] = ItemPrediction(id=rec.id, input=rec.source, kind="", query=rec.source,
-                                            error=rec.reason)
+                results[i] = ItemPrediction(
+                    id=rec.id, input=rec.source, kind="", query=rec.source, error=rec.reason
+                )
                 continue
             if rec.kind != bb.kind:
                 results[i] = _failed(rec, f"a {rec.kind} input, but backbone {bb.name} embeds {bb.kind}s")
@@ -334,7 +339,8 @@ def load_predictor(checkpoint: str | Path, **kwargs: Any) -> Predictor:
     flow's ``config.json`` or a hybrid's ``hybrid.json``)."""
     if not (is_hybrid(checkpoint) or (Path(checkpoint) / "config.json").is_file()):
         raise InputError(
-            f"{checkpoint}: not a checkpoint directory (no config.json or {HYBRID_FILE}); pass --checkpoint DIR"
+            f"{checkpoint}: not a checkpoint directory (no config.json or {HYBRID_FILE}); "
+            "pass --checkpoint DIR"
         )
     return Predictor.from_pretrained(checkpoint, **kwargs)
 
@@ -504,7 +510,9 @@ class PredictSummary:
         out = [f"{self.total} item(s), {self.located} located, {self.failed} failed"]
         out += [f"  failed {item}: {reason}" for item, reason in self.failures[:limit]]
         if self.failed > limit:
-            out.append(f"  ... {self.failed - limit} more failed item(s); --out FILE lists each in its error column")
+            out.append(
+                f"  ... {self.failed - limit} more failed item(s); --out FILE lists each in its error column"
+            )
         return out
 
     def verdict(self) -> str | None:
@@ -519,11 +527,14 @@ class PredictSummary:
         )
 
 
-def summarize(results: Sequence[ItemPrediction], max_failure_rate: float = PredictOptions.max_failure_rate
-              ) -> PredictSummary:
+def summarize(
+    results: Sequence[ItemPrediction], max_failure_rate: float = PredictOptions.max_failure_rate
+) -> PredictSummary:
     """Results of :func:`run_predict` → :class:`PredictSummary` (failed items in input order)."""
     failures = tuple(
-        (r.id if r.input in ("", r.id) else f"{r.id} ({r.input})", r.error or "failed") for r in results if not r.ok
+        (r.id if r.input in ("", r.id) else f"{r.id} ({r.input})", r.error or "failed")
+        for r in results
+        if not r.ok
     )
     return PredictSummary(total=len(results), failures=failures, max_failure_rate=max_failure_rate)
 
@@ -619,8 +630,15 @@ def write_maps(
                     )
                 if "html" in formats:
                     written.append(
-                        render_html(dmap, directory / f"{stem}.html", title=title, truth=truth, modes=modes,
-                                    estimate=(r.lat, r.lon), localizability_bits=r.localizability_bits)
+                        render_html(
+                            dmap,
+                            directory / f"{stem}.html",
+                            title=title,
+                            truth=truth,
+                            modes=modes,
+                            estimate=(r.lat, r.lon),
+                            localizability_bits=r.localizability_bits,
+                        )
                     )
             bar.update(len(part))
     if density_out is not None:
@@ -653,6 +671,7 @@ def write_density_cells(maps: Sequence[tuple[ItemPrediction, Any]], path: str | 
         for f in density_features(dmap)["features"]:
             f["properties"] = {"item_id": r.id, "query": r.query or r.input, **f["properties"]}
             features.append(f)
-    body = json.dumps({"type": "FeatureCollection", "features": features}, ensure_ascii=False,
-                      separators=(",", ":"))
+    body = json.dumps(
+        {"type": "FeatureCollection", "features": features}, ensure_ascii=False, separators=(",", ":")
+    )
     return atomic_write(path, lambda p: Path(p).write_text(body, encoding="utf-8"))

@@ -1,4 +1,5 @@
-"""Readers: a validated :class:`~geoloc.pipeline.manifests.Manifest` → a stream of :class:`Item` / :class:`Failure`.
+"""Readers: a validated :class:`~geoloc.pipeline.manifests.Manifest` → a stream of :class:`Item` /
+:class:`Failure`.
 
 Readers do the *cheap* work in the main process: find each item's bytes (loose file, zip member, tar member,
 Parquet cell) or text, and check what can be checked without decoding — a missing file, an empty or
@@ -15,8 +16,8 @@ Formats (``format`` in the manifest):
 - ``folder``: a table row per item, image at ``<root>/<images>/<image_path>``.
 - ``zip``: a table row per item, image = the archive member whose basename is ``member`` (``{id}.jpg``),
   found by walking the archives' member lists (no extraction); items come archive by archive.
-- ``wds``: webdataset tar shards; a sample = consecutive members sharing a key, image ``.jpg/.jpeg/.png/.webp``
-  and ``.json`` metadata (lat/lon/labels; ``__key__`` is available as a column).
+- ``wds``: webdataset tar shards; a sample = consecutive members sharing a key, image
+  ``.jpg/.jpeg/.png/.webp`` and ``.json`` metadata (lat/lon/labels; ``__key__`` is available as a column).
 - ``parquet``: Parquet files with an image-bytes column (binary, or a ``{bytes, path}`` struct as written by
   Hugging Face ``datasets``), streamed row group by row group.
 - ``text``: a table row per item; the payload is the ``text`` template.
@@ -94,8 +95,9 @@ def count_items(manifest: Manifest, splits: Sequence[str] | None = None) -> int 
     """How many records (items + failures) :func:`iter_items` will yield without ``skip_ids``, for an ETA.
 
     Exact for table-backed formats and Parquet (cheap: polars counts / Parquet footers; splits with a
-    ``fraction`` or a ``limit`` hash the ids once), plus one failure per unreadable archive or shard. For webdataset shards it uses ``sizes.json`` next to the
-    shards when present, else counts sample keys from the tar headers. Returns None if no cheap count exists.
+    ``fraction`` or a ``limit`` hash the ids once), plus one failure per unreadable archive or shard. For
+    webdataset shards it uses ``sizes.json`` next to the shards when present, else counts sample keys from the
+    tar headers. Returns None if no cheap count exists.
     """
     chosen = _choose_splits(manifest, splits)
     _check_root(manifest)
@@ -146,7 +148,8 @@ def _dataset_file(m: Manifest, rel: str, what: str) -> Path:
     p = m.root / rel
     if not _inside(m, p):
         raise ManifestError(
-            f"{m.path.name}: {what} {rel!r} resolves outside the dataset root {m.root} (a symlink?); keep data under the root"
+            f"{m.path.name}: {what} {rel!r} resolves outside the dataset root {m.root} (a symlink?); "
+            "keep data under the root"
         )
     if not p.is_file():
         raise ManifestError(
@@ -159,12 +162,14 @@ def _dataset_glob(m: Manifest, pattern: str, what: str) -> list[Path]:
     files = sorted(p for p in m.root.glob(pattern) if p.is_file())
     if not files:
         raise ManifestError(
-            f"{m.path.name}: no {what} match {pattern!r} under {m.root}; check `root` (or --root) and `images`"
+            f"{m.path.name}: no {what} match {pattern!r} under {m.root}; "
+            "check `root` (or --root) and `images`"
         )
     for p in files:
         if not _inside(m, p):
             raise ManifestError(
-                f"{m.path.name}: {what} {p} resolves outside the dataset root (a symlink?); keep data under the root"
+                f"{m.path.name}: {what} {p} resolves outside the dataset root (a symlink?); "
+                "keep data under the root"
             )
     return files
 
@@ -329,7 +334,7 @@ def _missing_column(m: Manifest, table: str, col: str, why: str, have: Sequence[
 
 
 def _coco_frame(m: Manifest, path: Path, want: set[str]) -> pl.DataFrame:
-    """COCO-style JSON (iNat21): images left-joined with their first annotation's category and its taxonomy."""
+    """COCO-style JSON (iNat21): images left-joined with their first annotation's category and taxonomy."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
@@ -783,7 +788,8 @@ def _parquet_columns(m: Manifest, split: SplitSpec) -> tuple[str, dict[str, str]
     img_t = m.columns["image"]
     if not img_t.is_column:
         raise ManifestError(
-            f"{m.path.name}: columns.image must be a plain column name for format 'parquet', got {img_t.text!r}"
+            f"{m.path.name}: columns.image must be a plain column name for format 'parquet', "
+            f"got {img_t.text!r}"
         )
     need = _needed_columns(m, ("id", "lat", "lon"), split)
     need.setdefault(img_t.text, "columns.image")

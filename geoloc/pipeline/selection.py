@@ -1,4 +1,5 @@
-"""Which rows a job reads: stores opened and checked, ``--split`` / ``--where`` applied, rows counted per shard.
+"""Which rows a job reads: stores opened and checked, ``--split`` / ``--where`` applied, rows counted per
+shard.
 
 Training (:mod:`geoloc.pipeline.loader`) and evaluation (:mod:`geoloc.pipeline.eval_batches`) select rows the
 same way, so this is done once here: every store is opened, checked to hold the same backbone and dimension
@@ -44,7 +45,8 @@ class StoreSpec:
     """One store to read and its weight: the expected number of passes over it per epoch.
 
     ``weight=2.0`` reads every selected row twice per epoch (the reference's combined setup lists OSV-5M and
-    iNat21 twice, docs/reference-behaviour.md §2.5); ``0.5`` reads a seeded random half of it, a different half each epoch.
+    iNat21 twice, docs/reference-behaviour.md §2.5); ``0.5`` reads a seeded random half of it, a different
+    half each epoch.
     """
 
     path: Path
@@ -129,14 +131,16 @@ def select_stores(
         raise ConfigError("no feature store given; pass at least one --store PATH[:WEIGHT]")
     where = where.strip() if where and where.strip() else None
     opened = tuple(
-        s if isinstance(s, FeatureStore) else FeatureStore.open(p.path) for s, p in zip(stores, specs, strict=True)
+        s if isinstance(s, FeatureStore) else FeatureStore.open(p.path)
+        for s, p in zip(stores, specs, strict=True)
     )
     first = opened[0]
     for spec, st in zip(specs[1:], opened[1:], strict=True):
         if (st.backbone.name, st.dim) != (first.backbone.name, first.dim):
             raise StoreError(
                 f"{spec.path} holds {st.backbone.name!r} {st.dim}-d embeddings but {specs[0].path} holds "
-                f"{first.backbone.name!r} {first.dim}-d; only stores embedded with the same backbone can be mixed"
+                f"{first.backbone.name!r} {first.dim}-d; "
+                "only stores embedded with the same backbone can be mixed"
             )
     if (expected_dim is not None and int(expected_dim) != first.dim) or (
         expected_backbone is not None and expected_backbone != first.backbone.name
@@ -209,7 +213,7 @@ def shard_changed(sel: Selection, sh: Shard, now: str) -> None:
 
 
 def batch_arrays(batch: pa.RecordBatch, sel: Selection, sh: Shard, dim: int) -> tuple[np.ndarray, ...]:
-    """Arrow columns → numpy without copying (lat/lon copy only if they hold nulls, which then read as NaN)."""
+    """Arrow columns → numpy without copying (lat/lon copy only if they hold nulls, which read as NaN)."""
     col = batch.column(2)
     if col.null_count:
         raise StoreError(
@@ -238,8 +242,9 @@ def check_coordinates(
     pos = int(positions[i]) if isinstance(positions, np.ndarray) else int(positions) + i
     row_id = _row_id(sh, sel, pos)
     raise StoreError(
-        f"{spec.path}: shard {sh.file}: row id {row_id!r} (lat={lat[i]}, lon={lon[i]}) has NaN or out-of-range "
-        f"coordinates; fix or drop the row and re-import the store (`geoloc store verify {spec.path}`)"
+        f"{spec.path}: shard {sh.file}: row id {row_id!r} (lat={lat[i]}, lon={lon[i]}) "
+        f"has NaN or out-of-range coordinates; fix or drop the row and re-import the store "
+        f"(`geoloc store verify {spec.path}`)"
     )
 
 

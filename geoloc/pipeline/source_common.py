@@ -52,7 +52,8 @@ class Chunk:
 
     ``emb`` is (n, dim) in any float dtype; rows whose ``bad`` entry is a string were already found unusable
     by the reader (missing or ragged embedding) and hold placeholders. ``where(rows)`` names rows for failure
-    records (``file:row 12``, ``shard.tar:000123``); ``failures`` are problems that have no row (a corrupt tar).
+    records (``file:row 12``, ``shard.tar:000123``); ``failures`` are problems that have no row (a corrupt
+    tar).
     """
 
     ids: pa.Array

@@ -77,8 +77,12 @@ class ParquetSource(ParquetLike):
                         yield self._stored_chunk(ids, path, offset)
                         done = len(ids)
                         continue
-                    for batch in pf.iter_batches(batch_size=self.cfg.chunk_rows, row_groups=[rg],
-                                                 columns=self.read_cols, use_threads=True):
+                    for batch in pf.iter_batches(
+                        batch_size=self.cfg.chunk_rows,
+                        row_groups=[rg],
+                        columns=self.read_cols,
+                        use_threads=True,
+                    ):
                         emb, bad = self._embeddings(batch)
                         chunk = self._chunk(batch, emb, bad, path, offset + done)
                         done += batch.num_rows
@@ -96,11 +100,20 @@ class ParquetSource(ParquetLike):
                     offset += rg_rows
 
     def _lost(self, path: object, offset: int, rows: int | None, what: str, skipped: str) -> Chunk:
-        span = (f"{rows} row(s) lost (rows {offset}–{offset + rows - 1})" if rows
-                else "row count unknown, ≥1 row lost" if rows is None else "0 rows")
+        span = (
+            f"{rows} row(s) lost (rows {offset}–{offset + rows - 1})"
+            if rows
+            else "row count unknown, ≥1 row lost"
+            if rows is None
+            else "0 rows"
+        )
         return _empty_chunk(
-            Failure(id="", source=f"{path}:row {offset}", split=self.cfg.split or "",
-                    reason=f"{what}; {skipped}, {span}"),
+            Failure(
+                id="",
+                source=f"{path}:row {offset}",
+                split=self.cfg.split or "",
+                reason=f"{what}; {skipped}, {span}",
+            ),
             rows,
         )
 
@@ -163,7 +176,11 @@ class ParquetSource(ParquetLike):
 def _why(e: BaseException) -> str:
     """One line: Arrow's messages can hold newlines (thrift errors), which would garble a failures table."""
     text = " ".join(str(e).split())
-    return text.split(": ", 1)[-1] if isinstance(e, InputError) else f"unreadable Parquet data ({type(e).__name__}: {text})"
+    return (
+        text.split(": ", 1)[-1]
+        if isinstance(e, InputError)
+        else f"unreadable Parquet data ({type(e).__name__}: {text})"
+    )
 
 
 def _empty_chunk(failure: Failure, lost_rows: int | None = 1) -> Chunk:

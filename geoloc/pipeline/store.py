@@ -108,13 +108,21 @@ class BackboneInfo:
         return hash((self.name, self.revision, self.dim, _canonical(self.preprocessing)))
 
     def to_json(self) -> dict:
-        return {"name": self.name, "revision": self.revision, "dim": int(self.dim),
-                "preprocessing": dict(self.preprocessing)}
+        return {
+            "name": self.name,
+            "revision": self.revision,
+            "dim": int(self.dim),
+            "preprocessing": dict(self.preprocessing),
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> BackboneInfo:
-        return cls(name=str(d["name"]), revision=str(d.get("revision", "")), dim=int(d["dim"]),
-                   preprocessing=dict(d.get("preprocessing") or {}))
+        return cls(
+            name=str(d["name"]),
+            revision=str(d.get("revision", "")),
+            dim=int(d["dim"]),
+            preprocessing=dict(d.get("preprocessing") or {}),
+        )
 
 
 def store_schema(dim: int, label_columns: Sequence[str] = ()) -> pa.Schema:
@@ -187,20 +195,29 @@ def build_table(
     if isinstance(splits, str):
         split_arr = pa.array(np.full(n, splits, dtype=object), type=pa.string())
     else:
-        split_arr = pc.cast(splits if isinstance(splits, (pa.Array, pa.ChunkedArray)) else pa.array(splits),
-                            pa.string())
-    for what, arr_len in (("ids", len(id_arr)), ("splits", len(split_arr)), ("lat", len(lat)),
-                          ("lon", len(lon))):
+        split_arr = pc.cast(
+            splits if isinstance(splits, (pa.Array, pa.ChunkedArray)) else pa.array(splits), pa.string()
+        )
+    for what, arr_len in (
+        ("ids", len(id_arr)),
+        ("splits", len(split_arr)),
+        ("lat", len(lat)),
+        ("lon", len(lon)),
+    ):
         if arr_len != n:
-            raise InputError(f"{what} has {arr_len} rows but emb has {n}; all columns must have the same length")
+            raise InputError(
+                f"{what} has {arr_len} rows but emb has {n}; all columns must have the same length"
+            )
     with np.errstate(over="ignore"):
         emb16 = np.ascontiguousarray(emb, dtype=np.float16)
     if check:
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(lat) | ~np.isfinite(lon) | (np.abs(lat) > 90) | (np.abs(lon) > 180)
         if bad.any():
-            raise InputError(f"{int(bad.sum())} row(s) with NaN/inf/out-of-range lat/lon (first at row "
-                             f"{int(np.flatnonzero(bad)[0])}); filter them before building a shard")
+            raise InputError(
+                f"{int(bad.sum())} row(s) with NaN/inf/out-of-range lat/lon (first at row "
+                f"{int(np.flatnonzero(bad)[0])}); filter them before building a shard"
+            )
         finite = finite_rows_f16(emb16)
         if n and not finite.all():
             row = int(np.flatnonzero(~finite)[0])
@@ -245,8 +262,14 @@ def _write_parquet_atomic(table: pa.Table, final: Path) -> str:
 
     def write(tmp: str) -> None:
         # No statistics for emb: min/max of float16 values cost half the write time and serve nobody.
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE,
-                       use_dictionary=strings, write_statistics=[n for n in table.column_names if n != "emb"])
+        pq.write_table(
+            table,
+            tmp,
+            compression="zstd",
+            row_group_size=ROW_GROUP_SIZE,
+            use_dictionary=strings,
+            write_statistics=[n for n in table.column_names if n != "emb"],
+        )
 
     atomic_write(final, write)
     return sha256_file(final)
@@ -282,15 +305,21 @@ class VerifyReport:
         return not self.problems
 
     def summary(self) -> str:
-        head = (f"{self.root}: {self.shards} shard(s), {self.rows} row(s), {self.failures} failure(s): "
-                f"{'OK' if self.ok else f'{len(self.problems)} problem(s)'}")
+        head = (
+            f"{self.root}: {self.shards} shard(s), {self.rows} row(s), {self.failures} failure(s): "
+            f"{'OK' if self.ok else f'{len(self.problems)} problem(s)'}"
+        )
         lines = [head, *(f"  - {p}" for p in self.problems)]
         if self.in_progress:
-            lines.append(f"  note: {len(self.in_progress)} unlisted file(s) belong to a live {self.holder} "
-                         "(in progress, not orphans)")
+            lines.append(
+                f"  note: {len(self.in_progress)} unlisted file(s) belong to a live {self.holder} "
+                "(in progress, not orphans)"
+            )
         if self.duplicate_ids:
-            lines.append(f"  fix: `geoloc store repair {self.root}` removes the {self.duplicate_ids} duplicate "
-                         "id(s), keeping the first copy")
+            lines.append(
+                f"  fix: `geoloc store repair {self.root}` removes the {self.duplicate_ids} duplicate "
+                "id(s), keeping the first copy"
+            )
         return "\n".join(lines)
 
 
@@ -327,7 +356,9 @@ class IdIndex:
             self._runs[-2:] = [self._merge(self._runs[-2], self._runs[-1])]
 
     @staticmethod
-    def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _merge(
+        a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Merge two sorted runs in O(n): where each element of ``b`` lands, then fill the rest from ``a``."""
         pos = np.searchsorted(a[0], b[0], "right") + np.arange(len(b[0]))
         from_a = np.ones(len(a[0]) + len(b[0]), bool)
@@ -413,10 +444,9 @@ def hash_ids(ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> tuple[np.ndarra
     if arr.null_count:
         arr = pc.fill_null(arr, "")
     bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset: arr.offset + n + 1]
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     start, end = int(offsets[0]), int(offsets[-1])
-    data = (np.frombuffer(bufs[2], dtype=np.uint8)[start:end] if bufs[2] is not None
-            else np.empty(0, np.uint8))
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[start:end] if bufs[2] is not None else np.empty(0, np.uint8)
     rel = offsets - start
     lengths = np.diff(rel)
     pos = np.arange(end - start, dtype=np.int64) - np.repeat(rel[:-1], lengths)
@@ -447,8 +477,9 @@ def _lock_holder(root: Path) -> str:
 
 
 @contextlib.contextmanager
-def writer_lock(root: str | os.PathLike, what: str, *, wait_s: float = 0.0,
-                notify: Callable[[str], None] | None = None) -> Iterator[None]:
+def writer_lock(
+    root: str | os.PathLike, what: str, *, wait_s: float = 0.0, notify: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """One writing job per store at a time (``embed``, ``store import``, ``store repair``, any future writer).
 
     Taken *before* the job reads which ids the store already holds: two jobs that each checked the ids and
@@ -473,10 +504,14 @@ def writer_lock(root: str | os.PathLike, what: str, *, wait_s: float = 0.0,
                 holder = _lock_holder(root)
                 if time.monotonic() >= deadline:
                     waited = f" (waited {wait_s:g} s)" if wait_s > 0 else ""
-                    raise StoreError(f"{root}: another {holder} is writing to this store{waited}; wait for it "
-                                     "to finish (or pass --wait SECONDS) and run again") from None
+                    raise StoreError(
+                        f"{root}: another {holder} is writing to this store{waited}; wait for it "
+                        "to finish (or pass --wait SECONDS) and run again"
+                    ) from None
                 if not told and notify is not None and wait_s > 0:
-                    notify(f"{root}: another {holder} is writing to this store; waiting up to {wait_s:g} s ...")
+                    notify(
+                        f"{root}: another {holder} is writing to this store; waiting up to {wait_s:g} s ..."
+                    )
                     told = True
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
@@ -546,27 +581,35 @@ class FeatureStore:
                 have = BackboneInfo.from_json(manifest["backbone"])
                 if have.name != backbone.name or have.dim != int(backbone.dim):
                     raise StoreError(
-                        f"{root}: store holds {have.name!r} (dim {have.dim}) embeddings, not {backbone.name!r} "
-                        f"(dim {backbone.dim}); use another --store directory"
+                        f"{root}: store holds {have.name!r} (dim {have.dim}) embeddings, "
+                        f"not {backbone.name!r} (dim {backbone.dim}); use another --store directory"
                     )
                 existing_labels = tuple(manifest.get("label_columns", ()))
                 if label_columns and set(label_columns) != set(existing_labels):
                     raise StoreError(
-                        f"{root}: store has label columns {list(existing_labels)}, not {list(label_columns)}; "
-                        "use the same label columns or another --store directory"
+                        f"{root}: store has label columns {list(existing_labels)}, "
+                        f"not {list(label_columns)}; use the same label columns or another --store directory"
                     )
                 dirty = False
             else:
                 now = _now()
                 manifest = {
-                    "format": FORMAT, "version": VERSION, "backbone": backbone.to_json(),
-                    "label_columns": list(label_columns), "sources": [], "shards": [], "failures": [],
-                    "created": now, "updated": now,
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "backbone": backbone.to_json(),
+                    "label_columns": list(label_columns),
+                    "sources": [],
+                    "shards": [],
+                    "failures": [],
+                    "created": now,
+                    "updated": now,
                 }
                 dirty = True
             if source is not None:
                 key = (source.get("name"), source.get("kind"), source.get("manifest_sha256"))
-                known = {(s.get("name"), s.get("kind"), s.get("manifest_sha256")) for s in manifest["sources"]}
+                known = {
+                    (s.get("name"), s.get("kind"), s.get("manifest_sha256")) for s in manifest["sources"]
+                }
                 if key not in known:
                     manifest["sources"].append({**source, "added": source.get("added") or _now()})
                     dirty = True
@@ -579,7 +622,7 @@ class FeatureStore:
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> FeatureStore:
-        """Open an existing store for reading; :class:`StoreError` if it is missing or its manifest is corrupt."""
+        """Open an existing store to read; :class:`StoreError` if it is missing or its manifest is corrupt."""
         root = Path(root)
         return cls(root, cls._read_manifest(root), writable=False)
 
@@ -587,23 +630,31 @@ class FeatureStore:
     def _read_manifest(root: Path) -> dict:
         path = root / MANIFEST
         if not path.exists():
-            raise StoreError(f"{root}: not a feature store (no {MANIFEST}); create one with `geoloc embed` "
-                             "or `geoloc store import`")
+            raise StoreError(
+                f"{root}: not a feature store (no {MANIFEST}); create one with `geoloc embed` "
+                "or `geoloc store import`"
+            )
         try:
             m = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise StoreError(f"{path}: unreadable store manifest ({e}); restore it or rebuild the store") from e
+            raise StoreError(
+                f"{path}: unreadable store manifest ({e}); restore it or rebuild the store"
+            ) from e
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise StoreError(f"{path}: not a {FORMAT} manifest")
         if m.get("version") != VERSION:
-            raise StoreError(f"{path}: store format version {m.get('version')} is not supported (expected {VERSION})")
+            raise StoreError(
+                f"{path}: store format version {m.get('version')} is not supported (expected {VERSION})"
+            )
         try:
             BackboneInfo.from_json(m["backbone"])
             for key in ("shards", "failures", "sources", "label_columns"):
                 if not isinstance(m.setdefault(key, []), list):
                     raise TypeError(key)
         except (KeyError, TypeError, ValueError) as e:
-            raise StoreError(f"{path}: malformed store manifest (field {e}); restore it or rebuild the store") from e
+            raise StoreError(
+                f"{path}: malformed store manifest (field {e}); restore it or rebuild the store"
+            ) from e
         return m
 
     @staticmethod
@@ -692,8 +743,11 @@ class FeatureStore:
 
     def shard_paths(self, split: str | None = None) -> list[Path]:
         """Listed shards in commit order (only those holding ``split`` rows, if given)."""
-        return [self.root / r["file"] for r in self._manifest["shards"]
-                if split is None or r.get("splits", {}).get(split, 0) > 0]
+        return [
+            self.root / r["file"]
+            for r in self._manifest["shards"]
+            if split is None or r.get("splits", {}).get(split, 0) > 0
+        ]
 
     def failure_paths(self) -> list[Path]:
         return [self.root / r["file"] for r in self._manifest["failures"]]
@@ -742,7 +796,9 @@ class FeatureStore:
     def _next_path(self, kind: str, task: str) -> Path:
         if not _TASK_RE.match(task):
             raise StoreError(f"task name {task!r} must be letters, digits, '_', '.' or single '-' separators")
-        folder, prefix, rx = (("shards", "part", _SHARD_RE) if kind == "shard" else ("failures", "fail", _FAIL_RE))
+        folder, prefix, rx = (
+            ("shards", "part", _SHARD_RE) if kind == "shard" else ("failures", "fail", _FAIL_RE)
+        )
         key = (kind, task)
         if key not in self._seq:
             seqs = [-1]
@@ -779,8 +835,10 @@ class FeatureStore:
                         table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
                 table = table.select(expected.names).cast(expected)
             except (KeyError, ValueError, TypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise StoreError(f"{self.root}: shard table does not match the store schema ({e}); "
-                                 "build it with build_table(..., label_columns=store.label_columns)") from e
+                raise StoreError(
+                    f"{self.root}: shard table does not match the store schema ({e}); "
+                    "build it with build_table(..., label_columns=store.label_columns)"
+                ) from e
         if table.num_rows == 0:
             raise StoreError(f"{self.root}: refusing to write an empty shard")
         ids = table.column("id")
@@ -791,14 +849,20 @@ class FeatureStore:
         clash = index.contains_hashes(h1, h2)
         if clash.any():
             first = ids[int(np.flatnonzero(clash)[0])].as_py()
-            raise StoreError(f"{self.root}: {int(clash.sum())} id(s) already in the store (e.g. {first!r}); "
-                             "filter with existing_ids() before writing")
+            raise StoreError(
+                f"{self.root}: {int(clash.sum())} id(s) already in the store (e.g. {first!r}); "
+                "filter with existing_ids() before writing"
+            )
         path = self._next_path("shard", task)
         digest = _write_parquet_atomic(table, path)
         counts = pc.value_counts(table.column("split")).to_pylist()
         splits = {c["values"]: int(c["counts"]) for c in counts}
-        return {"file": path.relative_to(self.root).as_posix(), "rows": table.num_rows, "sha256": digest,
-                "splits": dict(sorted(splits.items()))}
+        return {
+            "file": path.relative_to(self.root).as_posix(),
+            "rows": table.num_rows,
+            "sha256": digest,
+            "splits": dict(sorted(splits.items())),
+        }
 
     def commit(self, shard_records: Sequence[dict], failure_records: Sequence[dict] = ()) -> None:
         """Atomically add written shard/failure files to store.json (under the store lock)."""
@@ -873,9 +937,14 @@ class FeatureStore:
                     table = pq.read_table(path).filter(pa.array(keep))
                     new = self._next_path("shard", "repair")
                     counts = pc.value_counts(table.column("split")).to_pylist()
-                    records.append({"file": new.relative_to(self.root).as_posix(), "rows": table.num_rows,
-                                    "sha256": _write_parquet_atomic(table, new),
-                                    "splits": dict(sorted((c["values"], int(c["counts"])) for c in counts))})
+                    records.append(
+                        {
+                            "file": new.relative_to(self.root).as_posix(),
+                            "rows": table.num_rows,
+                            "sha256": _write_parquet_atomic(table, new),
+                            "splits": dict(sorted((c["values"], int(c["counts"])) for c in counts)),
+                        }
+                    )
             if stale:
                 manifest["shards"] = records
                 manifest["updated"] = _now()
@@ -911,16 +980,23 @@ class FeatureStore:
             try:
                 st = path.stat()
             except OSError:
-                raise StoreError(f"{self.root}: shard {r['file']} is listed but missing; run "
-                                 f"`geoloc store verify {self.root}`") from None
+                raise StoreError(
+                    f"{self.root}: shard {r['file']} is listed but missing; run "
+                    f"`geoloc store verify {self.root}`"
+                ) from None
             key = f"{st.st_size}:{st.st_mtime_ns}"
             digest = _CHECKED.get(str(path.resolve()), {}).get(key) or (
-                disk[r["file"]][1] if isinstance(disk.get(r["file"]), list) and disk[r["file"]][0] == key else None)
+                disk[r["file"]][1]
+                if isinstance(disk.get(r["file"]), list) and disk[r["file"]][0] == key
+                else None
+            )
             if digest is None:
                 digest = sha256_file(path)
             if digest != r.get("sha256"):
-                raise StoreError(f"{self.root}: shard {r['file']} does not match its checksum in {MANIFEST} "
-                                 f"(changed or corrupted on disk); run `geoloc store verify {self.root}`")
+                raise StoreError(
+                    f"{self.root}: shard {r['file']} does not match its checksum in {MANIFEST} "
+                    f"(changed or corrupted on disk); run `geoloc store verify {self.root}`"
+                )
             _CHECKED[str(path.resolve())] = {key: digest}
             if disk.get(r["file"]) != [key, digest]:
                 disk[r["file"]] = [key, digest]
@@ -931,13 +1007,18 @@ class FeatureStore:
 
     def orphans(self) -> list[Path]:
         """Files in shards/ and failures/ that store.json does not list (incl. stale temporaries)."""
-        listed = {r["file"] for r in self._manifest["shards"]} | {r["file"] for r in self._manifest["failures"]}
+        listed = {r["file"] for r in self._manifest["shards"]} | {
+            r["file"] for r in self._manifest["failures"]
+        }
         out = []
         for folder in ("shards", "failures"):
             d = self.root / folder
             if d.is_dir():
-                out += [p for p in sorted(d.iterdir())
-                        if p.is_file() and p.relative_to(self.root).as_posix() not in listed]
+                out += [
+                    p
+                    for p in sorted(d.iterdir())
+                    if p.is_file() and p.relative_to(self.root).as_posix() not in listed
+                ]
         return out
 
     def _remove_orphans(self) -> None:
@@ -991,7 +1072,9 @@ class FeatureStore:
                 continue
             report.rows += pf.metadata.num_rows
             if pf.metadata.num_rows != int(r["rows"]):
-                report.problems.append(f"{r['file']}: {pf.metadata.num_rows} rows on disk, {r['rows']} listed")
+                report.problems.append(
+                    f"{r['file']}: {pf.metadata.num_rows} rows on disk, {r['rows']} listed"
+                )
             if not pf.schema_arrow.equals(expected, check_metadata=False):
                 report.problems.append(f"{r['file']}: schema {pf.schema_arrow} differs from the store schema")
                 continue
@@ -1004,7 +1087,9 @@ class FeatureStore:
             t = pf.read(columns=["id", "split", "lat", "lon"])
             counts = {c["values"]: int(c["counts"]) for c in pc.value_counts(t.column("split")).to_pylist()}
             if counts != {k: int(v) for k, v in r.get("splits", {}).items()}:
-                report.problems.append(f"{r['file']}: split counts {counts} differ from the listed {r.get('splits')}")
+                report.problems.append(
+                    f"{r['file']}: split counts {counts} differ from the listed {r.get('splits')}"
+                )
             lat = t.column("lat").to_numpy()
             lon = t.column("lon").to_numpy()
             with np.errstate(invalid="ignore"):
@@ -1037,8 +1122,10 @@ class FeatureStore:
         return report
 
     def __repr__(self) -> str:
-        return (f"FeatureStore({str(self.root)!r}, backbone={self.backbone.name!r}, dim={self.dim}, "
-                f"rows={self.num_rows()}, shards={len(self._manifest['shards'])})")
+        return (
+            f"FeatureStore({str(self.root)!r}, backbone={self.backbone.name!r}, dim={self.dim}, "
+            f"rows={self.num_rows()}, shards={len(self._manifest['shards'])})"
+        )
 
 
 def _leaf_index(pf: pq.ParquetFile, field_index: int) -> int:
@@ -1072,5 +1159,8 @@ def repair_store(root: str | os.PathLike, *, wait_s: float = 0.0) -> tuple[int, 
     """
     root = Path(root)
     backbone = FeatureStore.open(root).backbone
-    with writer_lock(root, "`geoloc store repair`", wait_s=wait_s), FeatureStore.create(root, backbone) as store:
+    with (
+        writer_lock(root, "`geoloc store repair`", wait_s=wait_s),
+        FeatureStore.create(root, backbone) as store,
+    ):
         return store.remove_duplicate_ids()

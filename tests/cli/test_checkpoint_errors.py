@@ -16,7 +16,10 @@ from geoloc.geolocator import Geolocator
 from tests.helpers import make_store
 
 runner = CliRunner()
-FAST = "--set model.dim=32 --set model.depth=2 --batch-size 64 --dtype fp32 --set log_every=5 --set eval_every=100"
+FAST = (
+    "--set model.dim=32 --set model.depth=2 --batch-size 64 --dtype fp32 "
+    "--set log_every=5 --set eval_every=100"
+)
 
 
 def _cli(*args):

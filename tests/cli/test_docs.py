@@ -20,8 +20,17 @@ def _commands(typer_app: typer.Typer, prefix: str = "") -> list[str]:
 
 def test_every_command_has_help_and_is_documented():
     commands = _commands(app)
-    assert {"embed", "train", "eval", "predict", "store info", "store import", "gazetteer build", "convert plonk",
-            "demo"} <= set(commands), commands
+    assert {
+        "embed",
+        "train",
+        "eval",
+        "predict",
+        "store info",
+        "store import",
+        "gazetteer build",
+        "convert plonk",
+        "demo",
+    } <= set(commands), commands
     for cmd in commands:
         r = runner.invoke(app, [*cmd.split(), "--help"])
         assert r.exit_code == 0, (cmd, r.output)
@@ -33,7 +42,10 @@ def test_main_turns_library_errors_into_one_line(tmp_path, capfd):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "geoloc.cli", "store", "info", str(tmp_path / "nope")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "geoloc.cli", "store", "info", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr

@@ -19,11 +19,16 @@ runner = CliRunner()
 
 
 def _checkpoint(path, cond_dim, backbone=None):
-    cfg = {"family": {"name": "rfm-s2"}, "model": {"dim": 32, "depth": 1, "expansion": 2}, "cond_dim": cond_dim}
+    cfg = {
+        "family": {"name": "rfm-s2"},
+        "model": {"dim": 32, "depth": 1, "expansion": 2},
+        "cond_dim": cond_dim,
+    }
     if backbone:
         cfg["backbone"] = backbone
-    Geolocator.build(FamilyConfig(name="rfm-s2"), ModelConfig(dim=32, depth=1, expansion=2), cond_dim,
-                     config=cfg).save_pretrained(path)
+    Geolocator.build(
+        FamilyConfig(name="rfm-s2"), ModelConfig(dim=32, depth=1, expansion=2), cond_dim, config=cfg
+    ).save_pretrained(path)
     return path
 
 
@@ -41,9 +46,30 @@ def _run(*args):
 def test_eval_end_to_end(tmp_path, store):
     ckpt = _checkpoint(tmp_path / "rfm", 8, {"name": "test", "dim": 8})
     out = tmp_path / "out"
-    r = _run("--store", store, "--split", "test", "--checkpoint", ckpt, "--baseline", "uniform",
-             "--baseline", "retrieval", "--out", out, "--seeds", "0,1", "--steps", "4", "--nll-steps", "2",
-             "--csv", "--no-progress", "--device", "cpu")
+    r = _run(
+        "--store",
+        store,
+        "--split",
+        "test",
+        "--checkpoint",
+        ckpt,
+        "--baseline",
+        "uniform",
+        "--baseline",
+        "retrieval",
+        "--out",
+        out,
+        "--seeds",
+        "0,1",
+        "--steps",
+        "4",
+        "--nll-steps",
+        "2",
+        "--csv",
+        "--no-progress",
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0, r.output
     assert "**Table 1** (YFCC4k layout" in r.stdout and "**Table 2**" in r.stdout
     for name in ("rfm", "uniform", "retrieval"):
@@ -56,7 +82,7 @@ def test_eval_end_to_end(tmp_path, store):
     assert uniform["nll"]["bits_per_dim"] == pytest.approx(math.log2(4 * math.pi) / 3, abs=1e-6)
     assert len(uniform["metrics"]["dist_km"]["values"]) == 2
     assert pq.read_metadata(out / "predictions.parquet").num_rows == 200 * (2 + 2 + 1)
-    assert (out / "predictions.csv").read_text().startswith("\"model\",\"seed\",\"id\"")
+    assert (out / "predictions.csv").read_text().startswith('"model","seed","id"')
     assert (out / "error_cdf.png").stat().st_size > 0
     assert not (out / "localizability.png").exists()
 
@@ -88,10 +114,16 @@ def test_eval_defaults_and_choices_come_from_evalconfig():
     cfg = EvalConfig()
     defaults = {k: str(getattr(p.default, "value", p.default)) for k, p in params.items()}
     assert defaults["samples"] == str(cfg.n) and defaults["steps"] == str(cfg.steps)
-    assert defaults["batch_size"] == str(cfg.batch_size) and defaults["seeds"] == ",".join(map(str, cfg.seeds))
+    assert defaults["batch_size"] == str(cfg.batch_size) and defaults["seeds"] == ",".join(
+        map(str, cfg.seeds)
+    )
     assert defaults["estimator"] == cfg.estimator and defaults["nll_steps"] == str(cfg.likelihood.steps)
     # Choice lists: a wrong value is refused with exactly the config's choices offered.
-    for flag, choices in (("--estimator", ESTIMATOR_CHOICES), ("--baseline", BASELINES), ("--table", TABLE_LAYOUTS)):
+    for flag, choices in (
+        ("--estimator", ESTIMATOR_CHOICES),
+        ("--baseline", BASELINES),
+        ("--table", TABLE_LAYOUTS),
+    ):
         r = runner.invoke(app, ["eval", "--store", "s", "--out", "o", flag, "nope"])
         assert r.exit_code == 2
         text = " ".join(r.output.split())
@@ -101,14 +133,48 @@ def test_eval_defaults_and_choices_come_from_evalconfig():
 def test_eval_several_estimators_weighted_retrieval_and_calibration(tmp_path, store):
     ckpt = _checkpoint(tmp_path / "rfm", 8, {"name": "test", "dim": 8})
     out = tmp_path / "out"
-    r = _run("--store", store, "--split", "test", "--checkpoint", ckpt, "--estimators", "sample,median",
-             "--samples", "4", "--baseline", "retrieval", "--baseline", "retrieval-weighted", "--retrieval-k", "8",
-             "--retrieval-tau", "0.1", "--calibration", "--calibration-samples", "8", "--out", out, "--seeds", "0",
-             "--steps", "2", "--nll-steps", "2", "--no-prdc", "--no-plots", "--no-progress")
+    r = _run(
+        "--store",
+        store,
+        "--split",
+        "test",
+        "--checkpoint",
+        ckpt,
+        "--estimators",
+        "sample,median",
+        "--samples",
+        "4",
+        "--baseline",
+        "retrieval",
+        "--baseline",
+        "retrieval-weighted",
+        "--retrieval-k",
+        "8",
+        "--retrieval-tau",
+        "0.1",
+        "--calibration",
+        "--calibration-samples",
+        "8",
+        "--out",
+        out,
+        "--seeds",
+        "0",
+        "--steps",
+        "2",
+        "--nll-steps",
+        "2",
+        "--no-prdc",
+        "--no-plots",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
-    assert [row["name"] for row in report["rows"]] == ["rfm[sample]", "rfm[median]", "retrieval",
-                                                       "retrieval-weighted"]
+    assert [row["name"] for row in report["rows"]] == [
+        "rfm[sample]",
+        "rfm[median]",
+        "retrieval",
+        "retrieval-weighted",
+    ]
     assert [row["estimator"] for row in report["rows"][:2]] == ["sample", "median"]
     assert report["rows"][3]["k"] == 8 and report["rows"][3]["tau"] == 0.1
     cal = report["rows"][0]["calibration"]

@@ -45,10 +45,16 @@ def make_checkpoint(path, family="vmf", backbone="tiny-random", cond_dim=64, cen
                 if isinstance(m, torch.nn.Linear) and m.weight.abs().sum() == 0:
                     torch.nn.init.normal_(m.weight, std=0.3)
                     torch.nn.init.normal_(m.bias, std=0.3)
-    save_checkpoint(path, geo.net.state_dict(), {
-        "family": config_to_dict(fam), "model": config_to_dict(model), "cond_dim": cond_dim,
-        "backbone": {"name": backbone, "revision": "", "dim": cond_dim, "preprocessing": {}},
-    })
+    save_checkpoint(
+        path,
+        geo.net.state_dict(),
+        {
+            "family": config_to_dict(fam),
+            "model": config_to_dict(model),
+            "cond_dim": cond_dim,
+            "backbone": {"name": backbone, "revision": "", "dim": cond_dim, "preprocessing": {}},
+        },
+    )
     return path
 
 
@@ -74,9 +80,25 @@ def _run(*args):
 
 def test_folder_of_images_with_bad_files(tmp_path, vmf_ckpt):
     photos = write_images(tmp_path / "photos")
-    r = _run(photos, tmp_path / "missing.jpg", "-c", vmf_ckpt, "--out", tmp_path / "p.csv", "--geojson",
-             tmp_path / "p.geojson", "--samples", "32", "--steps", "4", "--no-progress", "--estimator", "sample",
-             "--max-failure-rate", "0.5")  # 2 of 5 fail: within this limit, so exit 0
+    r = _run(
+        photos,
+        tmp_path / "missing.jpg",
+        "-c",
+        vmf_ckpt,
+        "--out",
+        tmp_path / "p.csv",
+        "--geojson",
+        tmp_path / "p.geojson",
+        "--samples",
+        "32",
+        "--steps",
+        "4",
+        "--no-progress",
+        "--estimator",
+        "sample",
+        "--max-failure-rate",
+        "0.5",
+    )  # 2 of 5 fail: within this limit, so exit 0
     assert r.exit_code == 0, r.output
     assert "5 item(s), 3 located, 2 failed" in r.output
     assert "Paris" in r.output and "cannot decode image" in r.output and "no such file" in r.output
@@ -102,15 +124,34 @@ def test_folder_of_images_with_bad_files(tmp_path, vmf_ckpt):
 
 def test_manifest_items_carry_the_truth(tmp_path, vmf_ckpt):
     root = write_images(tmp_path / "data" / "images", n=2).parent
-    (root / "test.csv").write_text(f"id,lat,lon,path\na,{PARIS[0]},{PARIS[1]},img0.png\n"
-                                   "b,40.7128,-74.0060,img1.png\nc,10,10,nope.png\n")
+    (root / "test.csv").write_text(
+        f"id,lat,lon,path\na,{PARIS[0]},{PARIS[1]},img0.png\nb,40.7128,-74.0060,img1.png\nc,10,10,nope.png\n"
+    )
     (tmp_path / "mine.toml").write_text(
         'name = "mine"\nkind = "folder"\nformat = "folder"\nroot = "data"\nlicence = "test"\n'
         'description = "t"\n[columns]\nid = "id"\nlat = "lat"\nlon = "lon"\nimage_path = "path"\n'
-        '[splits.test]\ntable = "test.csv"\nimages = "images"\n')
-    r = _run(tmp_path / "mine.toml", "--root", root, "-c", vmf_ckpt, "--out", tmp_path / "p.parquet",
-             "--samples", "16", "--steps", "4", "--no-progress", "--split", "test",
-             "--estimator", "sample", "--max-failure-rate", "0.5")
+        '[splits.test]\ntable = "test.csv"\nimages = "images"\n'
+    )
+    r = _run(
+        tmp_path / "mine.toml",
+        "--root",
+        root,
+        "-c",
+        vmf_ckpt,
+        "--out",
+        tmp_path / "p.parquet",
+        "--samples",
+        "16",
+        "--steps",
+        "4",
+        "--no-progress",
+        "--split",
+        "test",
+        "--estimator",
+        "sample",
+        "--max-failure-rate",
+        "0.5",
+    )
     assert r.exit_code == 0, r.output
     t = pq.read_table(tmp_path / "p.parquet").to_pylist()
     by_id = {row["id"]: row for row in t}
@@ -127,10 +168,36 @@ def test_limit_and_all_failed_exit_code(tmp_path, vmf_ckpt):
     r = _run(tmp_path / "bad", "-c", vmf_ckpt, "--no-progress")
     assert r.exit_code == 1 and "empty file" in r.output
     many = write_images(tmp_path / "many", n=3)  # 4 files: broken.jpg, img0..2.png
-    r = _run(many, "-c", vmf_ckpt, "--limit", "3", "--no-progress", "--show", "1", "--samples", "8", "--steps", "2",
-             "--max-failure-rate", "0.5")
+    r = _run(
+        many,
+        "-c",
+        vmf_ckpt,
+        "--limit",
+        "3",
+        "--no-progress",
+        "--show",
+        "1",
+        "--samples",
+        "8",
+        "--steps",
+        "2",
+        "--max-failure-rate",
+        "0.5",
+    )
     assert r.exit_code == 0 and "3 item(s), 2 located, 1 failed" in r.output and "2 more row(s)" in r.output
-    r = _run(many, "-c", vmf_ckpt, "--no-progress", "--samples", "8", "--steps", "2", "-q", "--max-failure-rate", "0.5")
+    r = _run(
+        many,
+        "-c",
+        vmf_ckpt,
+        "--no-progress",
+        "--samples",
+        "8",
+        "--steps",
+        "2",
+        "-q",
+        "--max-failure-rate",
+        "0.5",
+    )
     assert r.exit_code == 0 and "4 item(s)" in r.output and "Paris" not in r.output  # -q: no table
 
 
@@ -138,11 +205,22 @@ def test_three_of_four_failing_is_a_failed_run_that_still_writes_the_good_one(tm
     # Issue 11: a folder where 3 of 4 images cannot be used exited 0. Now each failure is one line naming the
     # item and the reason, every failure is a row of the outputs, the good answer is written, and the exit
     # code is 1 (more than --max-failure-rate of the items failed).
-    photos = write_images(tmp_path / "photos", n=1)                        # img0.png + broken.jpg
+    photos = write_images(tmp_path / "photos", n=1)  # img0.png + broken.jpg
     (photos / "empty.png").write_bytes(b"")
     (photos / "notes.jpg").write_text("a text file named .jpg by mistake\n")
-    args = [photos, "-c", vmf_ckpt, "--out", tmp_path / "p.csv", "--samples", "8", "--steps", "2", "--no-progress",
-            "-q"]
+    args = [
+        photos,
+        "-c",
+        vmf_ckpt,
+        "--out",
+        tmp_path / "p.csv",
+        "--samples",
+        "8",
+        "--steps",
+        "2",
+        "--no-progress",
+        "-q",
+    ]
     r = _run(*args)
     assert r.exit_code == 1, r.output
     assert "4 item(s), 1 located, 3 failed" in r.output
@@ -171,14 +249,28 @@ def test_three_of_four_failing_is_a_failed_run_that_still_writes_the_good_one(tm
 
 def test_bad_manifest_rows_are_named_and_fail_the_run(tmp_path, vmf_ckpt):
     root = write_images(tmp_path / "data" / "images", n=1).parent
-    (root / "test.csv").write_text(f"id,lat,lon,path\na,{PARIS[0]},{PARIS[1]},img0.png\n"
-                                   "b,1,2,nope.png\nc,3,4,broken.jpg\n")
+    (root / "test.csv").write_text(
+        f"id,lat,lon,path\na,{PARIS[0]},{PARIS[1]},img0.png\nb,1,2,nope.png\nc,3,4,broken.jpg\n"
+    )
     (tmp_path / "mine.toml").write_text(
         'name = "mine"\nkind = "folder"\nformat = "folder"\nroot = "data"\nlicence = "test"\n'
         'description = "t"\n[columns]\nid = "id"\nlat = "lat"\nlon = "lon"\nimage_path = "path"\n'
-        '[splits.test]\ntable = "test.csv"\nimages = "images"\n')
-    r = _run(tmp_path / "mine.toml", "--root", root, "-c", vmf_ckpt, "--format", "jsonl", "--samples", "8",
-             "--steps", "2", "--no-progress")
+        '[splits.test]\ntable = "test.csv"\nimages = "images"\n'
+    )
+    r = _run(
+        tmp_path / "mine.toml",
+        "--root",
+        root,
+        "-c",
+        vmf_ckpt,
+        "--format",
+        "jsonl",
+        "--samples",
+        "8",
+        "--steps",
+        "2",
+        "--no-progress",
+    )
     assert r.exit_code == 1
     assert "3 item(s), 1 located, 2 failed" in r.stderr
     failed = [line.strip() for line in r.stderr.splitlines() if line.strip().startswith("failed ")]
@@ -203,9 +295,32 @@ def test_user_errors_are_one_line(tmp_path, vmf_ckpt):
 
 def test_density_maps_with_trajectories(tmp_path):
     ckpt = make_checkpoint(tmp_path / "rfm", family="rfm-s2")
-    r = _run(write_images(tmp_path / "photos", 2), "-c", ckpt, "--maps", tmp_path / "maps", "--max-maps", "1",
-             "--map-levels", "1", "--map-steps", "2", "--trajectories", "3", "--samples", "16", "--steps", "4",
-             "--map-format", "both", "--no-progress", "--top-k", "2", "--max-failure-rate", "0.5")
+    r = _run(
+        write_images(tmp_path / "photos", 2),
+        "-c",
+        ckpt,
+        "--maps",
+        tmp_path / "maps",
+        "--max-maps",
+        "1",
+        "--map-levels",
+        "1",
+        "--map-steps",
+        "2",
+        "--trajectories",
+        "3",
+        "--samples",
+        "16",
+        "--steps",
+        "4",
+        "--map-format",
+        "both",
+        "--no-progress",
+        "--top-k",
+        "2",
+        "--max-failure-rate",
+        "0.5",
+    )
     assert r.exit_code == 0, r.output
     files = sorted(p.name for p in (tmp_path / "maps").iterdir())
     assert files == ["001-img0.html", "001-img0.png"]  # item 0 (broken.jpg) failed: no map
@@ -224,12 +339,18 @@ def test_python_api_texts_and_embeddings():
         res = predictor.predict(["Springfield", "  ", "Paris"], top_k=2, samples=32, steps=4)
     assert [r.ok for r in res] == [True, False, True] and res[1].error == "empty text"
     assert res[0].id == "Springfield" and res[0].place.admin1 == "Illinois" and res[0].place.cc == "US"
-    assert res[0].modes[0].mass > 0.9 and math.isclose(sum(m.mass for m in res[0].modes) + res[0].other_mass, 1.0)
+    assert res[0].modes[0].mass > 0.9 and math.isclose(
+        sum(m.mass for m in res[0].modes) + res[0].other_mass, 1.0
+    )
     # Embeddings only: no backbone needed; options are a dataclass, overrides are keywords.
     bare = Predictor(predictor.geolocator)
-    out = bare.predict_embeddings(np.zeros((3, 384), np.float32), ids=["x", "y", "z"],
-                                  options=PredictOptions(top_k=1, samples=16, steps=2, places=False),
-                                  estimator="median", keep_samples=True)
+    out = bare.predict_embeddings(
+        np.zeros((3, 384), np.float32),
+        ids=["x", "y", "z"],
+        options=PredictOptions(top_k=1, samples=16, steps=2, places=False),
+        estimator="median",
+        keep_samples=True,
+    )
     assert [o.id for o in out] == ["x", "y", "z"] and out[0].place is None and out[0].samples.shape == (16, 3)
     assert haversine_km(np.array([39.80, -89.64]), np.array([out[0].lat, out[0].lon])) < 20
 
@@ -241,8 +362,9 @@ LONG = "a place name far longer than eighty characters, so that its id is a slug
 
 @pytest.fixture(scope="module")
 def text_ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "text", backbone="minilm", cond_dim=384,
-                           centre=SPRINGFIELD)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "text", backbone="minilm", cond_dim=384, centre=SPRINGFIELD
+    )
 
 
 _FAST = ("--samples", "16", "--steps", "2", "--top-k", "2")
@@ -252,8 +374,22 @@ def test_text_queries_keep_their_text_in_every_output(tmp_path, text_ckpt):
     from geoloc.pipeline.items import Item
 
     (tmp_path / "t.txt").write_text("Paris\n\n  \nSpringfield\n", encoding="utf-8")
-    r = _run("-c", text_ckpt, "--text", LONG, "--text-file", tmp_path / "t.txt", *_FAST, "--no-progress",
-             "--out", tmp_path / "p.csv", "--geojson", tmp_path / "p.geojson", "--format", "json")
+    r = _run(
+        "-c",
+        text_ckpt,
+        "--text",
+        LONG,
+        "--text-file",
+        tmp_path / "t.txt",
+        *_FAST,
+        "--no-progress",
+        "--out",
+        tmp_path / "p.csv",
+        "--geojson",
+        tmp_path / "p.geojson",
+        "--format",
+        "json",
+    )
     assert r.exit_code == 0, r.output
     recs = json.loads(r.stdout)
     assert [x["id"] for x in recs] == ["text-00000", "Paris", "Springfield"]
@@ -266,8 +402,9 @@ def test_text_queries_keep_their_text_in_every_output(tmp_path, text_ckpt):
     assert {f["properties"]["query"] for f in gj["features"]} == {LONG, "Paris", "Springfield"}
     # Text items from a manifest (ids like gn-000004): the table and the JSON show the text too.
     predictor = Predictor.from_pretrained(text_ckpt)
-    item = Item(id="gn-000004", split="test", lat=48.85, lon=2.35, payload="Paris", source="rg.csv:row 4",
-                kind="text")
+    item = Item(
+        id="gn-000004", split="test", lat=48.85, lon=2.35, payload="Paris", source="rg.csv:row 4", kind="text"
+    )
     (res,) = predictor.predict([item], top_k=2, samples=16, steps=2)
     assert res.id == "gn-000004" and res.query == "Paris" and res.to_json()["query"] == "Paris"
     from geoloc.export import format_table
@@ -277,12 +414,18 @@ def test_text_queries_keep_their_text_in_every_output(tmp_path, text_ckpt):
 
 
 def test_texts_from_stdin(text_ckpt):
-    r = runner.invoke(app, ["predict", "-c", str(text_ckpt), "--text", "-", *_FAST, "--no-progress",
-                            "--format", "jsonl"], input="Springfield\n\nParis\n")
+    r = runner.invoke(
+        app,
+        ["predict", "-c", str(text_ckpt), "--text", "-", *_FAST, "--no-progress", "--format", "jsonl"],
+        input="Springfield\n\nParis\n",
+    )
     assert r.exit_code == 0, r.output
     assert [json.loads(line)["query"] for line in r.stdout.splitlines()] == ["Springfield", "Paris"]
-    r = runner.invoke(app, ["predict", "-", "-c", str(text_ckpt), *_FAST, "--no-progress", "-f", "json"],
-                      input="Reykjavik\n")
+    r = runner.invoke(
+        app,
+        ["predict", "-", "-c", str(text_ckpt), *_FAST, "--no-progress", "-f", "json"],
+        input="Reykjavik\n",
+    )
     assert r.exit_code == 0, r.output
     (rec,) = json.loads(r.stdout)
     assert rec["id"] == "Reykjavik" and rec["kind"] == "text"
@@ -290,18 +433,45 @@ def test_texts_from_stdin(text_ckpt):
 
 def test_json_to_stdout_logs_to_stderr(tmp_path, vmf_ckpt):
     photos = write_images(tmp_path / "photos", n=2)
-    r = _run(photos, "-c", vmf_ckpt, "--samples", "32", "--steps", "2", "--format", "json", "--estimator", "sample",
-             "--out", tmp_path / "p.parquet", "--max-failure-rate", "0.5")
+    r = _run(
+        photos,
+        "-c",
+        vmf_ckpt,
+        "--samples",
+        "32",
+        "--steps",
+        "2",
+        "--format",
+        "json",
+        "--estimator",
+        "sample",
+        "--out",
+        tmp_path / "p.parquet",
+        "--max-failure-rate",
+        "0.5",
+    )
     assert r.exit_code == 0, r.output
     recs = json.loads(r.stdout)  # stdout is nothing but the JSON list
     assert len(recs) == 3 and "3 item(s), 2 located, 1 failed" in r.stderr and "wrote" in r.stderr
-    keys = {"id", "query", "lat", "lon", "estimate_kind", "estimate_mode", "top_k", "other_mass",
-            "localizability_bits", "error"}
+    keys = {
+        "id",
+        "query",
+        "lat",
+        "lon",
+        "estimate_kind",
+        "estimate_mode",
+        "top_k",
+        "other_mass",
+        "localizability_bits",
+        "error",
+    }
     assert all(keys <= set(x) for x in recs) and len({tuple(x) for x in recs}) == 1  # same keys everywhere
     ok = [x for x in recs if x["error"] is None]
     assert len(ok) == 2 and all(x["estimate_kind"] == "mean-direction" for x in ok)
     for x in ok:  # the vMF's estimate is its mean direction: in the top mode, which is Paris
-        assert x["estimate_mode"] == 1 and x["top_k"][0]["mass"] > 0.9 and x["top_k"][0]["place"].endswith("FR")
+        assert (
+            x["estimate_mode"] == 1 and x["top_k"][0]["mass"] > 0.9 and x["top_k"][0]["place"].endswith("FR")
+        )
         assert haversine_km(np.array(PARIS), np.array([x["lat"], x["lon"]])) < 1.0
     bad = [x for x in recs if x["error"] is not None]
     assert bad[0]["lat"] is None and "decode" in bad[0]["error"]
@@ -357,8 +527,24 @@ def test_progress_moves_every_few_items(text_ckpt):
 def test_density_cells_export(tmp_path):
     ckpt = make_checkpoint(tmp_path / "rfm", family="rfm-s2")
     photos = write_images(tmp_path / "photos", 2)
-    args = ("--max-maps", "2", "--map-levels", "1", "--map-steps", "2", "--map-start", "0", "--samples", "16",
-            "--steps", "2", "--no-progress", "-q", "--max-failure-rate", "0.5")
+    args = (
+        "--max-maps",
+        "2",
+        "--map-levels",
+        "1",
+        "--map-steps",
+        "2",
+        "--map-start",
+        "0",
+        "--samples",
+        "16",
+        "--steps",
+        "2",
+        "--no-progress",
+        "-q",
+        "--max-failure-rate",
+        "0.5",
+    )
     r = _run(photos, "-c", ckpt, "--density-out", tmp_path / "cells.parquet", *args)
     assert r.exit_code == 0, r.output
     t = pq.read_table(tmp_path / "cells.parquet").to_pylist()

@@ -46,7 +46,9 @@ def test_sql_formats(store):
     assert table.output.splitlines()[0].split() == ["split", "n"] and "(2 rows)" in table.output
     rows = list(csv.reader(io.StringIO(_run("store", "sql", store, q, "--format", "csv").output)))
     assert rows == [["split", "n"], ["test", "60"], ["train", "60"]]
-    js = json.loads(_run("store", "sql", store, "SELECT id, emb FROM features ORDER BY id LIMIT 2", "-f", "json").output)
+    js = json.loads(
+        _run("store", "sql", store, "SELECT id, emb FROM features ORDER BY id LIMIT 2", "-f", "json").output
+    )
     assert js[0]["id"] == "img0000000" and len(js[0]["emb"]) == 8
     assert "(1 row)" in _run("store", "sql", store, "SELECT * FROM features", "--limit", "1").output
 
@@ -81,17 +83,38 @@ def _parquet(path, n, dim, bad=0, seed=0, prefix="p"):
     rng = np.random.default_rng(seed)
     lat = rng.uniform(-60, 60, n)
     lat[:bad] = np.nan
-    pq.write_table(pa.table({
-        "image_id": [f"{prefix}{i}" for i in range(n)], "latitude": lat, "longitude": rng.uniform(-170, 170, n),
-        "unique_country": ["FR"] * n,
-        **{f"f{j}": rng.normal(size=n).astype(np.float32) for j in range(dim)},
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": [f"{prefix}{i}" for i in range(n)],
+                "latitude": lat,
+                "longitude": rng.uniform(-170, 170, n),
+                "unique_country": ["FR"] * n,
+                **{f"f{j}": rng.normal(size=n).astype(np.float32) for j in range(dim)},
+            }
+        ),
+        path,
+    )
 
 
 def test_import_summary_and_failure_rate_exit_code(tmp_path):
     _parquet(tmp_path / "a.parquet", 100, 6, bad=3)
-    args = ["store", "import", tmp_path / "a.parquet", "--store", tmp_path / "s", "--backbone", "vit-b-32",
-            "--emb-col", "f*", "--id-col", "image_id", "--split", "val", "--no-progress"]
+    args = [
+        "store",
+        "import",
+        tmp_path / "a.parquet",
+        "--store",
+        tmp_path / "s",
+        "--backbone",
+        "vit-b-32",
+        "--emb-col",
+        "f*",
+        "--id-col",
+        "image_id",
+        "--split",
+        "val",
+        "--no-progress",
+    ]
     r = _run(*args)
     assert r.exit_code == 0, r.output
     assert "imported 97, skipped (already in store) 0, failed 3" in r.output
@@ -111,19 +134,54 @@ def test_import_summary_and_failure_rate_exit_code(tmp_path):
 def test_import_errors_surface_as_geoloc_errors(tmp_path):
     make_store(tmp_path / "s", 10, 8, backbone_name="minilm")
     _parquet(tmp_path / "a.parquet", 5, 8)
-    r = _run("store", "import", tmp_path / "a.parquet", "--store", tmp_path / "s", "--backbone", "streetclip",
-             "--emb-col", "f*", "--id-col", "image_id", "--no-progress")
+    r = _run(
+        "store",
+        "import",
+        tmp_path / "a.parquet",
+        "--store",
+        tmp_path / "s",
+        "--backbone",
+        "streetclip",
+        "--emb-col",
+        "f*",
+        "--id-col",
+        "image_id",
+        "--no-progress",
+    )
     assert isinstance(r.exception, StoreError) and "minilm" in str(r.exception)
 
 
 def test_import_numpy_pair_with_metadata_and_labels_options(tmp_path):
     rng = np.random.default_rng(2)
     np.save(tmp_path / "emb.npy", rng.normal(size=(20, 4)).astype(np.float32))
-    pq.write_table(pa.table({"id": [f"n{i}" for i in range(20)], "lat": rng.uniform(-50, 50, 20),
-                             "lon": rng.uniform(-50, 50, 20), "city": ["Lyon"] * 20, "unique_country": ["FR"] * 20}),
-                   tmp_path / "meta.parquet")
-    r = _run("store", "import", tmp_path / "emb.npy", "--metadata", tmp_path / "meta.parquet", "--store",
-             tmp_path / "s", "--backbone", "mine", "--labels", "city", "--revision", "v2", "--no-progress")
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"n{i}" for i in range(20)],
+                "lat": rng.uniform(-50, 50, 20),
+                "lon": rng.uniform(-50, 50, 20),
+                "city": ["Lyon"] * 20,
+                "unique_country": ["FR"] * 20,
+            }
+        ),
+        tmp_path / "meta.parquet",
+    )
+    r = _run(
+        "store",
+        "import",
+        tmp_path / "emb.npy",
+        "--metadata",
+        tmp_path / "meta.parquet",
+        "--store",
+        tmp_path / "s",
+        "--backbone",
+        "mine",
+        "--labels",
+        "city",
+        "--revision",
+        "v2",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     store = FeatureStore.open(tmp_path / "s")
     assert store.label_columns == ("unique_country", "city") and store.backbone.revision == "v2"
@@ -144,8 +202,10 @@ def _write_source(kind: str, folder, n: int, dim: int):
     split = ["test" if i % 5 == 0 else "train" for i in range(n)]
     meta = {"id": ids, "lat": latlon[:, 0], "lon": latlon[:, 1], "split": split}
     if kind == "parquet":
-        pq.write_table(pa.table({**meta, "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)}),
-                       folder / "src.parquet")
+        pq.write_table(
+            pa.table({**meta, "emb": pa.FixedSizeListArray.from_arrays(pa.array(emb.ravel()), dim)}),
+            folder / "src.parquet",
+        )
         return folder / "src.parquet"
     if kind == "numpy":
         np.save(folder / "src.npy", emb)
@@ -155,8 +215,15 @@ def _write_source(kind: str, folder, n: int, dim: int):
         for i in range(n):
             buf = io.BytesIO()
             np.save(buf, emb[i])
-            js = json.dumps({"id": ids[i], "latitude": latlon[i, 0], "longitude": latlon[i, 1], "split": split[i],
-                             "unique_country": f"C{int(latlon[i, 1] + 180) // 40}"}).encode()
+            js = json.dumps(
+                {
+                    "id": ids[i],
+                    "latitude": latlon[i, 0],
+                    "longitude": latlon[i, 1],
+                    "split": split[i],
+                    "unique_country": f"C{int(latlon[i, 1] + 180) // 40}",
+                }
+            ).encode()
             for ext, data in (("json", js), ("street_clip.npy", buf.getvalue())):
                 info = tarfile.TarInfo(f"{i:06d}.{ext}")
                 info.size = len(data)
@@ -173,11 +240,45 @@ def test_import_then_train_then_eval(tmp_path, kind):
     r = _run("store", "import", source, "--store", store, "--backbone", "test", "--no-progress")
     assert r.exit_code == 0, r.output
     assert FeatureStore.open(store).rows_per_split() == {"test": 60, "train": 240}
-    r = _run("train", "--store", store, "--out", run, "--preset", "small", "--steps", "3", "--batch-size", "32",
-             "--device", "cpu", "--set", "model.dim=32", "--set", "model.depth=1")
+    r = _run(
+        "train",
+        "--store",
+        store,
+        "--out",
+        run,
+        "--preset",
+        "small",
+        "--steps",
+        "3",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--set",
+        "model.dim=32",
+        "--set",
+        "model.depth=1",
+    )
     assert r.exit_code == 0, r.output
-    r = _run("eval", "--store", store, "--checkpoint", run, "--out", ev, "--seeds", "0", "--steps", "4",
-             "--no-nll", "--no-prdc", "--no-plots", "--device", "cpu", "--no-progress")
+    r = _run(
+        "eval",
+        "--store",
+        store,
+        "--checkpoint",
+        run,
+        "--out",
+        ev,
+        "--seeds",
+        "0",
+        "--steps",
+        "4",
+        "--no-nll",
+        "--no-prdc",
+        "--no-plots",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     assert r.exit_code == 0, r.output
     report = json.loads((ev / "report.json").read_text())
     assert report["n"] == 60 and report["rows"][0]["metrics"]["n_failed"]["mean"] == 0

@@ -45,7 +45,9 @@ def test_shapes_units_and_reproducible_sampling(name):
     assert lp.shape == (15,) and torch.isfinite(lp).all()
 
 
-@pytest.mark.parametrize("name", [n for n in ALL if make_family(FamilyConfig(name=n)).nll_space() == "sphere"])
+@pytest.mark.parametrize(
+    "name", [n for n in ALL if make_family(FamilyConfig(name=n)).nll_space() == "sphere"]
+)
 def test_untrained_density_integrates_to_one_on_the_sphere(name):
     fam, net = build(name)
     xyz, area = equal_area_grid(50, 100, torch.float32)
@@ -113,7 +115,9 @@ def test_bad_inputs_raise_clear_errors(name):
     from geoloc.geolocator import Geolocator
 
     fam, net = build(name)
-    geo = Geolocator(net, fam, COND_DIM, sample_config=SampleConfig(steps=4), likelihood_config=LikelihoodConfig(steps=2))
+    geo = Geolocator(
+        net, fam, COND_DIM, sample_config=SampleConfig(steps=4), likelihood_config=LikelihoodConfig(steps=2)
+    )
     with pytest.raises(InputError, match=r"shape \(N, 4\)"):
         geo.sample(torch.randn(2, 5))
     bad = torch.randn(4, COND_DIM)

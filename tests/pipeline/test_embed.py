@@ -69,7 +69,7 @@ def _photo(seed: int, size: tuple[int, int] | None = None) -> Image.Image:
     w, h = size or (int(rng.integers(70, 130)), int(rng.integers(50, 100)))
     yy, xx = np.mgrid[0:h, 0:w]
     c = rng.uniform(0.02, 0.2, 3)
-    a = np.stack([np.sin(xx * c[0] + seed) , np.cos(yy * c[1]), np.sin((xx + yy) * c[2])], -1)
+    a = np.stack([np.sin(xx * c[0] + seed), np.cos(yy * c[1]), np.sin((xx + yy) * c[2])], -1)
     return Image.fromarray(((a + 1) * 127.5).astype(np.uint8), "RGB")
 
 
@@ -83,8 +83,8 @@ def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
 class Dataset:
     manifest: Path
     root: Path
-    good: set[str]          # ids that must end up in the store
-    bad: dict[str, str]     # id -> a word its failure reason must contain
+    good: set[str]  # ids that must end up in the store
+    bad: dict[str, str]  # id -> a word its failure reason must contain
 
 
 def make_dataset(tmp: Path, n_good: int = 12, *, bad: bool = True, n_test: int = 3) -> Dataset:
@@ -98,7 +98,9 @@ def make_dataset(tmp: Path, n_good: int = 12, *, bad: bool = True, n_test: int =
         ident = f"p{i:04d}"
         (root / "images" / f"{ident}.jpg").write_bytes(_bytes(_photo(i), "JPEG", quality=90))
         split = "test" if i < n_test else "train"
-        rows[split].append(f"{ident},{ident}.jpg,{rng.uniform(-80, 80):.5f},{rng.uniform(-179, 179):.5f},C{i % 3}")
+        rows[split].append(
+            f"{ident},{ident}.jpg,{rng.uniform(-80, 80):.5f},{rng.uniform(-179, 179):.5f},C{i % 3}"
+        )
         good.add(ident)
     failures: dict[str, str] = {}
     if bad:
@@ -114,8 +116,9 @@ def make_dataset(tmp: Path, n_good: int = 12, *, bad: bool = True, n_test: int =
             "cmyk-tiff": _bytes(img.convert("CMYK"), "TIFF"),
             "rgb-png": _bytes(img, "PNG"),
             "alpha": _bytes(rgba, "PNG"),
-            "alpha-twin": _bytes(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"),
-                                 "PNG"),
+            "alpha-twin": _bytes(
+                Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"), "PNG"
+            ),
             "exif": _bytes(img, "PNG", exif=exif),
             "exif-twin": _bytes(img.rotate(-90, expand=True), "PNG"),
         }
@@ -126,10 +129,18 @@ def make_dataset(tmp: Path, n_good: int = 12, *, bad: bool = True, n_test: int =
         jpeg = _bytes(_photo(7, (200, 150)), "JPEG", quality=90)
         (root / "images" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
         (root / "images" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
-        rows["train"] += ["truncated,truncated.jpg,1,2,X", "corrupt,corrupt.jpg,1,2,X",
-                          "missing,missing.jpg,1,2,X", "nan-coords,p0000.jpg,nan,2,X"]
-        failures = {"truncated": "truncated", "corrupt": "decode", "missing": "not found",
-                    "nan-coords": "latitude"}
+        rows["train"] += [
+            "truncated,truncated.jpg,1,2,X",
+            "corrupt,corrupt.jpg,1,2,X",
+            "missing,missing.jpg,1,2,X",
+            "nan-coords,p0000.jpg,nan,2,X",
+        ]
+        failures = {
+            "truncated": "truncated",
+            "corrupt": "decode",
+            "missing": "not found",
+            "nan-coords": "latitude",
+        }
     for split, lines in rows.items():
         (root / f"{split}.csv").write_text("id,path,lat,lon,country\n" + "".join(f"{r}\n" for r in lines))
     manifest = tmp / "photos.toml"
@@ -138,8 +149,16 @@ def make_dataset(tmp: Path, n_good: int = 12, *, bad: bool = True, n_test: int =
 
 
 def _config(ds: Dataset, store: Path, **kw) -> EmbedConfig:
-    base = dict(manifest=ds.manifest, store=store, backbone="tiny-random", batch_size=4, num_workers=0,
-                dtype="fp32", shard_size=8, progress=False)
+    base = dict(
+        manifest=ds.manifest,
+        store=store,
+        backbone="tiny-random",
+        batch_size=4,
+        num_workers=0,
+        dtype="fp32",
+        shard_size=8,
+        progress=False,
+    )
     return EmbedConfig(**{**base, **kw})
 
 
@@ -177,9 +196,9 @@ def test_cmyk_alpha_and_exif_are_embedded_as_their_rgb_twins(tmp_path: Path) -> 
     ds = make_dataset(tmp_path, n_good=2)
     run_embed(_config(ds, tmp_path / "store", max_failure_rate=1.0))
     emb = _stored(tmp_path / "store")
-    np.testing.assert_array_equal(emb["exif"], emb["exif-twin"])      # rotated before the crop
-    np.testing.assert_array_equal(emb["alpha"], emb["alpha-twin"])    # transparency over white
-    np.testing.assert_array_equal(emb["cmyk-tiff"], emb["rgb-png"])   # CMYK → RGB
+    np.testing.assert_array_equal(emb["exif"], emb["exif-twin"])  # rotated before the crop
+    np.testing.assert_array_equal(emb["alpha"], emb["alpha-twin"])  # transparency over white
+    np.testing.assert_array_equal(emb["cmyk-tiff"], emb["rgb-png"])  # CMYK → RGB
     assert np.abs(emb["cmyk"] - emb["rgb-png"]).max() < 0.5 * np.abs(emb["rgb-png"]).max()  # lossy JPEG
     assert not np.array_equal(emb["exif"], emb["rgb-png"])
 
@@ -202,7 +221,7 @@ def test_rerun_on_a_grown_dataset_embeds_only_new_ids(tmp_path: Path) -> None:
     assert (first.embedded, first.already_in_store) == (10, 0)
     again = run_embed(_config(ds, tmp_path / "store"))
     assert (again.embedded, again.failed, again.shards, again.already_in_store) == (0, 0, 0, 10)
-    grown = make_dataset(tmp_path, n_good=17, bad=False)           # same files + 7 new rows
+    grown = make_dataset(tmp_path, n_good=17, bad=False)  # same files + 7 new rows
     third = run_embed(_config(grown, tmp_path / "store", backbone=None))  # backbone: the store's
     assert (third.embedded, third.already_in_store, third.rows_in_store) == (7, 10, 17)
     store = FeatureStore.open(tmp_path / "store")
@@ -212,15 +231,27 @@ def test_rerun_on_a_grown_dataset_embeds_only_new_ids(tmp_path: Path) -> None:
 def test_worker_partitions_are_disjoint_and_complete(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path, n_good=40)
     source = ManifestSource(load_manifest(ds.manifest))
-    job = EmbedJob(source=source, skip={"p0001"}, store=None, backbone_name="tiny-random", weights=None,
-                   backbone_config=None, preprocessor=None, collator=None, label_columns=(), device="cpu",
-                   dtype="fp32", shard_rows=8, flush_interval_s=60)
+    job = EmbedJob(
+        source=source,
+        skip={"p0001"},
+        store=None,
+        backbone_name="tiny-random",
+        weights=None,
+        backbone_config=None,
+        preprocessor=None,
+        collator=None,
+        label_columns=(),
+        device="cpu",
+        dtype="fp32",
+        shard_rows=8,
+        flush_interval_s=60,
+    )
     seen = [[(r.id or r.source, type(r).__name__) for r in job.read(k, 3)] for k in range(3)]
     flat = [x for part in seen for x in part]
-    assert len(flat) == len(set(flat))                               # disjoint
+    assert len(flat) == len(set(flat))  # disjoint
     everything = {(r.id or r.source, type(r).__name__) for r in source.iter_items(skip_ids={"p0001"})}
-    assert set(flat) == everything                                   # complete
-    assert all(len(part) >= 5 for part in seen)                      # and all partitions get work
+    assert set(flat) == everything  # complete
+    assert all(len(part) >= 5 for part in seen)  # and all partitions get work
     skip = _PartitionSkip({"x"}, 0, 2)
     assert "x" in skip and sum(f"id{i}" in skip for i in range(200)) in range(70, 131)
 
@@ -235,7 +266,7 @@ def test_decode_workers_in_subprocesses(tmp_path: Path) -> None:
 
 
 def test_failure_rate_threshold_and_summary(tmp_path: Path) -> None:
-    ds = make_dataset(tmp_path, n_good=2)                              # 9 good, 4 bad: 31% failures
+    ds = make_dataset(tmp_path, n_good=2)  # 9 good, 4 bad: 31% failures
     report = run_embed(_config(ds, tmp_path / "store"))
     assert not report.ok and report.failure_rate == pytest.approx(4 / 13)
     text = report.summary()
@@ -263,13 +294,21 @@ def test_reason_kinds_fold_numbers_but_not_hex_digits_one_by_one() -> None:
 
 
 def test_text_dataset_with_real_minilm(tmp_path: Path) -> None:
-    report = run_embed(EmbedConfig(manifest="demo-geonames", store=tmp_path / "store", limit=40, batch_size=16,
-                                   num_workers=0, progress=False))
+    report = run_embed(
+        EmbedConfig(
+            manifest="demo-geonames",
+            store=tmp_path / "store",
+            limit=40,
+            batch_size=16,
+            num_workers=0,
+            progress=False,
+        )
+    )
     assert report.backbone == "minilm" and report.embedded == 40 and report.failed == 0
     store = FeatureStore.open(tmp_path / "store")
     assert store.dim == 384 and "unique_city" in store.label_columns
     norms = store.connect().sql("SELECT list_dot_product(emb, emb) FROM features").fetchall()
-    assert all(abs(n[0] - 1) < 2e-3 for n in norms)                 # unit vectors, stored as float16
+    assert all(abs(n[0] - 1) < 2e-3 for n in norms)  # unit vectors, stored as float16
 
 
 def test_incompatible_store_and_bad_config_are_refused(tmp_path: Path) -> None:
@@ -277,8 +316,14 @@ def test_incompatible_store_and_bad_config_are_refused(tmp_path: Path) -> None:
     run_embed(_config(ds, tmp_path / "store"))
     from transformers import CLIPVisionConfig
 
-    other = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                             image_size=32, patch_size=16)
+    other = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+    )
     with pytest.raises(StoreError, match="different preprocessing"):
         run_embed(_config(ds, tmp_path / "store", backbone_config=other))
     with pytest.raises(ConfigError, match="holds image items; pick an image backbone"):
@@ -293,14 +338,22 @@ def test_a_second_job_on_the_same_store_is_refused(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path, n_good=3, bad=False)
     with _exclusive_job(tmp_path / "store"), pytest.raises(StoreError, match="another `geoloc embed`"):
         run_embed(_config(ds, tmp_path / "store"))
-    assert run_embed(_config(ds, tmp_path / "store")).embedded == 3   # the lock is gone with its holder
+    assert run_embed(_config(ds, tmp_path / "store")).embedded == 3  # the lock is gone with its holder
 
 
 # ------------------------------------------------------------------------------------------------ pieces
 def _mapped(ids: list[str], dim: int = 4, value: float = 1.0) -> Mapped:
     n = len(ids)
-    return Mapped(list(ids), ["train"] * n, np.zeros(n), np.zeros(n), [{}] * n, [f"file-{i}" for i in ids],
-                  np.full((n, dim), value, np.float16), [])
+    return Mapped(
+        list(ids),
+        ["train"] * n,
+        np.zeros(n),
+        np.zeros(n),
+        [{}] * n,
+        [f"file-{i}" for i in ids],
+        np.full((n, dim), value, np.float16),
+        [],
+    )
 
 
 def test_shard_writer_cuts_exact_shards_and_drops_duplicates(tmp_path: Path) -> None:
@@ -308,11 +361,11 @@ def test_shard_writer_cuts_exact_shards_and_drops_duplicates(tmp_path: Path) -> 
     writer = ShardWriter(store, "t1", shard_rows=5, flush_interval_s=3600)
     commits = writer.add(_mapped([f"a{i}" for i in range(12)]))
     assert [c.shard["rows"] for c in commits] == [5, 5]
-    commits += writer.add(_mapped(["a3", "b0", "b0"]))                 # a3 written, b0 repeated in-batch
+    commits += writer.add(_mapped(["a3", "b0", "b0"]))  # a3 written, b0 repeated in-batch
     commits += writer.flush()
     assert [c.shard["rows"] for c in commits if c.shard] == [5, 5, 3]
     assert sum(c.failed for c in commits) == 2 and sum(c.records for c in commits) == 15
-    assert FeatureStore.open(tmp_path / "s").num_rows() == 0           # files only: nothing visible yet
+    assert FeatureStore.open(tmp_path / "s").num_rows() == 0  # files only: nothing visible yet
     for c in commits:
         store.commit([c.shard] if c.shard else [], [c.failures] if c.failures else [])
     assert store.num_rows() == 13 and store.num_failures() == 2 and store.verify().ok
@@ -330,12 +383,33 @@ def test_non_finite_embeddings_become_failures() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x.flatten(1)[:, :3] * self.w * torch.tensor([[1.0], [1e6], [float("nan")]])
 
-    bb = Backbone(name="blowup", model=Blowup(), dim=3, kind="image", preprocessor=None, collator=stack_images,
-                  preprocessing={}, revision="r", licence="", forward=lambda m, x: m(x)).to("cpu", "fp32")
-    batch = Batch(["ok", "big", "nan"], ["train"] * 3, [0.0] * 3, [0.0] * 3, [{}] * 3, ["a.jpg", "b.jpg", "c.jpg"],
-                  torch.ones(3, 1, 2, 2), [])
+    bb = Backbone(
+        name="blowup",
+        model=Blowup(),
+        dim=3,
+        kind="image",
+        preprocessor=None,
+        collator=stack_images,
+        preprocessing={},
+        revision="r",
+        licence="",
+        forward=lambda m, x: m(x),
+    ).to("cpu", "fp32")
+    batch = Batch(
+        ["ok", "big", "nan"],
+        ["train"] * 3,
+        [0.0] * 3,
+        [0.0] * 3,
+        [{}] * 3,
+        ["a.jpg", "b.jpg", "c.jpg"],
+        torch.ones(3, 1, 2, 2),
+        [],
+    )
     mapped = _Mapper(bb)(batch)
-    assert mapped.ids == ["ok"] and [(f.id, f.source) for f in mapped.failures] == [("big", "b.jpg"), ("nan", "c.jpg")]
+    assert mapped.ids == ["ok"] and [(f.id, f.source) for f in mapped.failures] == [
+        ("big", "b.jpg"),
+        ("nan", "c.jpg"),
+    ]
     assert "non-finite" in mapped.failures[0].reason
 
 
@@ -355,9 +429,25 @@ def _listed_shards(store: Path) -> int:
 def test_sigkill_at_any_moment_never_duplicates_and_resume_completes(tmp_path: Path) -> None:
     ds = make_dataset(tmp_path, n_good=700, bad=True)
     store = tmp_path / "store"
-    args = _cli("embed", str(ds.manifest), "--store", str(store), "--backbone", "tiny-random", "--batch-size",
-                "4", "--num-workers", "0", "--shard-size", "12", "--dtype", "fp32", "--no-progress",
-                "--max-failure-rate", "0.5")
+    args = _cli(
+        "embed",
+        str(ds.manifest),
+        "--store",
+        str(store),
+        "--backbone",
+        "tiny-random",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--shard-size",
+        "12",
+        "--dtype",
+        "fp32",
+        "--no-progress",
+        "--max-failure-rate",
+        "0.5",
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     rnd = random.Random(7)
     kills = 0
@@ -367,7 +457,7 @@ def test_sigkill_at_any_moment_never_duplicates_and_resume_completes(tmp_path: P
         deadline = time.monotonic() + 120
         while _listed_shards(store) < before + 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(rnd.uniform(0.0, 0.3))                                # somewhere inside a shard cycle
+        time.sleep(rnd.uniform(0.0, 0.3))  # somewhere inside a shard cycle
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             kills += 1
@@ -380,9 +470,9 @@ def test_sigkill_at_any_moment_never_duplicates_and_resume_completes(tmp_path: P
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     final = FeatureStore.open(store)
-    assert final.verify().ok                                            # orphans were removed, checksums ok
+    assert final.verify().ok  # orphans were removed, checksums ok
     ids = [i for t in final.iter_ids() for i in t.to_pylist()]
-    assert len(ids) == len(set(ids)) and set(ids) == ds.good            # every good id exactly once
+    assert len(ids) == len(set(ids)) and set(ids) == ds.good  # every good id exactly once
     assert set(final.failures_table().column("id").to_pylist()) == set(ds.bad)
 
 
@@ -466,8 +556,11 @@ def _shm_in_use() -> set[str]:
             maps, fds = (d / "maps").read_text().splitlines(), list((d / "fd").iterdir())
         except OSError:  # gone, or not ours to read
             continue
-        used |= {Path(line.split(None, 5)[5].strip()).name for line in maps
-                 if "/dev/shm/" in line and len(line.split(None, 5)) == 6}
+        used |= {
+            Path(line.split(None, 5)[5].strip()).name
+            for line in maps
+            if "/dev/shm/" in line and len(line.split(None, 5)) == 6
+        }
         for fd in fds:
             try:
                 target = os.readlink(fd)
@@ -489,14 +582,32 @@ def _shm_leftovers(before: set[str], pids: set[int]) -> set[str]:
 def _start_embed_with_workers(tmp_path: Path, n: int = 1200) -> tuple[subprocess.Popen, Path, set[int]]:
     ds = make_dataset(tmp_path, n_good=n, bad=False)
     store = tmp_path / "store"
-    args = _cli("embed", str(ds.manifest), "--store", str(store), "--backbone", "tiny-random", "--batch-size",
-                "2", "--num-workers", "2", "--shard-size", "100000", "--flush-minutes", "0.01", "--dtype", "fp32",
-                "--device", "cpu", "--no-progress")
+    args = _cli(
+        "embed",
+        str(ds.manifest),
+        "--store",
+        str(store),
+        "--backbone",
+        "tiny-random",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "2",
+        "--shard-size",
+        "100000",
+        "--flush-minutes",
+        "0.01",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     kids: set[int] = set()
-    while len(kids) < 2:                                 # both decode workers (and the tracker) are up
+    while len(kids) < 2:  # both decode workers (and the tracker) are up
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
@@ -521,7 +632,7 @@ def test_the_shm_leftover_check_sees_a_segment_nobody_holds() -> None:
             f.write(b"x")
             orphan.write_bytes(b"x")
             f.flush()
-            assert _shm_leftovers(before, set()) == {orphan.name}         # ours by name, held by nobody
+            assert _shm_leftovers(before, set()) == {orphan.name}  # ours by name, held by nobody
             assert _shm_leftovers(before, {os.getpid()}) == {orphan.name}
         assert _shm_leftovers(before, set()) == {held.name, orphan.name}  # closed: nobody will unlink it
     finally:
@@ -534,14 +645,14 @@ def test_the_shm_leftover_check_sees_a_segment_nobody_holds() -> None:
 def test_sigkill_of_embed_leaves_no_worker_behind(tmp_path: Path) -> None:
     shm_before = _shm_names()
     proc, _store, kids = _start_embed_with_workers(tmp_path)
-    assert len(kids) >= 2 and _alive(kids)              # workers were running when the parent is killed
+    assert len(kids) >= 2 and _alive(kids)  # workers were running when the parent is killed
     proc.kill()
     proc.wait(timeout=30)
     proc.stderr.close()
     deadline = time.monotonic() + 5.0
     while (_alive(kids) or _shm_leftovers(shm_before, kids | {proc.pid})) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _alive(kids) == set()                          # no process of it left after 5 s
+    assert _alive(kids) == set()  # no process of it left after 5 s
     assert _shm_leftovers(shm_before, kids | {proc.pid}) == set()  # nor a shared-memory segment (issue 11)
 
 
@@ -554,7 +665,7 @@ def test_sigterm_of_embed_saves_what_is_done_and_releases_the_lock(tmp_path: Pat
     proc.wait(timeout=120)
     proc.stderr.close()
     saved = FeatureStore.open(store)
-    assert 0 < saved.num_rows() < 1200                  # the buffered rows were flushed and committed
+    assert 0 < saved.num_rows() < 1200  # the buffered rows were flushed and committed
     assert saved.verify().ok and not writer_is_live(store)
     deadline = time.monotonic() + 5.0
     while _alive(kids) and time.monotonic() < deadline:

@@ -29,8 +29,17 @@ DIM = 8
 COUNTRIES = np.array(["FR", "DE", "IT", "ES"], dtype=object)
 
 
-def write_store(root: Path, n: int, shards: int = 4, *, store_no: int = 0, backbone: str = "test",
-                dim: int = DIM, seed: int = 0, bad_row: int | None = None) -> FeatureStore:
+def write_store(
+    root: Path,
+    n: int,
+    shards: int = 4,
+    *,
+    store_no: int = 0,
+    backbone: str = "test",
+    dim: int = DIM,
+    seed: int = 0,
+    bad_row: int | None = None,
+) -> FeatureStore:
     """n rows over ``shards`` uneven shards; splits train/test 3:1 (every 4th row is test)."""
     rng = np.random.default_rng(seed)
     i = np.arange(n)
@@ -48,8 +57,16 @@ def write_store(root: Path, n: int, shards: int = 4, *, store_no: int = 0, backb
     bounds = [0, *cuts, n]
     for k, (a, b) in enumerate(itertools.pairwise(bounds)):
         ids = [f"s{store_no}-{j}" for j in range(a, b)]
-        table = build_table(ids, split[a:b], lat[a:b], lon[a:b], emb[a:b], {"unique_country": country[a:b]},
-                            ["unique_country"], check=bad_row is None)
+        table = build_table(
+            ids,
+            split[a:b],
+            lat[a:b],
+            lon[a:b],
+            emb[a:b],
+            {"unique_country": country[a:b]},
+            ["unique_country"],
+            check=bad_row is None,
+        )
         st.write_shard(table, f"t{k}")
     return st
 
@@ -57,7 +74,9 @@ def write_store(root: Path, n: int, shards: int = 4, *, store_no: int = 0, backb
 def keys(cond: torch.Tensor) -> list[tuple[int, int]]:
     """(store number, row number) of each row of a batch."""
     c = cond.numpy()
-    return list(zip(c[:, 2].astype(int).tolist(), (c[:, 0] * 1024 + c[:, 1]).astype(int).tolist(), strict=True))
+    return list(
+        zip(c[:, 2].astype(int).tolist(), (c[:, 0] * 1024 + c[:, 1]).astype(int).tolist(), strict=True)
+    )
 
 
 def take(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -120,7 +139,9 @@ def test_shuffle_buffer_mixes_across_shards(stores):
     edges = np.cumsum([sh.rows for sh in loader._sel.shards])[:-1]
     train = np.array(train_rows(1200))[:, 1]
     shard_ids = np.searchsorted(edges, np.searchsorted(train, rows), side="right")
-    assert len(set(shard_ids.tolist())) == 5  # the smallest shard has 68 of 900 rows: P(missed) ~ 1e-2, seeded
+    assert (
+        len(set(shard_ids.tolist())) == 5
+    )  # the smallest shard has 68 of 900 rows: P(missed) ~ 1e-2, seeded
 
 
 def test_every_row_once_with_uneven_partitions(stores):
@@ -191,8 +212,9 @@ def take_across_passes(loader, n: int) -> list[list[tuple[int, int]]]:
 )
 def test_resume_mid_epoch_gives_exactly_the_remaining_batches(stores, specs, kw):
     def make():
-        resolved = [StoreSpec(stores[s], 1.0) if isinstance(s, str) else StoreSpec(stores[s[0]], s[1])
-                    for s in specs]
+        resolved = [
+            StoreSpec(stores[s], 1.0) if isinstance(s, str) else StoreSpec(stores[s[0]], s[1]) for s in specs
+        ]
         return FeatureLoader(resolved, 64, seed=11, shuffle_buffer=256, **kw)
 
     first = make()
@@ -234,7 +256,11 @@ def test_where_and_split_filters(stores):
     got = [k for c, _ in loader for k in keys(c)]
     assert got == expected  # shuffle=False: one pass in store order
     assert [k for c, _ in loader for k in keys(c)] == expected  # another pass, same order
-    ids = [i for b in iter_eval_batches([stores["a"]], "train", 64, where="unique_country <> 'FR'") for i in b.ids]
+    ids = [
+        i
+        for b in iter_eval_batches([stores["a"]], "train", 64, where="unique_country <> 'FR'")
+        for i in b.ids
+    ]
     assert ids == [f"s0-{i}" for _, i in expected]
     test = FeatureLoader([stores["a"]], 10, split="test", shuffle=False, drop_last=False)
     assert sorted(k for c, _ in test for k in keys(c)) == [(0, i) for i in range(3, 1200, 4)]
@@ -254,8 +280,12 @@ def test_ddp_ranks_together_yield_the_single_process_batch(stores, weights):
     per_rank = [take(r, steps) for r in ranks]
     for k in range(steps):
         assert len(per_rank[0][k][0]) == len(per_rank[1][k][0]) == 24
-        torch.testing.assert_close(torch.cat([per_rank[0][k][0], per_rank[1][k][0]]), ref[k][0], rtol=0, atol=0)
-        torch.testing.assert_close(torch.cat([per_rank[0][k][1], per_rank[1][k][1]]), ref[k][1], rtol=0, atol=0)
+        torch.testing.assert_close(
+            torch.cat([per_rank[0][k][0], per_rank[1][k][0]]), ref[k][0], rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            torch.cat([per_rank[0][k][1], per_rank[1][k][1]]), ref[k][1], rtol=0, atol=0
+        )
     # Each rank reads a disjoint set of shards.
     files = [{sh.path for p in r.local_partitions for sh in r._groups[p]} for r in ranks]
     assert files[0].isdisjoint(files[1]) and len(files[0] | files[1]) == 9
@@ -298,7 +328,9 @@ def test_store_errors(stores, tmp_path):
 def test_nan_coordinates_never_reach_the_model(tmp_path, prefetch):
     write_store(tmp_path / "bad", 400, shards=2, bad_row=201)  # row 201 is a train row
     loader = FeatureLoader([tmp_path / "bad"], 10, prefetch=prefetch, shuffle=False)
-    with pytest.raises(StoreError, match=r"shard shards/part-t\d-000000\.parquet: row id 's0-201' \(lat=nan, lon="):
+    with pytest.raises(
+        StoreError, match=r"shard shards/part-t\d-000000\.parquet: row id 's0-201' \(lat=nan, lon="
+    ):
         for _ in loader:
             pass
     with pytest.raises(StoreError, match="s0-201"):
@@ -325,7 +357,9 @@ def test_prefetch_thread_stops_on_close_and_on_garbage_collection(stores):
 
 
 def test_eval_batches_keep_every_row_in_order_with_labels(stores):
-    batches = list(iter_eval_batches([stores["a"], stores["b"]], "test", 64, label_columns=["unique_country"]))
+    batches = list(
+        iter_eval_batches([stores["a"], stores["b"]], "test", 64, label_columns=["unique_country"])
+    )
     n = 300 + 125
     assert [len(b) for b in batches] == [64] * (n // 64) + [n % 64]
     ids = [i for b in batches for i in b.ids]
@@ -362,14 +396,14 @@ def test_a_scrambled_shard_is_refused_by_train_and_eval_readers(tmp_path, monkey
     monkeypatch.setattr(store_mod, "sha256_file", lambda p: hashed.append(Path(p)) or real(p))
     store_mod._CHECKED.clear()
     assert len(next(iter(FeatureLoader([root], 64, seed=0)))[0]) == 64
-    assert len(hashed) == 3                                       # every shard checked once ...
-    store_mod._CHECKED.clear()                                    # ... and remembered on disk for the next run
+    assert len(hashed) == 3  # every shard checked once ...
+    store_mod._CHECKED.clear()  # ... and remembered on disk for the next run
     assert len(next(iter_eval_batches([root], "test", 32))) == 32
     assert len(hashed) == 3
     victim = st.shard_paths()[1]
     data = bytearray(victim.read_bytes())
     mid = len(data) // 2
-    data[mid: mid + 5000] = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    data[mid : mid + 5000] = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     victim.write_bytes(bytes(data))
     name = victim.relative_to(root).as_posix()
     for read in (lambda: FeatureLoader([root], 64, seed=0), lambda: iter_eval_batches([root], "test", 32)):

@@ -128,8 +128,13 @@ def test_split_structure_errors(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="missing required key 'images'"):
         _load(tmp_path, zip_text.replace('image_path = "path"\n', ""))
     with pytest.raises(ManifestError, match="limit needs a metadata table"):
-        _load(tmp_path, BASE.replace('format = "folder"', 'format = "wds"').replace('image_path = "path"\n', "")
-              .replace('table = "train.csv"\n', "").replace('"images"', '"*.tar"'), limit=5)  # fmt: skip
+        wds_text = (
+            BASE.replace('format = "folder"', 'format = "wds"')
+            .replace('image_path = "path"\n', "")
+            .replace('table = "train.csv"\n', "")
+            .replace('"images"', '"*.tar"')
+        )
+        _load(tmp_path, wds_text, limit=5)
     with pytest.raises(ManifestError, match="header = false needs 'names'"):
         _load(tmp_path, BASE + "[table]\nheader = false\n")
     with pytest.raises(ManifestError, match="not valid TOML"):

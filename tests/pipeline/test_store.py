@@ -34,15 +34,28 @@ BB = BackboneInfo(name="test", revision="r1", dim=8, preprocessing={"crop": 224}
 def _table(ids, dim=8, split="train", labels=None, label_columns=(), seed=0):
     rng = np.random.default_rng(seed)
     n = len(ids)
-    return build_table(ids, split, rng.uniform(-80, 80, n), rng.uniform(-170, 170, n),
-                       rng.normal(size=(n, dim)), labels, label_columns)
+    return build_table(
+        ids,
+        split,
+        rng.uniform(-80, 80, n),
+        rng.uniform(-170, 170, n),
+        rng.normal(size=(n, dim)),
+        labels,
+        label_columns,
+    )
 
 
 def test_build_table_schema_and_fp16_values():
     emb = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float64)
-    t = build_table(["a", "b", "c", "d", "e"], ["train", "train", "val", "val", "test"], [0, 1, 2, 3, 4],
-                    [5, 6, 7, 8, 9], emb, {"unique_country": ["FR", None, "DE", "IT", "ES"]},
-                    ["unique_country", "unique_city"])
+    t = build_table(
+        ["a", "b", "c", "d", "e"],
+        ["train", "train", "val", "val", "test"],
+        [0, 1, 2, 3, 4],
+        [5, 6, 7, 8, 9],
+        emb,
+        {"unique_country": ["FR", None, "DE", "IT", "ES"]},
+        ["unique_country", "unique_city"],
+    )
     assert t.schema.equals(store_schema(8, ["unique_country", "unique_city"]))
     assert t.column("unique_city").null_count == 5
     assert t.column("unique_country").to_pylist() == ["FR", None, "DE", "IT", "ES"]
@@ -54,7 +67,12 @@ def test_build_table_schema_and_fp16_values():
 
 @pytest.mark.parametrize(
     ("lat", "emb_val", "match"),
-    [(float("nan"), 0.0, "lat/lon"), (91.0, 0.0, "lat/lon"), (0.0, np.inf, "non-finite"), (0.0, 1e6, "float16")],
+    [
+        (float("nan"), 0.0, "lat/lon"),
+        (91.0, 0.0, "lat/lon"),
+        (0.0, np.inf, "non-finite"),
+        (0.0, 1e6, "float16"),
+    ],
 )
 def test_build_table_rejects_bad_rows(lat, emb_val, match):
     emb = np.zeros((2, 4))
@@ -72,8 +90,9 @@ def test_build_table_rejects_unknown_labels_and_length_mismatch():
 
 def test_create_writes_manifest_and_reopen_checks_compatibility(tmp_path):
     root = tmp_path / "s"
-    store = FeatureStore.create(root, BB, ["unique_country"], source={"name": "demo", "kind": "embed",
-                                                                       "manifest_sha256": "abc"})
+    store = FeatureStore.create(
+        root, BB, ["unique_country"], source={"name": "demo", "kind": "embed", "manifest_sha256": "abc"}
+    )
     m = json.loads((root / "store.json").read_text())
     assert m["format"] == "geoloc-feature-store" and m["version"] == 1
     assert m["backbone"] == {"name": "test", "revision": "r1", "dim": 8, "preprocessing": {"crop": 224}}
@@ -81,7 +100,9 @@ def test_create_writes_manifest_and_reopen_checks_compatibility(tmp_path):
     assert [s["name"] for s in m["sources"]] == ["demo"] and m["sources"][0]["added"]
     store.close()
     # Same source again: not recorded twice; empty label list adopts the store's.
-    again = FeatureStore.create(root, BB, (), source={"name": "demo", "kind": "embed", "manifest_sha256": "abc"})
+    again = FeatureStore.create(
+        root, BB, (), source={"name": "demo", "kind": "embed", "manifest_sha256": "abc"}
+    )
     assert again.label_columns == ("unique_country",) and len(again.sources) == 1
     with pytest.raises(StoreError, match="dim 16"):
         FeatureStore.create(root, BackboneInfo("test", "r1", 16), ())
@@ -107,8 +128,15 @@ def test_write_and_read_back_through_duckdb(tmp_path):
     emb = rng.normal(size=(40, 8)).astype(np.float32)
     lat, lon = rng.uniform(-80, 80, 40), rng.uniform(-170, 170, 40)
     ids = [f"x{i}" for i in range(40)]
-    t = build_table(ids, ["train"] * 30 + ["test"] * 10, lat, lon, emb,
-                    {"unique_country": ["C"] * 40}, store.label_columns)
+    t = build_table(
+        ids,
+        ["train"] * 30 + ["test"] * 10,
+        lat,
+        lon,
+        emb,
+        {"unique_country": ["C"] * 40},
+        store.label_columns,
+    )
     rec = store.write_shard(t, "job")
     assert rec["file"] == "shards/part-job-000000.parquet" and rec["rows"] == 40
     assert rec["splits"] == {"test": 10, "train": 30}
@@ -128,7 +156,14 @@ def test_empty_store_views(tmp_path):
     store = FeatureStore.create(tmp_path / "s", BB, ["a"])
     con = store.connect()
     assert con.sql("SELECT count(*) FROM features").fetchall() == [(0,)]
-    assert [d[0] for d in con.sql("SELECT * FROM features").description] == ["id", "split", "lat", "lon", "a", "emb"]
+    assert [d[0] for d in con.sql("SELECT * FROM features").description] == [
+        "id",
+        "split",
+        "lat",
+        "lon",
+        "a",
+        "emb",
+    ]
     assert store.verify().ok
 
 
@@ -147,8 +182,9 @@ def test_write_shard_refuses_duplicate_ids(tmp_path):
 def test_failures_table(tmp_path):
     store = FeatureStore.create(tmp_path / "s", BB)
     assert store.write_failures([], "t") is None
-    store.write_failures([Failure("x", "a.zip:x.jpg", "truncated JPEG", "train"),
-                          Failure("y", "b.jpg", "CMYK", "test")], "t")
+    store.write_failures(
+        [Failure("x", "a.zip:x.jpg", "truncated JPEG", "train"), Failure("y", "b.jpg", "CMYK", "test")], "t"
+    )
     t = FeatureStore.open(tmp_path / "s").failures_table()
     assert t.column("id").to_pylist() == ["x", "y"]
     assert t.column("reason").to_pylist() == ["truncated JPEG", "CMYK"]
@@ -253,14 +289,16 @@ def test_id_index_handles_64_bit_collisions_and_many_small_adds():
 
     index = IdIndex()
     index.add_hashes(np.array([5, 5, 5, 7], np.uint64), np.array([1, 2, 3, 4], np.uint64))
-    got = index.contains_hashes(np.array([5, 5, 5, 5, 7, 7, 6], np.uint64), np.array([3, 1, 2, 9, 4, 5, 1], np.uint64))
+    got = index.contains_hashes(
+        np.array([5, 5, 5, 5, 7, 7, 6], np.uint64), np.array([3, 1, 2, 9, 4, 5, 1], np.uint64)
+    )
     assert got.tolist() == [True, True, True, False, True, False, False]
     rng = np.random.default_rng(0)
     h1, h2 = rng.integers(0, 2**63, (2, 20_000), dtype=np.uint64)
     big = IdIndex()
     for s in range(0, 20_000, 300):  # many runs, merged as they grow
-        assert not big.contains_hashes(h1[s:s + 300], h2[s:s + 300]).any()
-        big.add_hashes(h1[s:s + 300], h2[s:s + 300])
+        assert not big.contains_hashes(h1[s : s + 300], h2[s : s + 300]).any()
+        big.add_hashes(h1[s : s + 300], h2[s : s + 300])
     assert big.contains_hashes(h1, h2).all() and len(big) == 20_000
     assert not big.contains_hashes(h1, h2 + np.uint64(1)).any()
 
@@ -287,7 +325,7 @@ def test_concurrent_writers_with_distinct_tasks(tmp_path):
 
 
 def test_sigkill_mid_write_leaves_a_consistent_store(tmp_path):
-    """Kill a writer at a random point many shards in: listed shards verify, no duplicates, orphans cleaned."""
+    """Kill a writer at a random point many shards in: listed shards verify, no duplicates, orphans go."""
     root = tmp_path / "s"
     FeatureStore.create(root, BB).close()
     script = textwrap.dedent(f"""
@@ -338,7 +376,7 @@ def test_repair_removes_duplicate_ids_keeping_the_first_copy(tmp_path):
     fixed = FeatureStore.open(root)
     rows = fixed.connect().sql("SELECT id, lat FROM features").fetchall()
     assert len(rows) == 170 and len({r[0] for r in rows}) == 170 and fixed.num_rows() == 170
-    assert all(dict(rows)[k] == v for k, v in first.items())            # the first copy was kept
+    assert all(dict(rows)[k] == v for k, v in first.items())  # the first copy was kept
     assert fixed.verify().ok and not (root / dup["file"]).exists()
     assert repair_store(root) == (0, 0)
 
@@ -355,5 +393,5 @@ def test_verify_tells_a_live_writers_files_from_orphans(tmp_path):
         assert live.ok and live.in_progress == [rec["file"]] and live.orphans == []
         assert "live `geoloc store import`" in live.summary()
         store.close()
-    dead = FeatureStore.open(root).verify()                          # the writer is gone: now an orphan
+    dead = FeatureStore.open(root).verify()  # the writer is gone: now an orphan
     assert not dead.ok and dead.orphans == [rec["file"]]

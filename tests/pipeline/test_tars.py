@@ -1,4 +1,4 @@
-"""iter_tar_samples: the one webdataset grouper — grouping by key, and truncation caught, not passed silently."""
+"""iter_tar_samples, the one webdataset grouper: grouping by key, truncation caught, not passed silently."""
 
 from __future__ import annotations
 
