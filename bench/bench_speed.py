@@ -232,7 +232,9 @@ class ReferenceTrainLoop:
         start = (self.step_i * b) % (n - b + 1)
         cond = self.cond[start : start + b].clone()
         x1 = self.xyz[start : start + b]
-        for g in self.opt.param_groups:  # WarmupCosineDecayLR (docs/reference-behaviour.md §11.3), stepped every optimiser step
+        for g in (
+            self.opt.param_groups
+        ):  # WarmupCosineDecayLR (docs/reference-behaviour.md §11.3), stepped every optimiser step
             s = self.step_i
             g["lr"] = 1e-3 * (s / 500 if s < 500 else 0.5 * (1 + math.cos(math.pi * (s - 500) / self.total)))
         t = torch.rand(b)
@@ -251,7 +253,9 @@ class ReferenceTrainLoop:
         loss.backward()
         self.opt.step()
         self.step_i += 1
-        with torch.no_grad():  # EMACallback.update_ema, decay 0.999 (its lerp keeps 99.9 % of the new weights)
+        with (
+            torch.no_grad()
+        ):  # EMACallback.update_ema, decay 0.999 (its lerp keeps 99.9 % of the new weights)
             ema_params = self.ema.state_dict()
             for name, param in itertools.chain(self.net.named_parameters(), self.net.named_buffers()):
                 if name in ema_params and param.requires_grad:
@@ -266,7 +270,9 @@ def _ours_train_config(dim: int, depth: int, batch: int, steps: int, store: str)
         family=FamilyConfig(name="rfm-s2"),
         optim=OptimConfig(name="adamw"),
         data=DataConfig(stores=(store,), split="train", batch_size=batch),
-        steps=steps, device="cpu", dtype="fp32",
+        steps=steps,
+        device="cpu",
+        dtype="fp32",
     )
 
 
@@ -280,9 +286,13 @@ def bench_training(sizes, steps: int, repeats: int, rows: int) -> dict:
     from tests.helpers import make_store
 
     ref_cls, ref_source = _load_reference_network_class()
-    out: dict = {"reference_source": ref_source, "store_rows": rows, "results": [],
-                 "note": "seconds per step over a whole run; ours includes start-up, the loader, logging and the "
-                         "final checkpoint (checkpoint cadence 1000 steps, so only the final one in a short run)"}
+    out: dict = {
+        "reference_source": ref_source,
+        "store_rows": rows,
+        "results": [],
+        "note": "seconds per step over a whole run; ours includes start-up, the loader, logging and the "
+        "final checkpoint (checkpoint cadence 1000 steps, so only the final one in a short run)",
+    }
     with tempfile.TemporaryDirectory(prefix="bench-speed-train-") as tmp:
         store = Path(tmp) / "store"
         make_store(store, rows, 1024, splits={"train": 1.0}, label_columns=(), shards=4, failures=0)
@@ -310,17 +320,25 @@ def bench_training(sizes, steps: int, repeats: int, rows: int) -> dict:
                         run_train(cfg, Path(tmp) / f"run-{dim}-{rep}", resume=False, progress=False)
                     times[name].append((time.perf_counter() - t0) / steps_here)
             med = {k: statistics.median(v) for k, v in times.items()}
-            rec = {"dim": dim, "depth": depth, "batch": batch, "steps_per_run": steps_here,
-                   "reference_s_per_step": round(med["reference"], 4), "ours_s_per_step": round(med["ours"], 4),
-                   "speedup_ours": round(med["reference"] / med["ours"], 3),
-                   "all_s_per_step": {k: [round(x, 4) for x in v] for k, v in times.items()}}
+            rec = {
+                "dim": dim,
+                "depth": depth,
+                "batch": batch,
+                "steps_per_run": steps_here,
+                "reference_s_per_step": round(med["reference"], 4),
+                "ours_s_per_step": round(med["ours"], 4),
+                "speedup_ours": round(med["reference"] / med["ours"], 3),
+                "all_s_per_step": {k: [round(x, 4) for x in v] for k, v in times.items()},
+            }
             out["results"].append(rec)
             print(json.dumps(rec), file=sys.stderr)
     return out
 
 
 # ------------------------------------------------------------------------------------------- likelihood
-def _sigmoid_signal_rate(t: torch.Tensor, start: float = -7.0, end: float = 3.0, tau: float = 1.0) -> torch.Tensor:
+def _sigmoid_signal_rate(
+    t: torch.Tensor, start: float = -7.0, end: float = 3.0, tau: float = 1.0
+) -> torch.Tensor:
     """d(signal)/dt of :func:`_sigmoid_signal` (the reference scheduler's ``derivative``)."""
     v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
     sig = torch.sigmoid((t * (end - start) + start) / tau)
@@ -341,8 +359,11 @@ def reference_log_prob(net, xyz: torch.Tensor, cond: torch.Tensor, ref_api: bool
         rate = _sigmoid_signal_rate(t.reshape(1))
 
         def vecfield(x, y):
-            out = net({"y": x, "gamma": gamma.reshape(-1), "emb": y}) if ref_api else net(
-                x.reshape(-1, 3), gamma.reshape(-1), y.reshape(-1, y.shape[-1]))
+            out = (
+                net({"y": x, "gamma": gamma.reshape(-1), "emb": y})
+                if ref_api
+                else net(x.reshape(-1, 3), gamma.reshape(-1), y.reshape(-1, y.shape[-1]))
+            )
             return rate * out
 
         x = state[..., :3]
@@ -393,18 +414,29 @@ def bench_likelihood(dim: int, depth: int, points: int, repeats: int) -> dict:
     truth_ours = family.log_prob(ours, xyz, cond, LikelihoodConfig(method="dopri5", rtol=1e-8, atol=1e-8))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "reference_source": ref_source, "dim": dim, "depth": depth, "points": points,
-        "ours_solver": f"{default.method} {default.steps} steps", "reference_solver": "dopri5 rtol=atol=1e-6",
+        "reference_source": ref_source,
+        "dim": dim,
+        "depth": depth,
+        "points": points,
+        "ours_solver": f"{default.method} {default.steps} steps",
+        "reference_solver": "dopri5 rtol=atol=1e-6",
         "reference_points_per_s": round(points / med["reference"], 3),
         "ours_points_per_s": round(points / med["ours"], 3),
         "speedup_ours": round(med["reference"] / med["ours"], 2),
-        "reference_nfe": nfe_ref, "ours_nfe": nfe_ours,
+        "reference_nfe": nfe_ref,
+        "ours_nfe": nfe_ours,
         "reference_abs_err_nats_vs_own_tight": {
-            "mean": float((lp_ref - truth_ref).abs().mean()), "max": float((lp_ref - truth_ref).abs().max())},
+            "mean": float((lp_ref - truth_ref).abs().mean()),
+            "max": float((lp_ref - truth_ref).abs().max()),
+        },
         "ours_abs_err_nats_vs_own_tight": {
-            "mean": float((lp_ours - truth_ours).abs().mean()), "max": float((lp_ours - truth_ours).abs().max())},
+            "mean": float((lp_ours - truth_ours).abs().mean()),
+            "max": float((lp_ours - truth_ours).abs().max()),
+        },
         "ours_vs_reference_tight_nats": {
-            "mean": float((lp_ours - truth_ref).abs().mean()), "max": float((lp_ours - truth_ref).abs().max())},
+            "mean": float((lp_ours - truth_ref).abs().mean()),
+            "max": float((lp_ours - truth_ref).abs().max()),
+        },
         "all_seconds": {k: [round(x, 3) for x in v] for k, v in times.items()},
     }
 
@@ -417,7 +449,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--omega", type=float, default=2.0)
     ap.add_argument("--sections", default="sampling,train", help="comma list: sampling, train, likelihood")
-    ap.add_argument("--train-sizes", default="small,paper", help="small = 256 × 6 batch 256, paper = 512 × 12 batch 1024")
+    ap.add_argument(
+        "--train-sizes", default="small,paper", help="small = 256 × 6 batch 256, paper = 512 × 12 batch 1024"
+    )
     ap.add_argument("--train-steps", type=int, default=None, help="steps per training run (default 40)")
     args = ap.parse_args()
     if args.threads > 0:

@@ -298,7 +298,11 @@ class HybridGeolocator:
 
     def calibrate_levels(self, levels: np.ndarray) -> np.ndarray:
         """Raw HDR levels of truths → the levels of the recalibrated regions (identity when uncalibrated)."""
-        return np.asarray(levels, dtype=np.float64) if self.level_map is None else self.level_map.calibrated(levels)
+        return (
+            np.asarray(levels, dtype=np.float64)
+            if self.level_map is None
+            else self.level_map.calibrated(levels)
+        )
 
     @property
     def cond_dim(self) -> int:
@@ -512,7 +516,9 @@ class HybridGeolocator:
         b, m, _ = pts.shape
         ll = xyz_to_latlon(pts.reshape(-1, 3).to(torch.float64)).cpu().numpy()
         ids = self.labeller(ll)
-        return {lv: torch.from_numpy(np.asarray(ids[lv], dtype=np.int64)).reshape(b, m) for lv in ANSWER_LEVELS}
+        return {
+            lv: torch.from_numpy(np.asarray(ids[lv], dtype=np.int64)).reshape(b, m) for lv in ANSWER_LEVELS
+        }
 
     @torch.no_grad()
     def predict(

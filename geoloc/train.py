@@ -92,8 +92,17 @@ def _lamb(groups: list[dict], cfg) -> torch.optim.Optimizer:
     # Lazy: importing timm costs seconds and only the paper presets (LAMB) need it.
     from timm.optim import Lamb
 
-    return Lamb(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, max_grad_norm=None, always_adapt=False,
-                trust_clip=False, bias_correction=True, grad_averaging=True)
+    return Lamb(
+        groups,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=1e-8,
+        max_grad_norm=None,
+        always_adapt=False,
+        trust_clip=False,
+        bias_correction=True,
+        grad_averaging=True,
+    )
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -122,11 +131,15 @@ def _distributed() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def quick_geoscore(family: Family, net: nn.Module, cond: torch.Tensor, xyz: torch.Tensor, steps: int = 32) -> float:
+def quick_geoscore(
+    family: Family, net: nn.Module, cond: torch.Tensor, xyz: torch.Tensor, steps: int = 32
+) -> float:
     """Mean GeoScore of one guided draw (ω = 2, ``steps`` Euler steps) per held-out pair: a cheap progress signal."""
     point = family.point(net, cond)
     if point is None:
-        point = family.sample(net, cond, 1, SampleConfig(steps=steps, omega=2.0 if family.uses_guidance else 0.0))[:, 0]
+        point = family.sample(
+            net, cond, 1, SampleConfig(steps=steps, omega=2.0 if family.uses_guidance else 0.0)
+        )[:, 0]
     dist_km = angle(point.float(), xyz.float()) * EARTH_RADIUS_KM
     return float((GEOSCORE_MAX * torch.exp(-dist_km / GEOSCORE_SCALE_KM)).mean())
 
@@ -213,7 +226,9 @@ def train(
     def checkpoint(at_step: int) -> None:
         if rank != 0:
             return
-        save_checkpoint(out_dir, ema.module.state_dict(), {**ckpt_config, "step": at_step}, raw_weights=net.state_dict())
+        save_checkpoint(
+            out_dir, ema.module.state_dict(), {**ckpt_config, "step": at_step}, raw_weights=net.state_dict()
+        )
         data_state = json.dumps(batches.state_dict()) if hasattr(batches, "state_dict") else ""
         save_state(
             out_dir,
@@ -246,7 +261,9 @@ def train(
             for g in opt.param_groups:
                 g["lr"] = lr
             local = cond.shape[0]
-            draws = family.draw(local * world, _step_generator(config.seed, step), torch.device("cpu"), torch.float32)
+            draws = family.draw(
+                local * world, _step_generator(config.seed, step), torch.device("cpu"), torch.float32
+            )
             draws = {k: v[rank * local : (rank + 1) * local].to(device) for k, v in draws.items()}
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss = family.loss(model, xyz, cond, draws=draws)
@@ -269,15 +286,22 @@ def train(
                 now = time.perf_counter()
                 rate = (step - last_step) / max(now - last_t, 1e-9)
                 last_t, last_step = now, step
-                record = {"step": step, "loss": loss_value, "lr": lr, "steps_per_s": rate,
-                          "samples_per_s": rate * local * world}
+                record = {
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "steps_per_s": rate,
+                    "samples_per_s": rate * local * world,
+                }
             if val is not None and rank == 0 and (step % config.eval_every == 0 or step == config.steps):
                 record = record or {"step": step, "loss": loss_value, "lr": lr}
                 vc, vx = val[0].to(device), val[1].to(device)
                 ema.module.eval()
                 with torch.no_grad():
                     record["val_loss"] = float(
-                        family.loss(ema.module, vx, vc, generator=torch.Generator(device=device).manual_seed(0))
+                        family.loss(
+                            ema.module, vx, vc, generator=torch.Generator(device=device).manual_seed(0)
+                        )
                     )
                     record["val_geoscore"] = quick_geoscore(family, ema.module, vc, vx)
             if record is not None and rank == 0:
@@ -293,8 +317,10 @@ def train(
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the pipeline maps it to this): keep the work done
         checkpoint(step)
         if rank == 0:
-            print(f"interrupted: checkpoint written at step {step} in {out_dir}; run the same command to resume",
-                  file=sys.stderr)
+            print(
+                f"interrupted: checkpoint written at step {step} in {out_dir}; run the same command to resume",
+                file=sys.stderr,
+            )
         raise
     finally:
         if bar is not None:

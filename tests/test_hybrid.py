@@ -251,7 +251,10 @@ def test_label_aware_answer_is_fitted_on_validation_and_needs_a_labeller():
     sub = nb.head(8)
     pts = torch.cat([draws.float(), sub.xyz], 1)
     log_w = torch.cat(
-        [(log_lam - math.log(8)).unsqueeze(1).expand(-1, 8), log_rest.unsqueeze(1) + neighbour_log_weights(sub.sim, 0.3)],
+        [
+            (log_lam - math.log(8)).unsqueeze(1).expand(-1, 8),
+            log_rest.unsqueeze(1) + neighbour_log_weights(sub.sim, 0.3),
+        ],
         1,
     )
     want = best_expected_answer(pts, log_w, h.point_labels(pts), 1.0)
@@ -268,7 +271,9 @@ def test_overconfident_hybrid_regions_are_recalibrated_on_validation():
     from geoloc.calibration import coverage, fit_level_map, hdr_levels
 
     model = hybrid("vmf", kappa=400.0, lam_a=-3.0, lam_b=0.0)
-    broad = HybridGeolocator(model.flow, model.index, HybridParams(**{**model.params.to_json(), "kappa": 100.0}))
+    broad = HybridGeolocator(
+        model.flow, model.index, HybridParams(**{**model.params.to_json(), "kappa": 100.0})
+    )
     g = torch.Generator().manual_seed(5)
 
     def levels(n: int):

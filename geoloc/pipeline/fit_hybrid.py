@@ -175,7 +175,9 @@ def fit_hybrid(
         t2 = time.perf_counter()
         m = min(config.answer_items, len(val.ids))
         labeller = gazetteer_labeller() if config.answer_labels else None
-        model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood, labeller=labeller)
+        model = HybridGeolocator(
+            geo, index, fit.params, likelihood_config=config.likelihood, labeller=labeller
+        )
         cond = val.cond[:m].to(geo.device)
         g = torch.Generator(device=geo.device).manual_seed(0)
         draws = torch.cat(

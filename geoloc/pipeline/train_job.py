@@ -47,8 +47,14 @@ def _validation_pairs(config: TrainConfig, stores: list[str], dim: int, backbone
     if not config.data.val_split or config.val_samples <= 0:
         return None
     conds, xyzs, have = [], [], 0
-    for batch in iter_eval_batches(stores, config.data.val_split, 4096, config.data.where or None,
-                                   expected_dim=dim, expected_backbone=backbone):
+    for batch in iter_eval_batches(
+        stores,
+        config.data.val_split,
+        4096,
+        config.data.where or None,
+        expected_dim=dim,
+        expected_backbone=backbone,
+    ):
         conds.append(batch.cond)
         xyzs.append(latlon_to_xyz(torch.from_numpy(batch.latlon)).float())
         have += batch.cond.shape[0]
@@ -76,8 +82,10 @@ def run_train(
         raise ConfigError(f"--steps must be a positive number of training steps, got {config.steps}")
     if init_from is not None:
         if Path(init_from).resolve() == Path(out_dir).resolve():
-            raise ConfigError(f"--init-from and --out are the same directory ({out_dir}); a fine-tune writes a "
-                              "new run: pick another --out (to continue that run itself, drop --init-from)")
+            raise ConfigError(
+                f"--init-from and --out are the same directory ({out_dir}); a fine-tune writes a "
+                "new run: pick another --out (to continue that run itself, drop --init-from)"
+            )
         config = fit_finetune_schedule(config)
     specs = [StoreSpec.parse(s) for s in config.data.stores]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,6 +123,14 @@ def run_train(
     meta = {"backbone": backbone, "data": provenance}
     with sigterm_as_interrupt():  # SIGTERM too writes a checkpoint at the current step (geoloc.train)
         return train(
-            config, loader, out_dir, loader.dim, val=val, meta=meta, init_from=init_from, resume=resume,
-            progress=progress, stop_after=stop_after,
+            config,
+            loader,
+            out_dir,
+            loader.dim,
+            val=val,
+            meta=meta,
+            init_from=init_from,
+            resume=resume,
+            progress=progress,
+            stop_after=stop_after,
         )
