@@ -434,8 +434,8 @@ class DemoConfig:
 
     out_dir: Path = Path("demo_out")
     limit: int = 30_000
-    steps: int = 1500
-    vmf_steps: int = 500
+    steps: int = 1200
+    vmf_steps: int = 300
     seeds: tuple[int, ...] = (0,)
     names: tuple[tuple[str, str], ...] = DEMO_NAMES
     maps: bool = True
@@ -444,10 +444,10 @@ class DemoConfig:
     val_items: int = 1000
     eval_where: str | None = None
     eval_steps: int = 16
-    answer_n: int = 32
+    answer_n: int = 16
     answer_steps: int = 16
     calibration_n: int = 32
-    calibration_items: int = 300
+    calibration_items: int = 150
     showcase_pool: int = 200
     n_extreme: int = 2
 

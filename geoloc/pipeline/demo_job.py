@@ -94,6 +94,8 @@ def _fit(rfm: Path, store: Path, out: Path, config: DemoConfig, log: Callable[[s
         answer_n=config.answer_n,
         answer_steps=config.answer_steps,
         answer_items=min(500, config.val_items),
+        calibration_items=config.calibration_items,
+        calibration_n=config.calibration_n,
     )
     fit_hybrid(rfm, [store], out, cfg, progress=config.progress, log=lambda m: log("      " + m))
     return out
