@@ -3,11 +3,11 @@
 Prints one JSON record: the machine (CPU model, avx2 / avx512_bf16 / amx flags, torch version, threads), and
 per network size (512 × 12 paper, 256 × 6 small) and NFE (16, 32): points/s of
 
-- ``reference``: the reference's loop (docs/reference-behaviour.md §7.3): per step ONE forward pass of the reference network
-  on the concatenated batch (condition, zero condition), guidance ``(1+ω)·c − ω·u``, an ambient Euler step in
-  the signal level and a projection onto the sphere. With ``PLONK_REPO`` set to a checkout of
-  nicolas-dufour/plonk (needs ``einops``) the reference's own ``GeoAdaLNMLP`` class runs, loaded with our
-  weights (same parameter names); without it our network runs the same loop (same multiply-adds).
+- ``reference``: the reference's loop (docs/reference-behaviour.md §7.3): per step ONE forward pass of the
+  reference network on the concatenated batch (condition, zero condition), guidance ``(1+ω)·c − ω·u``, an
+  ambient Euler step in the signal level and a projection onto the sphere. With ``PLONK_REPO`` set to a
+  checkout of nicolas-dufour/plonk (needs ``einops``) the reference's own ``GeoAdaLNMLP`` class runs, loaded
+  with our weights (same parameter names); without it our network runs the same loop (same multiply-adds).
 - ``ours``: ``family.sample`` of ``rfm-s2`` with ``retraction="project"`` (the reference's step), which goes
   through ``solvers.guided`` → ``GeoAdaLNMLP.forward_guided`` (condition work once per call, null-branch
   modulation once per step, one stacked modulation GEMM).
@@ -94,7 +94,8 @@ def _load_reference_network_class():
 
 
 def _sigmoid_signal(t: torch.Tensor, start: float = -7.0, end: float = 3.0, tau: float = 1.0) -> torch.Tensor:
-    """The reference's SigmoidScheduler (docs/reference-behaviour.md §5.3), as the loop uses it (fp32, clamped at 1e-9)."""
+    """The reference's SigmoidScheduler (docs/reference-behaviour.md §5.3), as the loop uses it (fp32, clamped
+    at 1e-9)."""
     v_start, v_end = torch.sigmoid(torch.tensor(start / tau)), torch.sigmoid(torch.tensor(end / tau))
     out = (-torch.sigmoid((t * (end - start) + start) / tau) + v_end) / (v_end - v_start)
     return out.clamp(1e-9, 1.0)
@@ -102,7 +103,8 @@ def _sigmoid_signal(t: torch.Tensor, start: float = -7.0, end: float = 3.0, tau:
 
 @torch.no_grad()
 def reference_sample(net, x, cond, steps: int, omega: float, ref_api: bool) -> torch.Tensor:
-    """The reference's riemannian_flow_sampler loop (docs/reference-behaviour.md §7.3), written out: two branches in one batch per step."""
+    """The reference's riemannian_flow_sampler loop (docs/reference-behaviour.md §7.3), written out: two
+    branches in one batch per step."""
     gammas = _sigmoid_signal(1 - torch.arange(steps + 1, dtype=torch.float32) / steps)
     stacked = torch.cat([cond, torch.zeros_like(cond)])
     for g_now, g_next in itertools.pairwise(gammas):
@@ -173,7 +175,8 @@ def bench_sampling(sizes, nfes, batch: int, repeats: int, omega: float) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- training
-_EPS32 = 1e-4  # geoopt's float32 EPS: the expmap/logmap fall-backs and the acos clamp (docs/reference-behaviour.md §6.3)
+# geoopt's float32 EPS: the expmap/logmap fall-backs and the acos clamp (docs/reference-behaviour.md §6.3)
+_EPS32 = 1e-4
 
 
 def _ref_expmap(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -209,7 +212,8 @@ def _ref_target(x0: torch.Tensor, x1: torch.Tensor, gamma: torch.Tensor) -> tupl
 
 
 class ReferenceTrainLoop:
-    """The reference's per-step training work with in-memory batches, no Lightning around it (docs/reference-behaviour.md §6.3, §11).
+    """The reference's per-step training work with in-memory batches, no Lightning around it
+    (docs/reference-behaviour.md §6.3, §11).
 
     Per step: t ~ U(0,1), γ = sigmoid schedule(t), noise = normalised Gaussian, (y, u) by vmap-JVP through the
     geodesic, condition dropout 0.1, one forward of the reference network on its dict batch, loss
@@ -346,9 +350,10 @@ def _sigmoid_signal_rate(
 
 
 def reference_log_prob(net, xyz: torch.Tensor, cond: torch.Tensor, ref_api: bool, tol: float = 1e-6):
-    """The reference pipeline's likelihood ODE (docs/reference-behaviour.md §9.1), written out: state [x, ℓ] from t = 0 (data) to 1,
-    dx/dt = γ'(t)·ψ(x, γ(t), c) in R³, dℓ/dt = trace of the full 3 × 3 Jacobian (``vmap(jacrev)``), torchdiffeq
-    dopri5 at rtol = atol = ``tol``; x(1) projected, log p = −log 4π + ℓ(1). Returns (log p in nats, NFE)."""
+    """The reference pipeline's likelihood ODE (docs/reference-behaviour.md §9.1), written out: state [x, ℓ]
+    from t = 0 (data) to 1, dx/dt = γ'(t)·ψ(x, γ(t), c) in R³, dℓ/dt = trace of the full 3 × 3 Jacobian
+    (``vmap(jacrev)``), torchdiffeq dopri5 at rtol = atol = ``tol``; x(1) projected, log p = −log 4π + ℓ(1).
+    Returns (log p in nats, NFE)."""
     from torchdiffeq import odeint
 
     nfe = [0]
@@ -380,9 +385,9 @@ def reference_log_prob(net, xyz: torch.Tensor, cond: torch.Tensor, ref_api: bool
 
 
 def bench_likelihood(dim: int, depth: int, points: int, repeats: int) -> dict:
-    """Ours (``family.log_prob``, the default ``LikelihoodConfig``: rk4, fixed steps) vs the reference's dopri5
-    1e-6 full-Jacobian ODE, same weights and points; each against its own tight solution (ours: dopri5 1e-8;
-    the reference's: its ODE at 1e-9) for |Δ log p|, and ours vs the reference's tight value."""
+    """Ours (``family.log_prob``, the default ``LikelihoodConfig``: rk4, fixed steps) vs the reference's
+    dopri5 1e-6 full-Jacobian ODE, same weights and points; each against its own tight solution (ours: dopri5
+    1e-8; the reference's: its ODE at 1e-9) for |Δ log p|, and ours vs the reference's tight value."""
     from geoloc.config import LikelihoodConfig
 
     ref_cls, ref_source = _load_reference_network_class()

@@ -1,4 +1,5 @@
-"""Calibrated regions: how much mass a model puts on places denser than the truth, and how big its regions are.
+"""Calibrated regions: how much mass a model puts on places denser than the truth, and how big its regions
+are.
 
 Why: a density is only useful as "90% sure it is inside this outline" if 90% of the truths really fall
 inside its 90% highest-density region (HDR). With exact log-densities of samples this is checkable per item:

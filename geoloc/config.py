@@ -49,7 +49,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Network width, depth and MLP expansion (docs/reference-behaviour.md §4.3: 512 / 12 / 4 for OSV-5M and YFCC)."""
+    """Network width, depth and MLP expansion (docs/reference-behaviour.md §4.3: 512 / 12 / 4 for OSV-5M and
+    YFCC)."""
 
     dim: int = 512
     depth: int = 12
@@ -61,8 +62,8 @@ class FamilyConfig:
     """Which generative family, and its path schedule.
 
     ``name``: ``rfm-s2`` | ``flow-r3`` | ``diffusion-r3`` | ``vmf`` | ``vmf-mix`` | ``uniform``.
-    ``schedule``: ``sigmoid`` (default start −7, end 3, τ 1: every PLONK experiment) | ``linear`` | ``cosine``;
-    ``schedule_params`` overrides its parameters.
+    ``schedule``: ``sigmoid`` (default start −7, end 3, τ 1: every PLONK experiment) | ``linear`` |
+    ``cosine``; ``schedule_params`` overrides its parameters.
     ``cond_drop``: probability of replacing the condition by the null (zero) token in training, for guidance.
     ``components``: number of vMF mixture components (``vmf-mix``).
     """
@@ -78,10 +79,12 @@ class FamilyConfig:
 class SampleConfig:
     """How to draw samples.
 
-    ``steps``: solver steps, uniform in t (the paper: 250). ``method``: ``euler`` (the paper; for diffusion this
-    is DDIM), ``heun``, ``midpoint`` or ``rk4`` (flow families), ``ddim`` (diffusion). ``omega``: guidance weight
-    ω in (1+ω)·cond − ω·uncond (the paper predicts with ω = 2, draws distributions with ω = 0).
-    ``retraction``: on S², ``exp`` (exponential map) or ``project`` (the reference's ambient step + normalise).
+    ``steps``: solver steps, uniform in t (the paper: 250). ``method``: ``euler`` (the paper; for diffusion
+    this is DDIM), ``heun``, ``midpoint`` or ``rk4`` (flow families), ``ddim`` (diffusion). ``omega``:
+    guidance weight ω in (1+ω)·cond − ω·uncond (the paper predicts with ω = 2, draws distributions with
+    ω = 0).
+    ``retraction``: on S², ``exp`` (exponential map) or ``project`` (the reference's ambient step +
+    normalise).
     ``batch_size``: max points integrated at once (memory bound).
     """
 
@@ -96,8 +99,9 @@ class SampleConfig:
 class LikelihoodConfig:
     """How to integrate the change-of-variables ODE for exact log-densities.
 
-    ``method``: ``dopri5`` (adaptive, torchdiffeq; ``rtol``/``atol``) or a fixed-step solver (``rk4``, ``heun``,
-    ``midpoint``, ``euler``) with ``steps`` steps uniform in t. ``omega``: guidance (0 = the model's density).
+    ``method``: ``dopri5`` (adaptive, torchdiffeq; ``rtol``/``atol``) or a fixed-step solver (``rk4``,
+    ``heun``, ``midpoint``, ``euler``) with ``steps`` steps uniform in t. ``omega``: guidance (0 = the model's
+    density).
     """
 
     method: str = "rk4"
@@ -110,7 +114,8 @@ class LikelihoodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and schedule (docs/reference-behaviour.md §11: LAMB, lr 8e-4, wd 0.05, 500 warm-up steps, cosine to 0)."""
+    """Optimiser and schedule (docs/reference-behaviour.md §11: LAMB, lr 8e-4, wd 0.05, 500 warm-up steps,
+    cosine to 0)."""
 
     name: Literal["adamw", "lamb"] = "adamw"
     lr: float = 8e-4
@@ -154,8 +159,8 @@ class TrainConfig:
 
 def use_family(family: FamilyConfig, name: str) -> FamilyConfig:
     """``family`` switched to the family ``name``: the one home of the rule that vMF families train without
-    condition dropout (they are never guided, so dropping the condition only wastes signal; docs/reference-behaviour.md §11.1).
-    Other families keep ``family.cond_drop``."""
+    condition dropout (they are never guided, so dropping the condition only wastes signal;
+    docs/reference-behaviour.md §11.1). Other families keep ``family.cond_drop``."""
     return dataclasses.replace(
         family, name=name, cond_drop=0.0 if name.startswith("vmf") else family.cond_drop
     )
@@ -426,10 +431,11 @@ class DemoConfig:
     minus the validation slice ``val_where`` (SQL on the store's ids), on which the hybrid is fitted
     (``val_items`` of them); the table evaluates the held-out test split (``eval_where`` narrows it) with
     ``seeds``; every sampler runs ``eval_steps`` steps (the paper-protocol row: one guided draw; the
-    sample-based answers: ``answer_n`` draws; the hybrid's answer fit: ``answer_n`` draws of ``answer_steps``);
-    calibration uses ``calibration_n`` exact draws per item on the first ``calibration_items`` test items (its
-    cost is ``calibration_n`` likelihood solves per item). Showcase: the ``n_extreme`` most and least
-    localizable of the first ``showcase_pool`` evaluated names (by the hybrid's localizability), then ``names``.
+    sample-based answers: ``answer_n`` draws; the hybrid's answer fit: ``answer_n`` draws of
+    ``answer_steps``); calibration uses ``calibration_n`` exact draws per item on the first
+    ``calibration_items`` test items (its cost is ``calibration_n`` likelihood solves per item). Showcase: the
+    ``n_extreme`` most and least localizable of the first ``showcase_pool`` evaluated names (by the hybrid's
+    localizability), then ``names``.
     """
 
     out_dir: Path = Path("demo_out")
@@ -547,9 +553,9 @@ def config_from_dict(cls: type, data: dict) -> Any:
     return apply_overrides(cls(), {k: v for k, v in data.items()}) if data else cls()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Evaluation (`geoloc eval`): the one home of its defaults and choice lists
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 
 Estimator = Literal["sample", "median", "geoscore", "mode", "best-of-n", "mean"]
 Baseline = Literal["uniform", "retrieval", "retrieval-weighted"]
@@ -664,11 +670,13 @@ class EvalConfig:
             )
         if isinstance(self.labels, str) and self.labels not in LABEL_MODES:
             raise ConfigError(
-                f"labels must be one of {', '.join(LABEL_MODES)} or a LEVEL=COLUMN mapping, got {self.labels!r}"
+                f"labels must be one of {', '.join(LABEL_MODES)} or a LEVEL=COLUMN mapping, "
+                f"got {self.labels!r}"
             )
         if self.retrieval_index not in RETRIEVAL_INDEXES:
             raise ConfigError(
-                f"unknown retrieval index {self.retrieval_index!r}; choose from {', '.join(RETRIEVAL_INDEXES)}"
+                f"unknown retrieval index {self.retrieval_index!r}; "
+                f"choose from {', '.join(RETRIEVAL_INDEXES)}"
             )
         if self.table not in TABLE_LAYOUTS:
             raise ConfigError(f"unknown table layout {self.table!r}; choose from {', '.join(TABLE_LAYOUTS)}")

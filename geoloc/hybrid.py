@@ -68,7 +68,8 @@ ANSWER_LEVELS: tuple[str, ...] = ("country", "region", "city")
 
 @dataclass(frozen=True)
 class HybridParams:
-    """The hybrid's knobs (all fitted on a validation split by exact likelihood, see :func:`fit_hybrid_params`).
+    """The hybrid's knobs (all fitted on a validation split by exact likelihood, see
+    :func:`fit_hybrid_params`).
 
     ``k`` neighbours, weight temperature ``tau`` on cosine similarities, vMF concentration ``kappa`` (per
     steradian: a kernel of angular scale ≈ 1/√κ rad, so κ = 4e4 is ≈ 32 km), and the flow weight
@@ -82,7 +83,8 @@ class HybridParams:
     is the likelihood's, but an undertrained flow may deserve less say in the single best guess than in the
     density (s = 1: the density's λ; s = 0: the neighbours' answer, with the flow draws still candidates).
     ``answer_labels`` α adds α · Σ_levels P(the answer's label is the truth's) at :data:`ANSWER_LEVELS` to the
-    answer's expected GeoScore / 5000 (needs a :data:`Labeller`; 0: GeoScore only); chosen with s on validation.
+    answer's expected GeoScore / 5000 (needs a :data:`Labeller`; 0: GeoScore only); chosen with s on
+    validation.
     """
 
     k: int = 16
@@ -173,7 +175,8 @@ class NeighbourSearch(Protocol):
 
 
 class ExactNeighbours:
-    """Brute-force cosine neighbours over ``features (N, D)`` with locations ``xyz (N, 3)`` (chunked matmul)."""
+    """Brute-force cosine neighbours over ``features (N, D)`` with locations ``xyz (N, 3)`` (chunked
+    matmul)."""
 
     def __init__(self, features: Tensor, xyz: Tensor) -> None:
         f = torch.as_tensor(features, dtype=torch.float32)
@@ -291,7 +294,8 @@ class HybridGeolocator:
         self.level_map = level_map
 
     def region_level(self, alpha: float) -> float:
-        """The raw HDR level whose region holds ``alpha`` of the truths (``alpha`` itself when uncalibrated)."""
+        """The raw HDR level whose region holds ``alpha`` of the truths (``alpha`` itself when
+        uncalibrated)."""
         if self.level_map is None:
             return float(alpha)
         return min(max(self.level_map.nominal_for(alpha), 1e-3), 1.0 - 1e-3)
@@ -328,7 +332,8 @@ class HybridGeolocator:
         nb = self.neighbours(cond) if neighbours is None else neighbours
         if nb.xyz.shape[0] != cond.shape[0] or nb.xyz.shape[1] < self.params.search_k:
             raise InputError(
-                f"neighbours: need ({cond.shape[0]}, >= {self.params.search_k}) rows, got {tuple(nb.sim.shape)}"
+                f"neighbours: need ({cond.shape[0]}, >= {self.params.search_k}) rows, "
+                f"got {tuple(nb.sim.shape)}"
             )
         return Neighbours(
             nb.xyz.to(self.device, torch.float32),
@@ -510,7 +515,8 @@ class HybridGeolocator:
         return best_expected_answer(pts, log_w, labels, alpha)
 
     def point_labels(self, pts: Tensor) -> dict[str, Tensor]:
-        """Label ids ``(B, m)`` per level of :data:`ANSWER_LEVELS` for points ``(B, m, 3)`` (by the labeller)."""
+        """Label ids ``(B, m)`` per level of :data:`ANSWER_LEVELS` for points ``(B, m, 3)`` (by the
+        labeller)."""
         if self.labeller is None:
             raise ConfigError("point_labels needs a labeller (see HybridGeolocator)")
         b, m, _ = pts.shape
@@ -538,9 +544,9 @@ class HybridGeolocator:
         """Point estimate per item (default: the maximum expected GeoScore, :meth:`geoscore_answer`), plus
         optional top-k modes (from ``n`` hybrid draws) and localizability.
 
-        ``estimator="sample"`` is the paper's protocol transposed: one draw of the hybrid, whose flow part
-        is guided with ``omega`` (default 2). Other estimators of ``estimators.ESTIMATORS`` run on ``n``
-        hybrid draws (flow part from the sampler with ``steps``), with exact log-densities when they need them.
+        ``estimator="sample"`` is the paper's protocol transposed: one draw of the hybrid, whose flow part is
+        guided with ``omega`` (default 2). Other estimators of ``estimators.ESTIMATORS`` run on ``n`` hybrid
+        draws (flow part from the sampler with ``steps``), with exact log-densities when they need them.
         """
         cond = self._cond(cond)
         nb = self._nb(cond, neighbours)

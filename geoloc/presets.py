@@ -1,4 +1,5 @@
-"""Named training configurations: the paper's runs (docs/reference-behaviour.md §11) and a ``small`` one for a 2-core CPU.
+"""Named training configurations: the paper's runs (docs/reference-behaviour.md §11) and a ``small`` one for a
+2-core CPU.
 
 Names are ``<dataset>-<family>`` for the paper (``osv5m-rfm-s2``, ``yfcc-flow-r3``, ``inat21-vmf-mix``, ...,
 plus ``yfcc-rfm-s2-10m``: the "RFM₁₀M" row is 10M *iterations*) and ``small-<family>``; ``small`` is
@@ -7,8 +8,8 @@ plus ``yfcc-rfm-s2-10m``: the "RFM₁₀M" row is 10M *iterations*) and ``small-
 Paper recipe: width 512 (256 for iNat21), depth 12, LAMB lr 8e-4, weight decay 0.05 (0.1 for iNat21), 500
 warm-up steps then cosine to 0 at 1M steps, batch 1024 (512 for iNat21), condition dropout 0.1, sigmoid
 schedule (−7, 3, 1). vMF baselines: depth 11, lr 1e-4 (mixture on YFCC/iNat21: 1e-5), gradient clipping
-0.05 / 0.01, no guidance. # reference differs: our EMA really averages (docs/reference-behaviour.md §16.1), and weight decay skips
-biases and norms (docs/reference-behaviour.md §16.16).
+0.05 / 0.01, no guidance. # reference differs: our EMA really averages (docs/reference-behaviour.md §16.1),
+and weight decay skips biases and norms (docs/reference-behaviour.md §16.16).
 """
 
 from __future__ import annotations

@@ -7,14 +7,15 @@ validation loss and a quick GeoScore on held-out pairs; every ``ckpt_every`` ste
 
 Design points:
 - **Data comes from any iterable** of ``(cond, xyz)`` batches (``pipeline.loader.FeatureLoader`` for stores,
-  ``batches.InMemoryBatches`` for tensors). Its ``state_dict`` goes into the checkpoint, so a resumed run reads
-  the same data in the same order.
-- **Randomness is a function of (seed, step)**: the noise, times and condition-dropout mask of step k are drawn
-  for the *global* batch from a generator seeded with (seed, k), and each DDP rank takes its slice. A resumed
-  run therefore repeats the uninterrupted loss curve, and N ranks reproduce one process with the same global
-  batch.
+  ``batches.InMemoryBatches`` for tensors). Its ``state_dict`` goes into the checkpoint, so a resumed run
+  reads the same data in the same order.
+- **Randomness is a function of (seed, step)**: the noise, times and condition-dropout mask of step k are
+  drawn for the *global* batch from a generator seeded with (seed, k), and each DDP rank takes its slice. A
+  resumed run therefore repeats the uninterrupted loss curve, and N ranks reproduce one process with the same
+  global batch.
 - **EMA that averages**: ``ema ← d·ema + (1−d)·θ`` via ``torch.optim.swa_utils``. # reference differs: its
-  ``lerp`` keeps 99.9 % of the *new* weights (docs/reference-behaviour.md §16.1). Both raw and EMA weights are saved; evaluation uses EMA.
+  ``lerp`` keeps 99.9 % of the *new* weights (docs/reference-behaviour.md §16.1). Both raw and EMA weights are
+  saved; evaluation uses EMA.
 - **Weight decay only on matrices** (nanoGPT); LAMB (the paper's optimiser, timm's) and AdamW (foreach).
 - A non-finite loss stops the run with :class:`TrainingError`; the last good checkpoint stays as it was.
 """
@@ -61,7 +62,8 @@ def _truncate_metrics(log_path: Path, step: int) -> None:
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0 at ``total`` (docs/reference-behaviour.md §11.3)."""
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to 0 at ``total``
+    (docs/reference-behaviour.md §11.3)."""
     if step < warmup:
         return base_lr * step / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -82,12 +84,14 @@ def _make_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def _lamb(groups: list[dict], cfg) -> torch.optim.Optimizer:
-    """timm's LAMB set to the reference's update rule (docs/reference-behaviour.md §11.2): Adam's bias-corrected step plus L2 decay, times
-    the trust ratio ‖w‖/‖step‖ (1 where either norm is 0) only in groups with weight decay > 0; eps 1e-8; no
-    built-in global gradient clipping (the trainer clips by ``optim.grad_clip``).
+    """timm's LAMB set to the reference's update rule (docs/reference-behaviour.md §11.2): Adam's
+    bias-corrected step plus L2 decay, times the trust ratio ‖w‖/‖step‖ (1 where either norm is 0) only in
+    groups with weight decay > 0; eps 1e-8; no built-in global gradient clipping (the trainer clips by
+    ``optim.grad_clip``).
 
-    # reference differs: it puts every tensor in one decayed group (biases too, docs/reference-behaviour.md §16.16); ours leaves 1-D
-    # tensors undecayed, and there the reference's own rule (no decay ⇒ no layer adaptation) applies.
+    # reference differs: it puts every tensor in one decayed group (biases too,
+    # docs/reference-behaviour.md §16.16); ours leaves 1-D tensors undecayed, and there the reference's own
+    # rule (no decay ⇒ no layer adaptation) applies.
     """
     # Lazy: importing timm costs seconds and only the paper presets (LAMB) need it.
     from timm.optim import Lamb
@@ -134,7 +138,8 @@ def _distributed() -> tuple[int, int]:
 def quick_geoscore(
     family: Family, net: nn.Module, cond: torch.Tensor, xyz: torch.Tensor, steps: int = 32
 ) -> float:
-    """Mean GeoScore of one guided draw (ω = 2, ``steps`` Euler steps) per held-out pair: a cheap progress signal."""
+    """Mean GeoScore of one guided draw (ω = 2, ``steps`` Euler steps) per held-out pair: a cheap progress
+    signal."""
     point = family.point(net, cond)
     if point is None:
         point = family.sample(
@@ -270,7 +275,8 @@ def train(
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f"non-finite loss ({loss_value}) at step {step}; the last good checkpoint in {out_dir} is kept. "
+                    f"non-finite loss ({loss_value}) at step {step}; "
+                    f"the last good checkpoint in {out_dir} is kept. "
                     "Lower optim.lr, set optim.grad_clip, or check the data for NaN embeddings"
                 )
             opt.zero_grad(set_to_none=True)
@@ -318,7 +324,8 @@ def train(
         checkpoint(step)
         if rank == 0:
             print(
-                f"interrupted: checkpoint written at step {step} in {out_dir}; run the same command to resume",
+                f"interrupted: checkpoint written at step {step} in {out_dir}; "
+                "run the same command to resume",
                 file=sys.stderr,
             )
         raise

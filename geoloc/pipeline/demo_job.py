@@ -211,7 +211,8 @@ def _showcase_markdown(showcase: list[dict[str, Any]]) -> str:
     for s in showcase:
         tops = "; ".join(f"{t['place']} ({100 * t['mass']:.0f}%)" for t in s["top"])
         lines.append(
-            f"| {s['name']} | {s['rule']} | {s['localizability_bits']:.2f} | {s['answer']['place']} | {tops} |"
+            f"| {s['name']} | {s['rule']} | {s['localizability_bits']:.2f} | "
+            f"{s['answer']['place']} | {tops} |"
         )
     return "\n".join(lines) + "\n"
 

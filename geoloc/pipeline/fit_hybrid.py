@@ -60,8 +60,8 @@ class FitHybridConfig:
     ``answer_items`` validation items (0: skip), each with ``answer_n`` flow draws of ``answer_steps`` steps,
     choose the flow's share in the answer and, with ``answer_labels``, the weight of administrative-label
     agreement in it (:func:`geoloc.hybrid.fit_answer_flow`; the gazetteer labels the points);
-    ``calibration_items`` validation items (0: skip), each with ``calibration_n`` exact draws, give the HDR levels
-    of their truths under the fitted hybrid, from which its regions are recalibrated (a
+    ``calibration_items`` validation items (0: skip), each with ``calibration_n`` exact draws, give the HDR
+    levels of their truths under the fitted hybrid, from which its regions are recalibrated (a
     :class:`~geoloc.calibration.LevelMap`)."""
 
     index_split: str = "train"
@@ -217,8 +217,9 @@ def fit_hybrid(
             "level_map": level_map.to_json(),
         }
         say(
-            f"calibration: raw error {calibration['raw_error']:.3f} on {m} validation items; the 50/90% regions "
-            f"are the raw {level_map.nominal_for(0.5):.2f}/{level_map.nominal_for(0.9):.2f} HDRs "
+            f"calibration: raw error {calibration['raw_error']:.3f} on {m} validation items; "
+            "the 50/90% regions are the raw "
+            f"{level_map.nominal_for(0.5):.2f}/{level_map.nominal_for(0.9):.2f} HDRs "
             f"({time.perf_counter() - t3:.1f} s)"
         )
     say(

@@ -2,7 +2,8 @@
 
 This module is the training loader and its iterator; the row selection lives in
 :mod:`geoloc.pipeline.selection`, the data order (plans, windows) in :mod:`geoloc.pipeline.shuffle`, the
-background thread in :mod:`geoloc.pipeline.prefetch`, evaluation batches in :mod:`geoloc.pipeline.eval_batches`.
+background thread in :mod:`geoloc.pipeline.prefetch`, evaluation batches in
+:mod:`geoloc.pipeline.eval_batches`.
 
 The trainer needs (cond, xyz) pairs fast and in a reproducible order, from stores far larger than memory.
 Each shard listed in a store's manifest is read with its own DuckDB query (``read_parquet([file])`` with the
@@ -17,15 +18,16 @@ Order of the rows within an epoch:
   only partitions [r·S/W, (r+1)·S/W) and yields its B/W rows, so the ranks together yield exactly the batch a
   single process yields with the same S and seed (the partitions, not the processes, define the data order).
 - Per epoch each partition reads its shards in a seeded random order (the reference shuffles shard names,
-  docs/reference-behaviour.md §2.1) and shuffles the resulting stream in windows of ``shuffle_buffer / S`` rows: the Arrow chunks of a
-  window are kept as they are and a seeded index permutation over the window decides the order in which its
-  rows leave, each row copied once, straight into the batch. The windows are cut by row count, so the order
-  does not depend on how DuckDB chunks its output, and each window has its own generator, so the order is a
-  pure function of (seed, epoch, partition) — ``numpy.random.default_rng([seed, epoch, partition, ...])``.
+  docs/reference-behaviour.md §2.1) and shuffles the resulting stream in windows of ``shuffle_buffer / S``
+  rows: the Arrow chunks of a window are kept as they are and a seeded index permutation over the window
+  decides the order in which its rows leave, each row copied once, straight into the batch. The windows are
+  cut by row count, so the order does not depend on how DuckDB chunks its output, and each window has its own
+  generator, so the order is a pure function of (seed, epoch, partition) —
+  ``numpy.random.default_rng([seed, epoch, partition, ...])``.
 - Several stores mix by weight = expected passes per epoch (the reference's combined set lists OSV-5M and
-  iNat21 twice, docs/reference-behaviour.md §2.5: that is weight 2 here). An integer part k reads each shard k times; a fractional part f
-  takes a seeded random ``round(f·rows)`` of the store's rows (spread over its shards by a multivariate
-  hypergeometric draw), different every epoch.
+  iNat21 twice, docs/reference-behaviour.md §2.5: that is weight 2 here). An integer part k reads each shard k
+  times; a fractional part f takes a seeded random ``round(f·rows)`` of the store's rows (spread over its
+  shards by a multivariate hypergeometric draw), different every epoch.
 - An epoch has the same number of steps on every rank, computed from the row counts of all partitions:
   with ``drop_last`` the smallest partition sets it (the rows a bigger partition has left over are skipped
   for this epoch only — balance keeps that small), otherwise the largest does and exhausted partitions
@@ -143,9 +145,9 @@ class FeatureLoader:
         self._sel = select_stores(stores, split, where, expected_dim, expected_backbone)
         if len(self._sel.shards) < partitions:
             raise ConfigError(
-                f"partitions {partitions} exceeds the {len(self._sel.shards)} shard(s) with selected rows; use "
-                f"partitions <= {len(self._sel.shards)} (and a world size that divides it), or write the store "
-                "in more, smaller shards"
+                f"partitions {partitions} exceeds the {len(self._sel.shards)} shard(s) with selected rows; "
+                f"use partitions <= {len(self._sel.shards)} (and a world size that divides it), "
+                "or write the store in more, smaller shards"
             )
         self._groups = assign_partitions(self._sel.shards, partitions)
         self.sub_batch = batch_size // partitions
@@ -314,13 +316,14 @@ class FeatureLoader:
             for key in ("seed", "batch_size", "partitions", "shuffle", "shuffle_buffer", "drop_last"):
                 if state.get(key) != getattr(self, key):
                     raise ConfigError(
-                        f"cannot resume the data order: the saved loader had {key}={state.get(key)!r}, this one "
-                        f"has {getattr(self, key)!r}; use the same setting (or start a new run with --init-from)"
+                        f"cannot resume the data order: the saved loader had {key}={state.get(key)!r}, "
+                        f"this one has {getattr(self, key)!r}; use the same setting "
+                        "(or start a new run with --init-from)"
                     )
             if state.get("fingerprint") != self.fingerprint():
                 raise StoreError(
-                    "cannot resume the data order: the stores, split or where filter differ from the saved run "
-                    "(shards added or changed?); resume on the same data, or fine-tune with --init-from"
+                    "cannot resume the data order: the stores, split or where filter differ from the saved "
+                    "run (shards added or changed?); resume on the same data, or fine-tune with --init-from"
                 )
         with self._lock:
             self._epoch = int(state["epoch"])

@@ -218,9 +218,9 @@ class PartitionReader:
 
     The partition's pieces, read in plan order, form a stream of ``n`` rows. With ``shuffle`` the stream is
     cut into windows of ``window`` rows and each window is permuted by its own seeded generator; output
-    position q is stream row ``w·window + perm_w[q mod window]``, w = q // window, and sub-batch j is positions
-    [j·b, (j+1)·b). Because no state carries from one window to the next, starting at position ``start``
-    (resume) reads only from the window that holds it: earlier pieces are not even opened.
+    position q is stream row ``w·window + perm_w[q mod window]``, w = q // window, and sub-batch j is
+    positions [j·b, (j+1)·b). Because no state carries from one window to the next, starting at position
+    ``start`` (resume) reads only from the window that holds it: earlier pieces are not even opened.
     """
 
     def __init__(
@@ -289,7 +289,8 @@ class PartitionReader:
         return True
 
     def take(self, k: int, out_emb: np.ndarray, out_xyz: np.ndarray) -> int:
-        """Fill ``out_*[:k]`` with the next ``k`` rows; returns how many there were (< k at the stream end)."""
+        """Fill ``out_*[:k]`` with the next ``k`` rows; returns how many there were (< k at the stream
+        end)."""
         filled = 0
         while filled < k:
             if (self._cur is None or not self._cur.left) and not self._load():

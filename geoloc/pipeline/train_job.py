@@ -114,7 +114,8 @@ def run_train(
     )
     if loader.num_rows < config.data.batch_size:
         raise StoreError(
-            f"only {loader.num_rows} training rows for a batch of {config.data.batch_size}; use a smaller --batch-size"
+            f"only {loader.num_rows} training rows for a batch of {config.data.batch_size}; "
+            "use a smaller --batch-size"
         )
     config = replace(config, data=replace(config.data, partitions=partitions))
     val = _validation_pairs(config, [str(s.path) for s in specs], loader.dim, loader.backbone_name)
