@@ -100,6 +100,7 @@ def _variant(built, name: str, flow: str, **params) -> str:
         "answer_tau": 0.0,
         **params,
     }
+    doc["calibration"] = None  # a level map belongs to the parameters it was fitted with
     (out / HYBRID_FILE).write_text(json.dumps(doc))
     return str(out)
 
