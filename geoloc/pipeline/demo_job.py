@@ -93,7 +93,7 @@ def _fit(rfm: Path, store: Path, out: Path, config: DemoConfig, log: Callable[[s
         likelihood=LikelihoodConfig(steps=8),
         answer_n=config.answer_n,
         answer_steps=config.answer_steps,
-        answer_items=min(500, config.val_items),
+        answer_items=config.val_items,
         calibration_items=config.calibration_items,
         calibration_n=config.calibration_n,
     )
