@@ -454,7 +454,7 @@ class DemoConfig:
     answer_steps: int = 16
     calibration_n: int = 32
     calibration_items: int = 150
-    showcase_pool: int = 200
+    showcase_pool: int = 100
     n_extreme: int = 2
 
 

@@ -159,9 +159,9 @@ def _showcase(
     gaz: Any,
 ) -> None:
     """Rule: among the first ``showcase_pool`` test names (store order), the ``n_extreme`` most and least
-    localizable by the hybrid's localizability (64 exact draws each); then the configured famous names."""
+    localizable by the hybrid's localizability (32 exact draws each); then the configured famous names."""
     items = read_items([store], "test", config.eval_where, config.showcase_pool)
-    loc = hybrid.localizability(items.cond, n=64, generator=torch.Generator().manual_seed(0)).numpy()
+    loc = hybrid.localizability(items.cond, n=32, generator=torch.Generator().manual_seed(0)).numpy()
     order = np.argsort(-loc)
     picks = [("most localizable", i) for i in order[: config.n_extreme]]
     picks += [("least localizable", i) for i in order[::-1][: config.n_extreme]]
@@ -181,7 +181,7 @@ def _showcase(
     )
     results = predictor.predict(texts, options)
     cond = torch.from_numpy(np.stack([r.embedding for r in results])).float()
-    lbits = hybrid.localizability(cond, n=64, generator=torch.Generator().manual_seed(0)).numpy()
+    lbits = hybrid.localizability(cond, n=32, generator=torch.Generator().manual_seed(0)).numpy()
     for (text, kind), top, lb in zip(config.names, _top(hybrid, cond, gaz), lbits, strict=True):
         report.showcase.append(
             {"rule": f"named ({kind})", "name": text, "localizability_bits": float(lb), **top}
