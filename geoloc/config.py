@@ -435,7 +435,7 @@ class DemoConfig:
     ``answer_steps``); calibration uses ``calibration_n`` exact draws per item on the first
     ``calibration_items`` test items (its cost is ``calibration_n`` likelihood solves per item). Showcase: the
     ``n_extreme`` most and least localizable of the first ``showcase_pool`` evaluated names (by the hybrid's
-    localizability), then ``names``.
+    localizability), then ``names``; density maps of the hybrid for the first ``max_maps`` names.
     """
 
     out_dir: Path = Path("demo_out")
@@ -445,6 +445,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0,)
     names: tuple[tuple[str, str], ...] = DEMO_NAMES
     maps: bool = True
+    max_maps: int = 3
     progress: bool = True
     val_where: str = "id LIKE '%7'"
     val_items: int = 1000

@@ -193,9 +193,10 @@ def _showcase(
                 predictor,
                 results,
                 config.out_dir / "maps",
-                max_maps=len(results),
+                max_maps=config.max_maps,
                 steps=8,
                 start_resolution=0,
+                max_steps=16,  # a hybrid's sharp kernels, not the ODE, bound its map's mass error
             )
         )
 

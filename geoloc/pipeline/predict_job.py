@@ -560,6 +560,7 @@ def write_maps(
     progress: bool = False,
     chunk: int = MapOptions.chunk,
     density_out: str | Path | None = None,
+    max_steps: int = DensityConfig.max_steps,
 ) -> list[Path]:
     """Density maps (``NNN-<id>.png`` / ``.html``) for the first ``max_maps`` located results.
 
@@ -570,13 +571,14 @@ def write_maps(
     kept, seed the refinement. ``steps``: RK4 steps of the likelihood ODE; ``levels``: H3 refinement levels
     (see :class:`geoloc.config.DensityConfig`). ``trajectories``: overlay the denoising paths of that many
     samples per item (flow families). Items are mapped ``chunk`` at a time in one batched likelihood call.
+    ``max_steps`` caps the likelihood steps a map whose mass is off by more than 1% is redrawn with.
     """
     todo = [(i, r) for i, r in enumerate(results) if r.ok and r.embedding is not None][:max_maps]
     if not todo:
         return []
     geo = predictor.geolocator
     lik = replace(geo.likelihood_config, steps=steps)
-    cfg = DensityConfig(start_resolution=start_resolution, levels=levels, likelihood=lik)
+    cfg = DensityConfig(start_resolution=start_resolution, levels=levels, likelihood=lik, max_steps=max_steps)
     if density_out is not None:
         check_outputs(density_out=density_out)
     if directory is not None:
