@@ -624,9 +624,8 @@ def test_weighted_retrieval_row_outvotes_a_decoy_that_fools_the_nearest_neighbou
     assert row.stat("geoscore")[0] > nn.stat("geoscore")[0] + 3000
 
 
-def test_hdr_calibration_of_a_model_whose_truths_are_drawn_from_it(tmp_path):
-    """Coverage of the α-regions is α (within binomial noise) when the truth is a draw from the model."""
-    dim, n = 8, 1200
+def _vmf_store_with_truths_drawn_from_it(store: Path, dim: int, n: int) -> Geolocator:
+    """An untrained vMF geolocator and a ``test`` store of ``n`` items whose truths are draws from it."""
     geo = Geolocator.build(
         FamilyConfig(name="vmf"),
         ModelConfig(dim=16, depth=1, expansion=2),
@@ -637,10 +636,17 @@ def test_hdr_calibration_of_a_model_whose_truths_are_drawn_from_it(tmp_path):
     cond = torch.randn(n, dim)
     truth = geo.sample(cond, 1, generator=torch.Generator().manual_seed(1))[:, 0]
     ll = xyz_to_latlon(truth.double()).numpy()
-    fs = FeatureStore.create(tmp_path / "s", BackboneInfo("test", "r", dim, {}))
+    fs = FeatureStore.create(store, BackboneInfo("test", "r", dim, {}))
     fs.write_shard(
         build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t"
     )
+    return geo
+
+
+def test_hdr_calibration_of_a_model_whose_truths_are_drawn_from_it(tmp_path):
+    """Coverage of the α-regions is α (within binomial noise) when the truth is a draw from the model."""
+    dim, n = 8, 1200
+    geo = _vmf_store_with_truths_drawn_from_it(tmp_path / "s", dim, n)
     cfg = EvalConfig(seeds=(0,), prdc=False, calibration=True, calibration_n=200)
     report = evaluate_stores({"vmf": geo, "uniform": uniform_geolocator(dim)}, tmp_path / "s", "test", cfg)
     cal = report.row("vmf").calibration
@@ -734,20 +740,7 @@ def test_calibration_on_the_first_items_only(tmp_path):
     """``calibration_items`` limits the costly calibration to the first items of the pass (across batches):
     its levels are those of the full run on the same items, the rest of the per-item file is null."""
     dim, n = 8, 300
-    geo = Geolocator.build(
-        FamilyConfig(name="vmf"),
-        ModelConfig(dim=16, depth=1, expansion=2),
-        dim,
-        config={"family": {"name": "vmf"}, "model": {"dim": 16, "depth": 1, "expansion": 2}, "cond_dim": dim},
-    )
-    torch.manual_seed(0)
-    cond = torch.randn(n, dim)
-    truth = geo.sample(cond, 1, generator=torch.Generator().manual_seed(1))[:, 0]
-    ll = xyz_to_latlon(truth.double()).numpy()
-    fs = FeatureStore.create(tmp_path / "s", BackboneInfo("test", "r", dim, {}))
-    fs.write_shard(
-        build_table([f"t{i}" for i in range(n)], "test", ll[:, 0], ll[:, 1], cond.numpy(), None, ()), "t"
-    )
+    geo = _vmf_store_with_truths_drawn_from_it(tmp_path / "s", dim, n)
     base = EvalConfig(seeds=(0,), prdc=False, calibration=True, calibration_n=50, batch_size=64)
     full = evaluate_stores({"vmf": geo}, tmp_path / "s", "test", base)
     part = evaluate_stores(

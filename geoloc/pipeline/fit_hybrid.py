@@ -38,6 +38,7 @@ from geoloc.hybrid import (
     HybridGeolocator,
     HybridParams,
     Labeller,
+    Neighbours,
     fit_answer_flow,
     fit_hybrid_params,
 )
@@ -200,28 +201,8 @@ def fit_hybrid(
         )
     calibration = None
     if config.calibration_items > 0:
-        t3 = time.perf_counter()
-        m = min(config.calibration_items, len(val.ids))
         model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood)
-        cond = val.cond[:m].to(geo.device)
-        sub = nb.rows(slice(0, m)).head(fit.params.search_k)
-        g = torch.Generator(device=geo.device).manual_seed(1)
-        _, lp = model.sample_with_log_prob(cond, config.calibration_n, g, neighbours=sub)
-        truth_lp = model.log_prob_points(val.xyz[:m].unsqueeze(1).to(geo.device), cond, sub)[:, 0]
-        levels = hdr_levels(lp, truth_lp)
-        level_map = fit_level_map(levels)
-        calibration = {
-            "items": m,
-            "draws": config.calibration_n,
-            "raw_error": calibration_error(levels),
-            "level_map": level_map.to_json(),
-        }
-        say(
-            f"calibration: raw error {calibration['raw_error']:.3f} on {m} validation items; "
-            "the 50/90% regions are the raw "
-            f"{level_map.nominal_for(0.5):.2f}/{level_map.nominal_for(0.9):.2f} HDRs "
-            f"({time.perf_counter() - t3:.1f} s)"
-        )
+        calibration = _fit_level_map(model, val, nb, config, say)
     say(
         f"hybrid: {fit.params} NLL {fit.nll:.3f} nats (flow alone {fit.flow_nll:.3f}); "
         f"retrieval k={retrieval['k']} tau={retrieval['tau']} GeoScore {retrieval['geoscore']:.0f}"
@@ -250,6 +231,40 @@ def fit_hybrid(
     atomic_write_text(out / HYBRID_FILE, json.dumps(doc, indent=2) + "\n")
     say(f"wrote {out / HYBRID_FILE}")
     return doc
+
+
+def _fit_level_map(
+    model: HybridGeolocator,
+    val: ValidationItems,
+    nb: Neighbours,
+    config: FitHybridConfig,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """HDR levels of the first ``config.calibration_items`` validation truths under the fitted hybrid (from
+    ``calibration_n`` exact draws each, own rows excluded from the neighbours ``nb``) → the level map that
+    recalibrates its regions, as recorded in ``hybrid.json``."""
+    t0 = time.perf_counter()
+    m = min(config.calibration_items, len(val.ids))
+    cond = val.cond[:m].to(model.device)
+    sub = nb.rows(slice(0, m)).head(model.params.search_k)
+    g = torch.Generator(device=model.device).manual_seed(1)
+    _, lp = model.sample_with_log_prob(cond, config.calibration_n, g, neighbours=sub)
+    truth_lp = model.log_prob_points(val.xyz[:m].unsqueeze(1).to(model.device), cond, sub)[:, 0]
+    levels = hdr_levels(lp, truth_lp)
+    level_map = fit_level_map(levels)
+    raw_error = calibration_error(levels)
+    say(
+        f"calibration: raw error {raw_error:.3f} on {m} validation items; "
+        "the 50/90% regions are the raw "
+        f"{level_map.nominal_for(0.5):.2f}/{level_map.nominal_for(0.9):.2f} HDRs "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    return {
+        "items": m,
+        "draws": config.calibration_n,
+        "raw_error": raw_error,
+        "level_map": level_map.to_json(),
+    }
 
 
 def load_hybrid(directory: str | Path, device: str = "cpu", *, verify_store: bool = True) -> HybridGeolocator:
