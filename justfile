@@ -33,7 +33,9 @@ _install EXTRAS:
     [ -x "{{py}}" ] || python3 -m venv {{venv}}
     # No torch pin: pip resolves the torch/torchvision pair from the local wheel store.
     extras=""; [ "$name" = run ] || extras="[$name]"
-    {{py}} -m pip install -q -e ".$extras"
+    # --no-compile: pip would byte-compile every module of torch & co. (minutes on 2 cores); Python compiles
+    # only what it imports, on first use.
+    {{py}} -m pip install -q --no-compile -e ".$extras"
     {{py}} -c "import torchvision, open_clip, geoloc; print('geoloc', geoloc.__version__, 'ready')"
     rm -f {{venv}}/.geoloc-setup-"$name"-*; touch "{{venv}}/.geoloc-setup-$name-$hash"
 

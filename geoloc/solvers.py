@@ -45,17 +45,25 @@ def guided(
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Network output under classifier-free guidance: ``(1+ω)·ψ(x, s, c) − ω·ψ(x, s, ∅)``, ∅ = zeros.
 
-    Returns a function of ``(x (M, 3), s (M,))``; with ω = 0 it is a plain conditional call.
+    Returns a function of ``(x (M, 3), s (M,))``; with ω = 0 it is a plain conditional call. Networks with
+    the inference fast path (:meth:`geoloc.network.GeoAdaLNMLP.prepare`) do the condition work once per call
+    of this function: without autograd (sampling) in one fused pass, with autograd (the likelihood's
+    divergence, gradients in x only) when no parameter requires a gradient; a network being trained gets the
+    plain forward pass, so its parameter gradients stay exact.
     """
     null = torch.zeros_like(cond)
     fast = getattr(net, "forward_guided", None)  # speed hook (issue 12): GeoAdaLNMLP's one-pass guided field
     cache: list = []
 
     def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        if fast is not None and not torch.is_grad_enabled():  # sampling; the likelihood needs autograd
-            if not cache:
-                cache.append(net.prepare(cond))
-            return fast(x, s, cond, omega, cache[0])
+        if fast is not None:
+            grad = torch.is_grad_enabled()
+            if not grad or not any(p.requires_grad for p in net.parameters()):
+                if not cache:
+                    cache.append(net.prepare(cond))
+                if grad:
+                    return net.forward_cached(x, s, omega, cache[0])
+                return fast(x, s, cond, omega, cache[0])
         if omega == 0:
             return net(x, s, cond)
         out = net(torch.cat([x, x]), torch.cat([s, s]), torch.cat([cond, null]))

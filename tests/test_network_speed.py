@@ -129,3 +129,52 @@ def test_bf16_autocast_keeps_kilometre_input_resolution():
     step_want, step_got = (want[1:] - want[:-1]).flatten(), (got[1:] - got[:-1]).flatten()
     big = step_want.abs() > step_want.abs().median()
     assert (torch.sign(step_want[big]) == torch.sign(step_got[big])).float().mean() > 0.5
+
+
+def test_repeated_conditions_share_their_modulations_with_the_same_numbers():
+    """Many points per condition (a sampler's n draws, a map's cells): the cache holds each distinct
+    condition once, and the guided field and its x-gradient are those of the plain forward pass."""
+    net = _net()
+    items = torch.randn(4, 32)
+    cond = items.repeat_interleave(torch.tensor([5, 1, 7, 3]), dim=0)  # uneven groups, like map cells
+    cond = cond[torch.randperm(cond.shape[0], generator=torch.Generator().manual_seed(1))]
+    x = torch.nn.functional.normalize(torch.randn(cond.shape[0], 3), dim=-1)
+    cache = net.prepare(cond)
+    assert cache.cond_proj.shape[0] == 4 and cache.inverse is not None
+    for s in (torch.full((cond.shape[0],), 0.37), torch.rand(cond.shape[0])):
+        for omega in (0.0, 2.0):
+            with torch.no_grad():
+                want = _two_pass(net, x, s, cond, omega) if omega else net(x, s, cond)
+                got = net.forward_guided(x, s, cond, omega, cache)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            xg = x.clone().requires_grad_(True)
+            plain = _two_pass(net, xg, s, cond, omega) if omega else net(xg, s, cond)
+            (g_want,) = torch.autograd.grad((plain * torch.arange(3.0)).sum(), xg)
+            xg2 = x.clone().requires_grad_(True)
+            cached = net.forward_cached(xg2, s, omega, cache)
+            (g_got,) = torch.autograd.grad((cached * torch.arange(3.0)).sum(), xg2)
+            torch.testing.assert_close(cached.detach(), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
+            assert g_want.abs().max() > 1e-3
+
+
+def test_guided_takes_the_cached_autograd_path_only_for_frozen_networks():
+    """A frozen network (a loaded geolocator) gets the cached path under autograd; a network being trained
+    keeps the plain pass, so gradients reach its parameters."""
+    net = _net()
+    x = torch.nn.functional.normalize(torch.randn(6, 3), dim=-1).requires_grad_(True)
+    s, cond = torch.full((6,), 0.5), torch.randn(2, 32).repeat_interleave(3, dim=0)
+    out = guided(net, cond, 0.0)(x, s)
+    out.sum().backward()
+    assert net.blocks[0].ada_map[1].weight.grad is not None  # trained: the plain pass
+    net.requires_grad_(False)
+    calls = []
+    real = net.forward_cached
+    net.forward_cached = lambda *a: calls.append(1) or real(*a)
+    field = guided(net, cond, 0.0)
+    frozen = field(x, s)
+    assert calls == [1]
+    with torch.no_grad():
+        torch.testing.assert_close(frozen.detach(), net(x, s, cond), rtol=1e-5, atol=1e-5)
+    (gx,) = torch.autograd.grad(frozen.sum(), x)
+    assert torch.isfinite(gx).all() and gx.abs().max() > 0
