@@ -732,7 +732,7 @@ class DistillConfig:
     omega: float = 2.0
     steps: int = 2000
     batch_size: int = 512
-    lr: float = 1e-4
+    lr: float = 5e-4
     warmup_steps: int = 50
     grad_clip: float = 1.0
     trajectory_fraction: float = 0.5
