@@ -20,7 +20,7 @@ What is distilled, and where (:func:`distillation_points`):
   level the schedule uses, near where the student's own trajectories (which drift slightly from the
   teacher's) pass, and where the teacher's field is accurate because it was trained there. Measured on the
   4-class test task (tests/test_distill.py, 200 steps): guided draws from the same noise landed a median
-  53 / 51 / 52 km (90th percentile 161 / 157 / 147 km) from the teacher's at 8 / 16 / 32 NFE with the mix,
+  55 / 51 / 52 km (90th percentile 161 / 157 / 147 km) from the teacher's at 8 / 16 / 32 NFE with the mix,
   62 / 53 / 51 km (174 / 176 / 172 km) with interpolants alone: a small gain, largest at few steps.
 - **Conditions from the training embeddings**, never the null token: at c = ∅ the guided field is the
   unguided one, which the teacher keeps providing.
