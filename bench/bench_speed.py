@@ -12,6 +12,15 @@ per network size (512 × 12 paper, 256 × 6 small) and NFE (16, 32): points/s of
   through ``solvers.guided`` → ``GeoAdaLNMLP.forward_guided`` (condition work once per call, null-branch
   modulation once per step, one stacked modulation GEMM).
 - ``ours_int8``: the same with the block MLPs int8 (``network.quantize_dynamic_int8``).
+- ``ours_distilled``: a guidance-distilled network (``geoloc.distill.GuidanceDistilled``) at the same ω: ONE
+  student pass per step. The student has the teacher's architecture, so its speed does not depend on its
+  weights: these rows use the benchmark weights as the student (their points are not compared with the
+  reference's; the quality of real distillation is the ``distilled_quality`` section).
+  ``ours_distilled_int8``: the student's block MLPs int8 as well.
+- ``distilled_quality`` (section ``distill``): on bench_nfe's known 3-mode vMF task, a model trained there
+  and distilled (``geoloc.distill.distill``), the GeoScore of one guided draw (ω = 2) per answer from the
+  teacher's two-branch sampler, the student (and its int8 copy) at equal NFE from the same noise, with
+  paired differences, answers/s and the median distance between teacher and student answers.
 
 Every variant starts from the same noise, so ``max_angle_vs_reference_rad`` says whether the points agree
 (fp32 rounding only for ``ours``). Runs are interleaved and repeated; figures are medians. One condition per
@@ -37,7 +46,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geoloc.config import FamilyConfig, SampleConfig
+from geoloc.config import DistillConfig, FamilyConfig, SampleConfig
+from geoloc.distill import GuidanceDistilled, distill
 from geoloc.families import make_family
 from geoloc.network import GeoAdaLNMLP, NetworkConfig, quantize_dynamic_int8
 from geoloc.sphere import angle
@@ -117,7 +127,7 @@ def reference_sample(net, x, cond, steps: int, omega: float, ref_api: bool) -> t
 
 
 def _runs(family, ref, ref_api: bool, ours, int8, cond: torch.Tensor, cfg: SampleConfig) -> dict:
-    """The three samplers as thunks, each from the same initial noise (generator seed 2)."""
+    """The samplers as thunks, each from the same initial noise (generator seed 2)."""
     n = cond.shape[0]
 
     def reference():
@@ -127,7 +137,15 @@ def _runs(family, ref, ref_api: bool, ours, int8, cond: torch.Tensor, cfg: Sampl
     def ours_run(net):
         return family.sample(net, cond, 1, cfg, generator=torch.Generator().manual_seed(2))[:, 0]
 
-    return {"reference": reference, "ours": lambda: ours_run(ours), "ours_int8": lambda: ours_run(int8)}
+    distilled = GuidanceDistilled(ours, ours, cfg.omega)  # speed only: the student's cost is its architecture
+    distilled_int8 = GuidanceDistilled(ours, int8, cfg.omega)
+    return {
+        "reference": reference,
+        "ours": lambda: ours_run(ours),
+        "ours_int8": lambda: ours_run(int8),
+        "ours_distilled": lambda: ours_run(distilled),
+        "ours_distilled_int8": lambda: ours_run(distilled_int8),
+    }
 
 
 def bench_sampling(sizes, nfes, batch: int, repeats: int, omega: float) -> dict:
@@ -149,10 +167,10 @@ def bench_sampling(sizes, nfes, batch: int, repeats: int, omega: float) -> dict:
         gen = torch.Generator().manual_seed(1)
         cond = torch.randn(batch, 1024, generator=gen)
         for nfe in nfes:
-            times: dict[str, list[float]] = {"reference": [], "ours": [], "ours_int8": []}
             points: dict[str, torch.Tensor] = {}
             cfg = SampleConfig(steps=nfe, omega=omega, method="euler", retraction="project")
             runs = _runs(family, ref, ref_cls is not None, ours, int8, cond, cfg)
+            times: dict[str, list[float]] = {k: [] for k in runs}
             for _ in range(repeats):
                 for name, fn in runs.items():
                     t0 = time.perf_counter()
@@ -163,8 +181,9 @@ def bench_sampling(sizes, nfes, batch: int, repeats: int, omega: float) -> dict:
             rec = {"dim": dim, "depth": depth, "nfe": nfe}
             for k in times:
                 rec[f"{k}_points_per_s"] = round(batch / med[k], 2)
-            rec["speedup_ours"] = round(med["reference"] / med["ours"], 3)
-            rec["speedup_ours_int8"] = round(med["reference"] / med["ours_int8"], 3)
+            for k in times:
+                if k != "reference":
+                    rec[f"speedup_{k}"] = round(med["reference"] / med[k], 3)
             for k in ("ours", "ours_int8"):
                 ang = angle(points[k].double(), points["reference"].double())
                 rec[f"{k}_max_angle_vs_reference_rad"] = float(ang.max())
@@ -446,6 +465,103 @@ def bench_likelihood(dim: int, depth: int, points: int, repeats: int) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------- distilled quality
+def bench_distilled_quality(
+    quick: bool, omega: float, nfes: tuple[int, ...], distill_steps: int | None
+) -> dict:
+    """Teacher (two branches) vs its guidance-distilled student (one pass) on bench_nfe's known task.
+
+    The teacher is ``bench_nfe.train_model`` (its sizes; ``--quick``: bench_nfe's QUICK); it is distilled on
+    the same training conditions and draws. One guided draw per answer, ``answers_per_condition`` answers
+    per held-out condition, every sampler from the same noise; scores as bench_nfe (expected GeoScore
+    against exact truth draws) with paired differences vs the teacher at the same NFE.
+    """
+    import tempfile
+
+    import bench_nfe  # the known-density task and its scoring (imports this module: kept lazy)
+
+    from geoloc.batches import InMemoryBatches
+
+    sz = bench_nfe.QUICK if quick else bench_nfe.Sizes()
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        geo, info = bench_nfe.train_model(sz, Path(tmp) / "teacher")
+    task = bench_nfe.KnownMixtures.draw(sz.train_conditions, seed=1)  # the teacher's training data
+    k = sz.draws_per_train_condition
+    xyz = task.sample(k, seed=2).reshape(-1, 3).float()
+    cond = task.cond.repeat_interleave(k, dim=0)
+    cfg = DistillConfig(
+        omega=omega,
+        steps=distill_steps or (400 if quick else 2000),
+        batch_size=256,
+        val_points=1024,
+    )  # the other settings are DistillConfig's defaults (what `geoloc distill` uses)
+    val_task = bench_nfe.KnownMixtures.draw(1024, seed=3)
+    val = (val_task.cond, val_task.sample(1, seed=4)[:, 0].float())
+    bench_nfe.log(f"distill: {cfg.steps} steps of {cfg.batch_size} points at ω={omega:g}")
+    t0 = time.perf_counter()
+    res = distill(geo.net, geo.family, InMemoryBatches(cond, xyz, cfg.batch_size, seed=1), cfg, val=val)
+    distill_s = time.perf_counter() - t0
+    nets = {
+        "teacher": geo.net,
+        "distilled": GuidanceDistilled(geo.net, res.student, omega),
+        "distilled_int8": GuidanceDistilled(geo.net, quantize_dynamic_int8(res.student), omega),
+    }
+    ev = bench_nfe.KnownMixtures.draw(sz.eval_conditions, seed=7)
+    truth = ev.sample(sz.truth_draws, seed=8)
+    a = sz.answers_per_condition
+    rows = []
+    for nfe in nfes:
+        scfg = SampleConfig(steps=nfe, omega=omega, method="euler")
+
+        def runner(net, scfg=scfg):
+            def fn(rows: slice, seed: int) -> torch.Tensor:
+                gen = torch.Generator().manual_seed(seed)
+                with torch.no_grad():
+                    return geo.family.sample(net, ev.cond[rows], a, scfg, gen)
+
+            return fn
+
+        answers, seconds = bench_nfe.run_interleaved(
+            {k: runner(v) for k, v in nets.items()}, ev.cond.shape[0], sz.chunk, seed=1000
+        )
+        base = bench_nfe.scores(answers["teacher"], truth)
+        n_ans = ev.cond.shape[0] * a
+        for name in nets:
+            s = bench_nfe.scores(answers[name], truth)
+            rec = {
+                "sampler": name,
+                "nfe": nfe,
+                "geoscore": bench_nfe.r(float(s.mean()), 5),
+                "geoscore_se": bench_nfe.r(float(s.std() / math.sqrt(len(s))), 3),
+                "answers_per_s": bench_nfe.r(n_ans / seconds[name], 4),
+                "speedup_vs_teacher": bench_nfe.r(seconds["teacher"] / seconds[name], 4),
+            }
+            if name != "teacher":
+                rec.update({f"{k}_vs_teacher": v for k, v in bench_nfe.paired(s, base).items()})
+                km = angle(answers[name].double(), answers["teacher"].double()) * 6371.0
+                rec["median_km_to_teacher_answer"] = bench_nfe.r(float(km.median()), 3)
+                rec["p90_km_to_teacher_answer"] = bench_nfe.r(float(km.quantile(0.9)), 3)
+            rows.append(rec)
+            print(json.dumps(rec), file=sys.stderr)
+    return {
+        "task": "bench_nfe.KnownMixtures (3 vMF modes per condition, κ 8-4096)",
+        "teacher": info,
+        "distill": {
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "sampler_steps": list(cfg.sampler_steps),
+            "trajectory_fraction": cfg.trajectory_fraction,
+            "seconds": round(distill_s, 1),
+            "field_error_before": bench_nfe.r(res.field_error_before, 4),
+            "field_error_after": bench_nfe.r(res.field_error_after, 4),
+        },
+        "eval_conditions": ev.cond.shape[0],
+        "answers_per_condition": a,
+        "rows": rows,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -453,7 +569,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--omega", type=float, default=2.0)
-    ap.add_argument("--sections", default="sampling,train", help="comma list: sampling, train, likelihood")
+    ap.add_argument(
+        "--sections", default="sampling,train", help="comma list: sampling, train, likelihood, distill"
+    )
+    ap.add_argument("--distill-steps", type=int, default=None, help="distillation steps (400 quick, 2000)")
     ap.add_argument(
         "--train-sizes", default="small,paper", help="small = 256 × 6 batch 256, paper = 512 × 12 batch 1024"
     )
@@ -475,6 +594,10 @@ def main() -> None:
         record["training"] = bench_training(sizes, steps, repeats if not args.quick else 1, 4096)
     if "likelihood" in sections:
         record["likelihood"] = bench_likelihood(256, 6, 16 if args.quick else 64, 1 if args.quick else 2)
+    if "distill" in sections:
+        record["distilled_quality"] = bench_distilled_quality(
+            args.quick, args.omega, nfes, args.distill_steps
+        )
     record["machine"]["loadavg_end"] = list(os.getloadavg())
     print(json.dumps(record, indent=1))
 

@@ -3,6 +3,8 @@
 A checkpoint directory holds:
 - ``model.safetensors``: the weights evaluation uses (the EMA weights after training);
 - ``model_raw.safetensors``: the raw (non-averaged) weights, when they differ;
+- ``student.safetensors``: a guidance-distilled checkpoint's one-pass student (``geoloc.distill``; its
+  config.json says ``"distilled": {"omega": ...}``), next to the teacher's own ``model.safetensors``;
 - ``config.json``: everything needed to rebuild the model and say where it came from: family, schedule,
   architecture, condition width, backbone and feature-store identity, the training command and data
   provenance;
@@ -28,6 +30,7 @@ from geoloc.files import atomic_write
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "STUDENT_WEIGHTS",
     "load_into",
     "load_state",
     "load_weights",
@@ -37,6 +40,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "geoloc-checkpoint"
+STUDENT_WEIGHTS = "student.safetensors"
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -48,8 +52,11 @@ def save_checkpoint(
     weights: dict[str, torch.Tensor],
     config: dict[str, Any],
     raw_weights: dict[str, torch.Tensor] | None = None,
+    student_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write weights and config atomically (config last, so a readable config means complete weights)."""
+    """Write weights and config atomically (config last, so a readable config means complete weights).
+
+    ``student_weights``: a guidance-distilled student, written to ``student.safetensors``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": CHECKPOINT_FORMAT}
@@ -58,6 +65,11 @@ def save_checkpoint(
         atomic_write(
             directory / "model_raw.safetensors",
             lambda p: save_file(_contiguous(raw_weights), p, metadata=meta),
+        )
+    if student_weights is not None:
+        atomic_write(
+            directory / STUDENT_WEIGHTS,
+            lambda p: save_file(_contiguous(student_weights), p, metadata=meta),
         )
     body = json.dumps({"format": CHECKPOINT_FORMAT, "version": 1, **config}, indent=2, default=str)
     atomic_write(directory / "config.json", lambda p: Path(p).write_text(body))
@@ -81,8 +93,9 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_weights(directory: str | Path, raw: bool = False) -> dict[str, torch.Tensor]:
-    name = "model_raw.safetensors" if raw else "model.safetensors"
+def load_weights(directory: str | Path, raw: bool = False, student: bool = False) -> dict[str, torch.Tensor]:
+    """The EMA weights, the raw ones (``raw``) or a distilled checkpoint's student (``student``)."""
+    name = STUDENT_WEIGHTS if student else "model_raw.safetensors" if raw else "model.safetensors"
     path = Path(directory) / name
     if not path.is_file():
         raise CheckpointError(f"{directory}: missing {name}")

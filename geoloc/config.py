@@ -714,3 +714,48 @@ __all__ += [
     "RetrievalIndex",
     "TableLayout",
 ]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How to distil a guided ODE checkpoint into a one-pass student (``geoloc distill``, ``geoloc.distill``).
+
+    ``omega``: the guidance the student reproduces (2: the paper's one guided draw). ``steps`` optimiser
+    steps of ``batch_size`` (x, s, c) points at learning rate ``lr`` (linear warm-up over ``warmup_steps``,
+    cosine to 0; AdamW without weight decay: the student starts at the teacher's weights and should stay
+    near them). ``trajectory_fraction`` of each batch comes from the teacher's own guided trajectories with
+    ``sampler_steps`` Euler steps (cycled), the rest from the training path's interpolants.
+    ``val_points``: held-out points for the field error recorded before and after. ``seed``: noise,
+    interpolation levels and trajectories. ``device``: where it runs (``auto``: CUDA when available).
+    """
+
+    omega: float = 2.0
+    steps: int = 2000
+    batch_size: int = 512
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    trajectory_fraction: float = 0.5
+    sampler_steps: tuple[int, ...] = (8, 16, 32)
+    val_points: int = 2048
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_points"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not self.omega > 0:
+            raise ConfigError(f"omega must be > 0 (ω = 0 is one pass already), got {self.omega}")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ConfigError(
+                f"need lr > 0, warmup_steps ≥ 0, grad_clip ≥ 0; got {self.lr}, {self.warmup_steps}, "
+                f"{self.grad_clip}"
+            )
+        if not 0.0 <= self.trajectory_fraction <= 1.0:
+            raise ConfigError(f"trajectory_fraction must be in [0, 1], got {self.trajectory_fraction}")
+        if not self.sampler_steps or min(self.sampler_steps) < 1:
+            raise ConfigError(f"sampler_steps must be ≥ 1 each, got {list(self.sampler_steps)}")
+
+
+__all__ += ["DistillConfig"]

@@ -16,6 +16,7 @@ Point estimates (``estimator=``), each optimal for a different metric:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from torch import nn
 
 from geoloc.checkpoint import load_into, load_weights, read_config, save_checkpoint
 from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig, SampleConfig, apply_overrides
+from geoloc.distill import GuidanceDistilled
 from geoloc.errors import CheckpointError, ConfigError
 from geoloc.families import Family, OdeFamily, check_cond, check_xyz, make_family
 from geoloc.sphere import angle, xyz_to_latlon
@@ -77,6 +79,17 @@ def _within_reach(mode: torch.Tensor, point: torch.Tensor, samples: torch.Tensor
     return torch.where((mode >= 0) & inside, mode, torch.full_like(mode, -1))
 
 
+def _with_student(teacher: nn.Module, directory: str | Path, distilled: Any, arch: str) -> GuidanceDistilled:
+    """The teacher with the student of ``directory/student.safetensors`` (same architecture)."""
+    try:
+        omega = float(distilled["omega"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory}/config.json: 'distilled' needs a numeric 'omega' ({e})") from e
+    student = copy.deepcopy(teacher)
+    load_into(student, load_weights(directory, student=True), f"{directory} (student)", arch)
+    return GuidanceDistilled(teacher, student.eval(), omega)
+
+
 class Geolocator:
     """A conditional distribution on S² given an embedding."""
 
@@ -108,7 +121,11 @@ class Geolocator:
     def from_pretrained(
         cls, directory: str | Path, device: str | torch.device = "cpu", raw: bool = False
     ) -> Geolocator:
-        """Load a checkpoint directory (EMA weights unless ``raw``)."""
+        """Load a checkpoint directory (EMA weights unless ``raw``).
+
+        A guidance-distilled checkpoint (config.json ``"distilled"``) loads as a
+        :class:`~geoloc.distill.GuidanceDistilled`: the teacher plus its one-pass student for that ω.
+        """
         cfg = read_config(directory)
         try:
             family_cfg = apply_overrides(FamilyConfig(), cfg["family"])
@@ -126,12 +143,17 @@ class Geolocator:
         if geo.family.trainable:
             arch = ", ".join(f"{k}={v}" for k, v in cfg["model"].items()) + f", cond_dim={cond_dim}"
             load_into(geo.net, load_weights(directory, raw=raw), str(directory), arch)
+            if cfg.get("distilled"):
+                geo.net = _with_student(geo.net, directory, cfg["distilled"], arch)
         geo.net.to(device)
         return geo
 
     def save_pretrained(self, directory: str | Path) -> Path:
         cfg = dict(self.config)
         cfg.setdefault("cond_dim", self.cond_dim)
+        if isinstance(self.net, GuidanceDistilled):
+            student = self.net.student.state_dict()
+            return save_checkpoint(directory, self.net.teacher.state_dict(), cfg, student_weights=student)
         return save_checkpoint(directory, self.net.state_dict(), cfg)
 
     @property

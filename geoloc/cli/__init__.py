@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 
 from geoloc import __version__
-from geoloc.cli import convert, demo, embed, evaluate, gazetteer, predict, store, train
+from geoloc.cli import convert, demo, distill, embed, evaluate, gazetteer, predict, store, train
 
 __all__ = ["app", "keep_blocks", "main"]
 
@@ -73,7 +73,7 @@ def _keep_blocks_everywhere(typer_app: typer.Typer) -> None:
         _keep_blocks_everywhere(group.typer_instance)
 
 
-for _module in (embed, store, train, evaluate, predict, gazetteer, convert, demo):
+for _module in (embed, store, train, distill, evaluate, predict, gazetteer, convert, demo):
     _module.register(app)
 _keep_blocks_everywhere(app)
 
