@@ -120,6 +120,15 @@ class GuidanceDistilled(nn.Module):
             cache.teacher = self.teacher.prepare(cond)
         return self.teacher.forward_guided(x, s, cond, omega, cache.teacher)
 
+    def forward_cached(
+        self, x: torch.Tensor, s: torch.Tensor, omega: float, cache: DistilledCache
+    ) -> torch.Tensor:
+        """The likelihood's path (differentiable in ``x``, :func:`geoloc.solvers.guided`): always the
+        teacher's field, at every ω, so log-densities are the teacher's exactly."""
+        if cache.teacher is None:
+            cache.teacher = self.teacher.prepare(cache.cond)
+        return self.teacher.forward_cached(x, s, omega, cache.teacher)
+
 
 @dataclass
 class DistillResult:
