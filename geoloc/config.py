@@ -432,10 +432,10 @@ class DemoConfig:
     (``val_items`` of them); the table evaluates the held-out test split (``eval_where`` narrows it) with
     ``seeds``; every sampler runs ``eval_steps`` steps (the paper-protocol row: one guided draw; the
     sample-based answers: ``answer_n`` draws; the hybrid's answer fit: ``answer_n`` draws of
-    ``answer_steps``); calibration uses ``calibration_n`` exact draws per item on the first
+    ``answer_steps``); calibration uses ``calibration_n`` exact draws per item on about
     ``calibration_items`` test items (its cost is ``calibration_n`` likelihood solves per item). Showcase: the
-    ``n_extreme`` most and least localizable of the first ``showcase_pool`` evaluated names (by the hybrid's
-    localizability), then ``names``; density maps of the hybrid for the first ``max_maps`` names.
+    ``n_extreme`` most and least localizable of ``showcase_pool`` test names sampled by id hash (by the
+    hybrid's localizability), then ``names``; density maps of the hybrid for the first ``max_maps`` names.
     """
 
     out_dir: Path = Path("demo_out")
@@ -606,7 +606,8 @@ class EvalConfig:
     ``model[estimator]``); empty: ``estimator`` alone. ``calibration``: per row, the HDR level of each truth
     from ``calibration_n`` exact samples and their exact log-densities, reported as the coverage of the 50 /
     90 / 95 % regions and a calibration error (off by default: it costs ``calibration_n`` likelihoods per
-    item; ``calibration_items`` > 0 limits it to the first that many items of the pass, 0: every item).
+    item; ``calibration_items`` > 0 limits it to about that many items, a uniform sample by id hash when the
+    number of items is known, else the first that many of the pass; 0: every item).
     ``retrieval_k`` / ``retrieval_tau``: the ``retrieval-weighted`` row's neighbours and temperature
     (None: from a hybrid checkpoint's validation fit in the same run, else chosen by GeoScore on
     ``retrieval_val_items`` leave-one-out items of the retrieval split — never the evaluated split).

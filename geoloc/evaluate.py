@@ -35,6 +35,7 @@ from geoloc.predictors import GeolocatorPredictor, Predictor
 from geoloc.progress import progress_bar
 from geoloc.report import EvalData, Report, RowPredictions, RowResult
 from geoloc.sphere import latlon_to_xyz
+from geoloc.subsample import in_hash_sample
 
 __all__ = [
     "Batch",
@@ -119,8 +120,11 @@ class _RowState:
         self.has_lp = config.nll
         self.has_loc = config.localizability
         self.has_cal = config.calibration and hasattr(predictor, "sample_log_prob")
-        # Calibration costs calibration_n likelihoods per item: optionally only the first items of the pass.
+        # Calibration costs calibration_n likelihoods per item: optionally only about calibration_items of
+        # them — a uniform sample by id hash when the pass's size is known (evaluate's ``total``; store order
+        # is often sorted, so the first items would be a biased slice), else the first items of the pass.
         self.cal_left = config.calibration_items or None
+        self.cal_fraction: float | None = None
         # Rows of one model with different estimators share its density: the first computes the NLL and
         # calibration of each batch (``last_lp`` / ``last_hdr``), the others (``leader`` set) copy them.
         self.leader: _RowState | None = None
@@ -128,7 +132,14 @@ class _RowState:
         self.last_hdr: np.ndarray | None = None
         self.elapsed = 0.0
 
-    def consume(self, cond: torch.Tensor, xyz: torch.Tensor) -> None:
+    def _calibrated_rows(self, ids: np.ndarray, n: int) -> np.ndarray:
+        """Positions in this batch whose calibration is computed (see ``cal_fraction`` / ``cal_left``)."""
+        if self.cal_fraction is not None:
+            return np.flatnonzero(in_hash_sample(ids, self.cal_fraction))
+        m = n if self.cal_left is None else min(self.cal_left, n)
+        return np.arange(m)
+
+    def consume(self, cond: torch.Tensor, xyz: torch.Tensor, ids: np.ndarray) -> None:
         t0 = time.perf_counter()
         for k, g in enumerate(self.generators):
             p = np.asarray(self.predictor.predict(cond, g), dtype=np.float64)
@@ -150,19 +161,24 @@ class _RowState:
                 self.has_lp = self.has_cal = False
             elif self.has_lp:
                 self.log_prob.append(np.asarray(lp, dtype=np.float64).reshape(-1))
-        m = cond.shape[0] if self.cal_left is None else min(self.cal_left, cond.shape[0])
-        if self.has_cal and m > 0:
-            slp = self.predictor.sample_log_prob(cond[:m], self.cal_generator)
+        rows = self._calibrated_rows(ids, cond.shape[0]) if self.has_cal else np.arange(0)
+        if self.has_cal and len(rows) > 0:
+            pick = torch.from_numpy(rows).to(cond.device)
+            slp = self.predictor.sample_log_prob(cond[pick], self.cal_generator)
             if slp is None:
                 self.has_cal = False
             else:
-                levels = hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)[:m])
+                levels = hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)[rows])
                 if hasattr(self.predictor, "calibrate_levels"):  # regions recalibrated on validation
                     levels = self.predictor.calibrate_levels(levels)
-                self.hdr.append(levels)
-                self.last_hdr = levels
                 if self.cal_left is not None:
-                    self.cal_left -= m
+                    self.cal_left -= len(rows)
+        if self.has_cal:  # one level per item of the batch: NaN where not calibrated
+            full = np.full(cond.shape[0], np.nan)
+            if len(rows) > 0:
+                full[rows] = levels
+            self.hdr.append(full)
+            self.last_hdr = full
         if self.has_loc:
             loc = self.predictor.localizability(cond, self.loc_generator)
             if loc is None:
@@ -242,6 +258,9 @@ def evaluate(
     levels = dict(levels or {})
     label_cols = sorted({c for c in levels.values() if c})
     states = [_RowState(name, pred, config) for name, pred in rows.items()]
+    if config.calibration_items and total:  # a uniform sample of about calibration_items by id hash
+        for st in states:
+            st.cal_fraction = min(1.0, config.calibration_items / total)
     leaders: dict[Any, _RowState] = {}
     for st in states:
         key = getattr(st.predictor, "density_key", None)
@@ -265,7 +284,7 @@ def evaluate(
             xyz = latlon_to_xyz(torch.from_numpy(batch.latlon)).to(device=device, dtype=torch.float32)
             for st in states:
                 bar.set_postfix_str(st.name, refresh=True)  # which row is working, while a batch is long
-                st.consume(cond, xyz)
+                st.consume(cond, xyz, np.asarray(batch.ids, dtype=object))
             bar.update(len(batch))
     data = EvalData(
         ids=np.concatenate(ids) if ids else np.empty(0, dtype=object),
@@ -323,6 +342,8 @@ def _prdc_metrics(
 def calibration_stats(levels: np.ndarray) -> dict[str, Any]:
     """Coverage of the 50 / 90 / 95 % highest-density regions and the calibration error (mean |coverage(α) −
     α| over α = 0.05 … 0.95) from each truth's HDR level; a calibrated model covers α of the truths."""
+    levels = np.asarray(levels, dtype=np.float64)
+    levels = levels[np.isfinite(levels)]  # items outside the calibration sample are NaN
     cov = coverage(levels, DEFAULT_LEVELS)
     return {
         "coverage": {f"{a:g}": v for a, v in cov.items()},

@@ -259,6 +259,11 @@ def _cell(row: RowResult, key: str, scale: float, digits: int) -> str:
     return _fmt(mean, std, len(row.metrics.get(key, [])), scale, digits)
 
 
+def _calibrated(report: Report) -> int:
+    """How many items the calibration covered (the most over rows: every calibrated row samples the same)."""
+    return max((r.calibration or {}).get("n", 0) for r in report.rows)
+
+
 def _markdown(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in body]
@@ -349,7 +354,7 @@ def format_tables(report: Report, layout: str = "auto") -> str:
             "",
             f"**Calibration** (share of true locations inside the model's 50 / 90 / 95 % highest-density "
             f"region, from {cfg.calibration_n} exact samples per item"
-            + (f" on the first {cfg.calibration_items:,} items" if cfg.calibration_items else "")
+            + (f" on {_calibrated(report):,} items sampled by id hash" if cfg.calibration_items else "")
             + "; calibrated = nominal; error: mean "
             "|coverage − α| over α = 0.05 … 0.95, lower is better)",
             "",
@@ -432,7 +437,7 @@ def prediction_tables(report: Report) -> Iterator[pa.Table]:
                     preds.localizability, mask=~np.isfinite(preds.localizability)
                 )
             if preds.hdr_level is not None:
-                # Calibration may cover only the first items (EvalConfig.calibration_items); the rest: null.
+                # Calibration may cover only some items (EvalConfig.calibration_items); the rest: null.
                 hdr = np.full(n, np.nan)
                 hdr[: min(n, len(preds.hdr_level))] = preds.hdr_level[:n]
                 cols["hdr_level"] = pa.array(hdr, mask=~np.isfinite(hdr))

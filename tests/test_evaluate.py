@@ -736,9 +736,12 @@ def test_hybrid_checkpoint_rows_with_several_estimators_and_calibration(trained,
     assert "**Calibration**" in (out / "table.md").read_text()
 
 
-def test_calibration_on_the_first_items_only(tmp_path):
-    """``calibration_items`` limits the costly calibration to the first items of the pass (across batches):
-    its levels are those of the full run on the same items, the rest of the per-item file is null."""
+def test_calibration_on_a_hash_sample_of_the_items(tmp_path):
+    """``calibration_items`` limits the costly calibration to about that many items, a uniform sample by id
+    hash (not the first items of a store that may be sorted): exactly the ids the hash rule picks have
+    levels, in every batch; the rest of the per-item file is null; the table says how many."""
+    from geoloc.subsample import in_hash_sample
+
     dim, n = 8, 300
     geo = _vmf_store_with_truths_drawn_from_it(tmp_path / "s", dim, n)
     base = EvalConfig(seeds=(0,), prdc=False, calibration=True, calibration_n=50, batch_size=64)
@@ -747,14 +750,16 @@ def test_calibration_on_the_first_items_only(tmp_path):
         {"vmf": geo}, tmp_path / "s", "test", dataclasses.replace(base, calibration_items=100)
     )
     lv_full, lv_part = full.row("vmf").predictions.hdr_level, part.row("vmf").predictions.hdr_level
-    assert len(lv_full) == n and len(lv_part) == 100
-    assert part.row("vmf").calibration["n"] == 100
-    # The first batch (64 items) is calibrated exactly as in the full run; the second only for 36 items.
-    np.testing.assert_allclose(lv_part[:64], lv_full[:64])
-    assert np.isfinite(lv_part).all()
-    assert "on the first 100 items" in part.table_markdown()
+    assert len(lv_full) == n and len(lv_part) == n and np.isfinite(lv_full).all()
+    picked = in_hash_sample(part.data.ids, 100 / n)
+    assert np.array_equal(np.isfinite(lv_part), picked)
+    m = int(picked.sum())
+    assert 70 <= m <= 130 and part.row("vmf").calibration["n"] == m
+    pos = np.flatnonzero(picked)
+    assert pos.min() < 64 and pos.max() >= 256  # spread over the batches, not the first 100
+    assert f"on {m:,} items sampled by id hash" in part.table_markdown()
     part.write(tmp_path / "out")
     tab = pq.read_table(next((tmp_path / "out").glob("*.parquet")))
-    assert tab.column("hdr_level").null_count == n - 100
+    assert tab.column("hdr_level").null_count == n - m
     with pytest.raises(ConfigError):
         EvalConfig(calibration_items=-1)

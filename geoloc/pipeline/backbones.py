@@ -742,12 +742,18 @@ def quiet_loading(enabled: bool = True) -> Any:
 
 
 def load_backbone(name: str, weights: str | os.PathLike | None = None, *, config: Any = None) -> Backbone:
-    """Build a backbone by registry name or ``open_clip:ARCH/TAG``; :class:`BackboneError` if unknown."""
+    """Build a backbone by registry name or ``open_clip:ARCH/TAG``; :class:`BackboneError` if unknown.
+
+    Third-party loading bars ("Loading weights 103/103") are silenced: loading takes a second, and our own
+    progress bars are the ones that say what a job is doing.
+    """
     if name.startswith("open_clip:"):
-        return open_clip_backbone(name.removeprefix("open_clip:"), weights, config=config)
+        with quiet_loading():
+            return open_clip_backbone(name.removeprefix("open_clip:"), weights, config=config)
     if name not in BACKBONES:
         hint = did_you_mean(name, list(BACKBONES))
         raise BackboneError(
             f"unknown backbone {name!r}{hint}; choose one of {sorted(BACKBONES)} or open_clip:ARCH/TAG"
         )
-    return BACKBONES[name](weights, config=config)
+    with quiet_loading():
+        return BACKBONES[name](weights, config=config)

@@ -158,8 +158,9 @@ def _showcase(
     report: DemoReport,
     gaz: Any,
 ) -> None:
-    """Rule: among the first ``showcase_pool`` test names (store order), the ``n_extreme`` most and least
-    localizable by the hybrid's localizability (32 exact draws each); then the configured famous names."""
+    """Rule: among ``showcase_pool`` test names sampled by id hash (:func:`read_items`), the ``n_extreme``
+    most and least localizable by the hybrid's localizability (32 exact draws each); then the configured
+    famous names."""
     items = read_items([store], "test", config.eval_where, config.showcase_pool)
     loc = hybrid.localizability(items.cond, n=32, generator=torch.Generator().manual_seed(0)).numpy()
     order = np.argsort(-loc)
@@ -203,8 +204,8 @@ def _showcase(
 
 def _showcase_markdown(showcase: list[dict[str, Any]]) -> str:
     lines = [
-        "**Showcase** (rule: the 2 most and 2 least localizable of the first held-out names by the hybrid's "
-        "localizability, then fixed famous names; top 3 places of the hybrid with their mass)",
+        "**Showcase** (rule: the 2 most and 2 least localizable of 100 held-out names sampled by id hash, by "
+        "the hybrid's localizability, then fixed famous names; top 3 places of the hybrid with their mass)",
         "",
         "| name | rule | loc. (bits) | answer | top places (mass) |",
         "|---|---|---:|---|---|",

@@ -47,6 +47,7 @@ from geoloc.pipeline.neighbours import NeighbourIndex, store_identity
 from geoloc.pipeline.store import MANIFEST
 from geoloc.retrieval import fit_weighted_retrieval
 from geoloc.sphere import latlon_to_xyz
+from geoloc.subsample import id_hashes
 
 __all__ = ["HYBRID_FILE", "FitHybridConfig", "ValidationItems", "fit_hybrid", "load_hybrid", "read_items"]
 
@@ -94,6 +95,10 @@ class ValidationItems:
     labels: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+READ_ROWS = 4096
+"""Rows per batch when reading items."""
+
+
 def read_items(
     stores: Sequence[str | Path],
     split: str,
@@ -101,31 +106,66 @@ def read_items(
     max_items: int | None = None,
     label_columns: Sequence[str] = (),
 ) -> ValidationItems:
-    """The first ``max_items`` rows of ``split`` (filtered by ``where``) in store order."""
-    ids, cond, latlon, labels = [], [], [], {c: [] for c in label_columns}
-    n = 0
-    for batch in iter_eval_batches(list(stores), split, 4096, where, label_columns):
-        take = len(batch) if max_items is None else min(len(batch), max_items - n)
-        ids += list(batch.ids[:take])
-        cond.append(batch.cond[:take])
-        latlon.append(batch.latlon[:take])
-        for c in label_columns:
-            labels[c].append(batch.labels[c][:take])
-        n += take
-        if max_items is not None and n >= max_items:
-            break
+    """The rows of ``split`` (filtered by ``where``): all of them in store order, or with ``max_items`` a
+    deterministic uniform sample of that many — the rows whose ids hash lowest (:mod:`geoloc.subsample`),
+    in hash order.
+
+    Why not the first rows: a store keeps the order its manifest was written in, and tables are often sorted
+    (the demo's GeoNames table is sorted by country code, so its first 1,000 validation names were countries
+    A–G only). A fit, a calibration or a showcase on such a slice describes those countries, not the split.
+    One pass with memory for ``max_items`` rows (a running bottom-k by hash).
+    """
+    parts: list[dict[str, Any]] = []
+    held = n = 0
+    for batch in iter_eval_batches(list(stores), split, READ_ROWS, where, label_columns):
+        part = {
+            "ids": np.asarray(batch.ids, dtype=object),
+            "cond": batch.cond,
+            "latlon": np.asarray(batch.latlon),
+            **{f"label:{c}": np.asarray(batch.labels[c]) for c in label_columns},
+        }
+        if max_items is not None:
+            part["hash"] = id_hashes(part["ids"])
+        parts.append(part)
+        n += len(part["ids"])
+        held += len(part["ids"])
+        if max_items is not None and held > 2 * max_items + READ_ROWS:  # keep memory O(max_items)
+            parts = [_lowest(_merge(parts), max_items)]
+            held = max_items
     if n == 0:
         raise ConfigError(
             f"no rows in split {split!r}{f' where {where}' if where else ''} of {list(map(str, stores))}"
         )
-    ll = np.concatenate(latlon)
+    keep = _merge(parts)
+    if max_items is not None:
+        keep = _lowest(keep, max_items)
+        keep = _take(keep, np.argsort(keep["hash"], kind="stable"))
+    ll = keep["latlon"]
     return ValidationItems(
-        ids,
-        torch.cat(cond),
+        list(keep["ids"]),
+        keep["cond"],
         latlon_to_xyz(torch.from_numpy(ll)).float(),
         ll,
-        {c: np.concatenate(v) for c, v in labels.items()},
+        {c: keep[f"label:{c}"] for c in label_columns},
     )
+
+
+def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        k: torch.cat([p[k] for p in parts]) if torch.is_tensor(v) else np.concatenate([p[k] for p in parts])
+        for k, v in parts[0].items()
+    }
+
+
+def _take(cols: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
+    return {k: v[torch.from_numpy(rows)] if torch.is_tensor(v) else v[rows] for k, v in cols.items()}
+
+
+def _lowest(cols: dict[str, Any], k: int) -> dict[str, Any]:
+    """The ``k`` rows with the lowest id hash (all rows when there are at most ``k``)."""
+    if len(cols["ids"]) <= k:
+        return cols
+    return _take(cols, np.argpartition(cols["hash"], k - 1)[:k])
 
 
 def flow_log_prob_at(

@@ -44,6 +44,28 @@ def test_flat_index_matches_brute_force_and_round_trips(store, tmp_path):
     assert meta["stores"][0]["rows"] == len(items.ids) and len(meta["stores"][0]["shards_sha256"]) == 64
 
 
+def test_a_limited_read_is_a_uniform_hash_sample_not_the_first_rows(store, monkeypatch):
+    """``max_items`` takes the rows whose ids hash lowest, in hash order: reproducible, spread over the whole
+    split (a store written from a table sorted by country would otherwise give a slice of a few countries),
+    with the right embeddings and coordinates for each id; the sample does not depend on the read's
+    internal compaction."""
+    from geoloc.subsample import id_hashes
+
+    every = read_items([store], "train")
+    some = read_items([store], "train", max_items=50)
+    h = id_hashes(every.ids)
+    want = [every.ids[i] for i in np.argsort(h, kind="stable")[:50]]
+    assert some.ids == want and some.ids != every.ids[:50]
+    pos = {i: k for k, i in enumerate(every.ids)}
+    rows = torch.tensor([pos[i] for i in some.ids])
+    assert torch.equal(some.cond, every.cond[rows])
+    assert np.array_equal(some.latlon, every.latlon[rows.numpy()])
+    # Rows spread over the store: the sample's median position is near the middle, not in the first 50.
+    assert 0.3 * len(every.ids) < float(np.median(rows.numpy())) < 0.7 * len(every.ids)
+    monkeypatch.setattr("geoloc.pipeline.fit_hybrid.READ_ROWS", 64)  # compact many times while reading
+    assert read_items([store], "train", max_items=5).ids == want[:5]
+
+
 def test_exclusion_drops_the_items_own_row(store):
     idx = NeighbourIndex.build([store], "train", kind="flat")
     items = read_items([store], "train", max_items=50)
