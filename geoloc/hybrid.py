@@ -487,11 +487,14 @@ class HybridGeolocator:
         """
         cond = self._cond(cond)
         nb = self._nb(cond, neighbours)
+        scale = self.params.answer_flow if answer_flow is None else float(answer_flow)
         if flow_samples is None:
-            flow_samples = self.flow.sample(cond, n, omega=0.0, steps=steps, generator=generator)
+            if scale == 0.0:  # the draws would weigh nothing: no flow sampling at all
+                flow_samples = cond.new_zeros((cond.shape[0], 0, 3))
+            else:
+                flow_samples = self.flow.sample(cond, n, omega=0.0, steps=steps, generator=generator)
         n = flow_samples.shape[1]
         log_lam, log_rest = flow_log_weight(nb.sim, self.params)
-        scale = self.params.answer_flow if answer_flow is None else float(answer_flow)
         if scale != 1.0:
             lam = scale * log_lam.exp()
             log_lam, log_rest = torch.log(lam), torch.log1p(-lam)
@@ -509,7 +512,7 @@ class HybridGeolocator:
         log_w_nb = neighbour_log_weights(nb.sim, tt)
         pts = torch.cat([flow_samples.to(torch.float32), nb.xyz], dim=1)
         log_w = torch.cat(
-            [(log_lam - math.log(n)).unsqueeze(1).expand(-1, n), log_rest.unsqueeze(1) + log_w_nb], 1
+            [(log_lam - math.log(max(n, 1))).unsqueeze(1).expand(-1, n), log_rest.unsqueeze(1) + log_w_nb], 1
         )
         labels = self.point_labels(pts) if alpha > 0 else None
         return best_expected_answer(pts, log_w, labels, alpha)

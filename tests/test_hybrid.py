@@ -298,3 +298,21 @@ def test_overconfident_hybrid_regions_are_recalibrated_on_validation():
         assert abs(got - alpha) < 0.06, (alpha, got)
     model.level_map = None
     assert model.region_level(0.9) == 0.9
+
+
+def test_an_answer_without_flow_share_draws_nothing_from_the_flow():
+    """answer_flow = 0 weighs the flow's draws by zero: the answer is the neighbours' own, and no flow
+    sampling is paid for (it would cost n draws of the ODE per item)."""
+    h = hybrid(lam_a=0.5, lam_b=0.0, kappa=1e4, k=8, tau=0.3)
+    cond = torch.randn(20, DIM, generator=torch.Generator().manual_seed(5))
+    nb = h.neighbours(cond)
+    draws = h.flow.sample(cond, 8, steps=4, generator=torch.Generator().manual_seed(1))
+    want = h.geoscore_answer(cond, neighbours=nb, flow_samples=draws, answer_flow=0.0)
+    calls = []
+    real = h.flow.sample
+    h.flow.sample = lambda *a, **k: calls.append(1) or real(*a, **k)
+    got = h.geoscore_answer(cond, neighbours=nb, answer_flow=0.0)
+    assert calls == [] and torch.equal(got, want)
+    assert torch.allclose(got, weighted_retrieval(nb.xyz, nb.sim, tau=0.3), atol=1e-6)
+    h.geoscore_answer(cond[:2], neighbours=nb.rows(slice(0, 2)), answer_flow=0.5, steps=2)
+    assert calls == [1]
