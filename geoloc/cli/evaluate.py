@@ -186,7 +186,9 @@ def eval_command(
     calibration_items: Annotated[
         int,
         typer.Option(
-            help="Calibrate on the first N items only (0: every item); the draws cost per item.", min=0
+            help="Calibrate on about N items, a uniform sample by id hash (0: every item); the draws cost "
+            "per item.",
+            min=0,
         ),
     ] = _DEFAULT.calibration_items,
     retrieval_k: Annotated[
