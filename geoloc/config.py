@@ -385,7 +385,10 @@ class MapOptions:
 
     ``steps``: RK4 steps of the likelihood ODE; ``levels`` / ``start_resolution``: the H3 grid (see
     :class:`DensityConfig`); ``trajectories``: overlay the denoising paths of that many samples per item
-    (flow families); ``chunk``: items mapped together in one batched likelihood call.
+    (flow families); ``chunk``: items mapped together in one batched likelihood call. ``flow_resolution``:
+    a hybrid's flow part is evaluated once per H3 cell of this resolution and held constant inside it (its
+    kernels stay exact at every cell; None: the flow at every cell), see
+    :meth:`geoloc.hybrid_bound.BoundHybrid._flow_on_cells`.
     """
 
     max_maps: int = 10
@@ -396,6 +399,7 @@ class MapOptions:
     trajectories: int = 0
     seed: int | None = 0
     chunk: int = 4
+    flow_resolution: int | None = 3
 
     @property
     def formats(self) -> tuple[str, ...]:

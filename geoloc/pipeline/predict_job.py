@@ -561,6 +561,7 @@ def write_maps(
     chunk: int = MapOptions.chunk,
     density_out: str | Path | None = None,
     max_steps: int = DensityConfig.max_steps,
+    flow_resolution: int | None = MapOptions.flow_resolution,
 ) -> list[Path]:
     """Density maps (``NNN-<id>.png`` / ``.html``) for the first ``max_maps`` located results.
 
@@ -572,6 +573,7 @@ def write_maps(
     (see :class:`geoloc.config.DensityConfig`). ``trajectories``: overlay the denoising paths of that many
     samples per item (flow families). Items are mapped ``chunk`` at a time in one batched likelihood call.
     ``max_steps`` caps the likelihood steps a map whose mass is off by more than 1% is redrawn with.
+    ``flow_resolution``: a hybrid's flow part on cells of that H3 resolution (see :class:`MapOptions`).
     """
     todo = [(i, r) for i, r in enumerate(results) if r.ok and r.embedding is not None][:max_maps]
     if not todo:
@@ -594,7 +596,7 @@ def write_maps(
             seeds = None
             if all(r.samples is not None for _, r in part):
                 seeds = torch.as_tensor(np.stack([r.samples for _, r in part]), dtype=torch.float32)
-            bound = bind_batch(geo, cond)  # a hybrid searches its neighbours once per chunk
+            bound = bind_batch(geo, cond, flow_resolution)  # a hybrid searches its neighbours once per chunk
             dmaps = density_maps(bound, cond, cfg, seeds=seeds, generator=gen)
             paths = None
             if trajectories > 0:
