@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from geoloc.checkpoint import read_config
 from geoloc.config import DEMO_NAMES, DemoConfig, EmbedConfig, EvalConfig, LikelihoodConfig, PredictOptions
 from geoloc.devices import native_bf16
 from geoloc.files import atomic_write_text
@@ -74,6 +75,10 @@ class DemoReport:
 
 
 def _train(store: Path, out: Path, preset: str, steps: int, where: str, progress: bool) -> Path:
+    if (out / "config.json").exists() and int(read_config(out).get("step", 0)) >= steps:
+        # Finished: resuming would rewrite the same weights, and the newer files would make the hybrid fitted
+        # on them look stale (a re-run refitted it every time).
+        return out
     overrides = [f"data.stores={store}", f"steps={steps}", "data.val_split=test", f"data.where=NOT ({where})"]
     run_train(resolve_config(preset, None, overrides), out, progress=progress)
     return out
