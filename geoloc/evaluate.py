@@ -105,7 +105,7 @@ def resolve_labels(
 class _RowState:
     """Accumulates one predictor's outputs over the batches of the pass."""
 
-    def __init__(self, name: str, predictor: Predictor, config: EvalConfig) -> None:
+    def __init__(self, name: str, predictor: Predictor, config: EvalConfig, total: int | None = None) -> None:
         self.name, self.predictor, self.config = name, predictor, config
         self.seeds = list(config.seeds[:1] if predictor.deterministic else config.seeds)
         self.generators = [predictor.generator(s) for s in self.seeds]
@@ -124,7 +124,9 @@ class _RowState:
         # them — a uniform sample by id hash when the pass's size is known (evaluate's ``total``; store order
         # is often sorted, so the first items would be a biased slice), else the first items of the pass.
         self.cal_left = config.calibration_items or None
-        self.cal_fraction: float | None = None
+        self.cal_fraction = (
+            min(1.0, config.calibration_items / total) if config.calibration_items and total else None
+        )
         # Rows of one model with different estimators share its density: the first computes the NLL and
         # calibration of each batch (``last_lp`` / ``last_hdr``), the others (``leader`` set) copy them.
         self.leader: _RowState | None = None
@@ -257,10 +259,7 @@ def evaluate(
     rows = as_rows(models, config)
     levels = dict(levels or {})
     label_cols = sorted({c for c in levels.values() if c})
-    states = [_RowState(name, pred, config) for name, pred in rows.items()]
-    if config.calibration_items and total:  # a uniform sample of about calibration_items by id hash
-        for st in states:
-            st.cal_fraction = min(1.0, config.calibration_items / total)
+    states = [_RowState(name, pred, config, total) for name, pred in rows.items()]
     leaders: dict[Any, _RowState] = {}
     for st in states:
         key = getattr(st.predictor, "density_key", None)

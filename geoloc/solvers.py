@@ -55,10 +55,12 @@ def guided(
     fast = getattr(net, "forward_guided", None)  # speed hook (issue 12): GeoAdaLNMLP's one-pass guided field
     cache: list = []
 
+    frozen = fast is not None and not any(p.requires_grad for p in net.parameters())
+
     def fn(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if fast is not None:
             grad = torch.is_grad_enabled()
-            if not grad or not any(p.requires_grad for p in net.parameters()):
+            if not grad or frozen:
                 if not cache:
                     cache.append(net.prepare(cond))
                 if grad:
