@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -33,7 +32,7 @@ import torch
 
 from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig
 from geoloc.density import DensityConfig, density_map
-from geoloc.devices import native_bf16
+from geoloc.devices import cpu_info
 from geoloc.geolocator import Geolocator
 from geoloc.maps import map_title, render_html, render_png
 from geoloc.sphere import latlon_to_xyz, sample_uniform
@@ -71,16 +70,6 @@ def rfm_sharp() -> Geolocator:
     return geo
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def h3_cells(res: int) -> int:
     return 2 + 120 * 7**res
 
@@ -95,9 +84,7 @@ def main() -> None:
     points = 128 if args.quick else 512
     lik = LikelihoodConfig(method="rk4", steps=args.steps)
     out: dict = {
-        "cpu": cpu_model(),
-        "bf16_native": native_bf16(torch.device("cpu")),
-        "torch_threads": torch.get_num_threads(),
+        "machine": cpu_info(),
         "likelihood": f"rk4 x {args.steps}",
     }
 

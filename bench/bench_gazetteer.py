@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from geoloc.devices import cpu_info
 from geoloc.gazetteer import LEVELS, Gazetteer, LabelTable, h3_cells, load_or_build_table
 
 
@@ -149,7 +150,7 @@ def main() -> None:
     ap.add_argument("--per-level", type=int, default=8000, help="--ties: bisector points per level")
     args = ap.parse_args()
     if args.ties:
-        out = {"cpu": _cpu_model(), "python": platform.python_version()}
+        out = {"machine": cpu_info(), "python": platform.python_version()}
         out.update(tie_disagreements(args.per_level))
         print(json.dumps(out))
         return
@@ -207,16 +208,6 @@ def main() -> None:
             out["resolutions"][res] = entry
             gaz.table = None
     print(json.dumps(out))
-
-
-def _cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import argparse
 import heapq
 import json
 import math
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -40,23 +39,13 @@ sys.path.insert(0, str(ROOT))
 
 from geoloc.calibration import calibration_error, coverage, hdr_levels, region_area_km2  # noqa: E402
 from geoloc.config import FamilyConfig, LikelihoodConfig, ModelConfig  # noqa: E402
-from geoloc.devices import native_bf16  # noqa: E402
+from geoloc.devices import cpu_info  # noqa: E402
 from geoloc.estimators import max_expected_geoscore  # noqa: E402
 from geoloc.geolocator import Geolocator  # noqa: E402
 from geoloc.hybrid import ExactNeighbours, HybridGeolocator, fit_hybrid_params, mixture_log_prob  # noqa: E402
 from geoloc.metrics import nll_bits_per_dim, score  # noqa: E402
 from geoloc.retrieval import fit_weighted_retrieval, nearest_neighbour, weighted_retrieval  # noqa: E402
 from geoloc.sphere import xyz_to_latlon  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _row(pred_xyz, truth_latlon, gaz, levels, gt_keys) -> dict:
@@ -332,9 +321,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     res = {
-        "cpu": cpu_model(),
-        "bf16_native": native_bf16(torch.device("cpu")),
-        "torch_threads": torch.get_num_threads(),
+        "machine": cpu_info(),
     }
     parts = args.parts.split(",")
     for name, fn in (("demo", bench_demo), ("synthetic", bench_synthetic), ("index", bench_index)):

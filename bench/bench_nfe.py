@@ -2,7 +2,7 @@
 how fast.
 
 Prints ONE JSON record (progress goes to stderr) naming the machine (``bench_speed.machine``: CPU model and
-flags, torch, threads) and whether bf16 is native (``geoloc.devices.native_bf16``).
+flags, the kernel level ATen dispatches, whether bf16 is native, torch, threads).
 
 - **Task** (:class:`KnownMixtures`): each condition is a mixture of 3 vMF modes on S² placed at 3 of 32 fixed
   anchors, each with one of four concentrations (κ 8 / 64 / 512 / 4096: angular spread ≈ 2,300 / 800 / 280 /
@@ -58,7 +58,6 @@ from bench_speed import _load_reference_network_class, machine, reference_sample
 
 from geoloc.batches import InMemoryBatches  # noqa: E402
 from geoloc.config import LikelihoodConfig, ModelConfig, PredictOptions  # noqa: E402
-from geoloc.devices import native_bf16  # noqa: E402
 from geoloc.estimators import expected_geoscore  # noqa: E402
 from geoloc.families import vmf_log_density, vmf_sample  # noqa: E402
 from geoloc.files import atomic_write_text  # noqa: E402
@@ -507,7 +506,7 @@ def main() -> None:
     result: dict = {
         "bench": "nfe",
         "quick": args.quick,
-        "machine": {**machine(torch.get_num_threads()), "bf16_native": native_bf16(torch.device("cpu"))},
+        "machine": machine(torch.get_num_threads()),
         "sizes": dataclasses.asdict(sz),
     }
     with tempfile.TemporaryDirectory(prefix="bench-nfe-") as tmp:

@@ -35,7 +35,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -47,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from geoloc.config import DistillConfig, FamilyConfig, SampleConfig
+from geoloc.devices import cpu_info
 from geoloc.distill import GuidanceDistilled, distill
 from geoloc.families import make_family
 from geoloc.network import GeoAdaLNMLP, NetworkConfig, quantize_dynamic_int8
@@ -54,25 +54,8 @@ from geoloc.sphere import angle
 
 
 def machine(threads: int) -> dict:
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {
-        "cpu_model": model,
-        "avx2": "avx2" in flags,
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "cpu_count": os.cpu_count(),
-        "loadavg": list(os.getloadavg()),
-    }
+    """The CPU record (:func:`geoloc.devices.cpu_info`) plus the threads this bench ran with and the load."""
+    return {**cpu_info(), "torch_threads": threads, "loadavg": list(os.getloadavg())}
 
 
 def _load_reference_network_class():

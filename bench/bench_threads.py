@@ -95,7 +95,7 @@ def main() -> None:
     info = machine(os.cpu_count() or 1)
     record = {
         "bench": "threads",
-        "machine": {**info, "bf16_native": bool(info["avx512_bf16"] or info["amx_bf16"])},
+        "machine": info,
         "dtype": "fp32",
         "command": f"geoloc train --preset small-rfm-s2 --steps {steps} (start-up included), 20k x 384 store",
         "repeats": repeats,

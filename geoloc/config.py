@@ -268,7 +268,8 @@ class EmbedConfig:
         weights: local weights (file or directory) instead of the offline Hugging Face cache.
         backbone_config: architecture override with random weights (tests and benchmarks only).
         batch_size: items per model batch.
-        num_workers: decode/preprocess worker processes (None = min(4, CPU count); 0 = in-process).
+        num_workers: decode/preprocess worker processes (None = min(4, CPU count) for images, 0 for text;
+            0 = in-process).
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ...
         dtype: ``auto`` (bf16 where the device supports it), ``fp32`` or ``bf16``.
         shard_size: rows per shard file.
@@ -437,7 +438,10 @@ class DemoConfig:
     ``seeds``; every sampler runs ``eval_steps`` steps (the paper-protocol row: one guided draw; the
     sample-based answers: ``answer_n`` draws; the hybrid's answer fit: ``answer_n`` draws of
     ``answer_steps``); calibration uses ``calibration_n`` exact draws per item on about
-    ``calibration_items`` test items (its cost is ``calibration_n`` likelihood solves per item). Showcase: the
+    ``calibration_items`` test items (its cost is ``calibration_n`` likelihood solves per item). The hybrid's
+    density is fitted on ``val_items`` validation names (a likelihood solve each) and its answer on up to
+    ``answer_items`` (flow draws only; the settings it compares differ by a few GeoScore points, so it takes
+    every name of the slice it can). Showcase: the
     ``n_extreme`` most and least localizable of ``showcase_pool`` test names sampled by id hash (by the
     hybrid's localizability), then ``names``; density maps of the hybrid for the first ``max_maps`` names.
     """
@@ -453,6 +457,7 @@ class DemoConfig:
     progress: bool = True
     val_where: str = "id LIKE '%7'"
     val_items: int = 1000
+    answer_items: int = 3000
     eval_where: str | None = None
     eval_steps: int = 16
     answer_n: int = 16

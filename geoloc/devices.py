@@ -6,11 +6,16 @@ evaluation and prediction call these once; core maths returns tensors on the dev
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from geoloc.errors import ConfigError
 
-__all__ = ["native_bf16", "resolve_autocast", "resolve_device"]
+__all__ = ["cpu_info", "native_bf16", "resolve_autocast", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -33,10 +38,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively (CUDA with bf16 support, or a CPU with AVX512-BF16/AMX)."""
+    """Whether ``device`` computes bf16 natively (CUDA with bf16 support, or a CPU with AVX512-BF16/AMX).
+
+    On a CPU this also needs ATen to dispatch AVX-512 kernels: with ``ATEN_CPU_CAPABILITY=avx2`` (how the
+    benches and the demo emulate an AVX2-only CPU on a newer one, docs/benchmarks.md) bf16 would run emulated,
+    so it does not count as native.
+    """
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     try:
+        if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+            return False
         return bool(torch.cpu._is_avx512_bf16_supported())
     except AttributeError:
         return False
@@ -55,3 +67,29 @@ def resolve_autocast(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype != "auto":
         raise ConfigError(f"unknown dtype {dtype!r}; use auto, fp32 or bf16")
     return torch.bfloat16 if native_bf16(device) else None
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU a measurement ran on, for every bench record and the demo's summary: model name, cores, the
+    bf16-relevant flags, the kernel level ATen dispatches (``AVX2`` when emulating an AVX2-only CPU with
+    ``ATEN_CPU_CAPABILITY=avx2``) and whether bf16 counts as native (:func:`native_bf16`)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "avx2": "avx2" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": native_bf16(torch.device("cpu")),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -59,7 +59,10 @@ def embed(
     ),
     num_workers: Annotated[
         int | None,
-        typer.Option(help="Decode worker processes (default min(4, CPUs); 0 = in the main process).", min=0),
+        typer.Option(
+            help="Decode worker processes (default: min(4, CPUs) for images, 0 for text = in-process).",
+            min=0,
+        ),
     ] = default(EmbedConfig, "num_workers"),
     device: DeviceOpt = default(EmbedConfig, "device"),
     dtype: Annotated[DtypeOpt, typer.Option(help="auto: bf16 where the device supports it.")] = DtypeOpt(

@@ -23,10 +23,7 @@ It is one library call (:func:`run_demo`) so that the CLI stays a thin wrapper; 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,7 +35,7 @@ import torch
 
 from geoloc.checkpoint import read_config
 from geoloc.config import DEMO_NAMES, DemoConfig, EmbedConfig, EvalConfig, LikelihoodConfig, PredictOptions
-from geoloc.devices import native_bf16
+from geoloc.devices import cpu_info
 from geoloc.files import atomic_write_text
 from geoloc.hybrid import HybridGeolocator
 from geoloc.pipeline.embed import run_embed
@@ -98,7 +95,7 @@ def _fit(rfm: Path, store: Path, out: Path, config: DemoConfig, log: Callable[[s
         likelihood=LikelihoodConfig(steps=8),
         answer_n=config.answer_n,
         answer_steps=config.answer_steps,
-        answer_items=config.val_items,
+        answer_items=config.answer_items,
         calibration_items=config.calibration_items,
         calibration_n=config.calibration_n,
     )
@@ -242,13 +239,6 @@ def _summary(
         k: all(hyb[k] > rows[b][k] for b in (ROW_RETRIEVAL, ROW_WEIGHTED))
         for k in ("geoscore", "acc_country", "acc_region", "acc_city")
     }
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
     return {
         "n_test": report.n,
         "rows": rows,
@@ -256,12 +246,7 @@ def _summary(
         "hybrid": {k: hybrid_doc.get(k) for k in ("params", "fitted_on", "retrieval", "answer")},
         "timings_s": demo.timings_s,
         "showcase": demo.showcase,
-        "machine": {
-            "cpu": cpu,
-            "cores": os.cpu_count(),
-            "bf16_native": native_bf16(torch.device("cpu")),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": cpu_info(),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items()},
     }
 

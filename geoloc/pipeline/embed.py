@@ -520,6 +520,10 @@ class EmbedJob:
         labels = {c: record.labels.get(c) for c in self.label_columns}
         return Prepared(record.id, record.split, float(lat), float(lon), labels, record.source, x)
 
+    def size_key(self, sample: Prepared | Failure) -> int:
+        """A text's length in characters (padding follows it); 0 for images and failures (all one size)."""
+        return len(sample.x) if isinstance(sample, Prepared) and isinstance(sample.x, str) else 0
+
     def collate(self, samples: Sequence[Prepared | Failure]) -> Batch:
         good = [s for s in samples if isinstance(s, Prepared)]
         bad = [s for s in samples if isinstance(s, Failure)]
@@ -687,7 +691,11 @@ def _run_job(
         _backbone=backbone if config.engine == "local" else None,
     )
     cpus = os.cpu_count() or 1
-    workers = config.num_workers if config.num_workers is not None else min(4, cpus)
+    # Text needs no decoding worth a process: workers would only take cores from the model (and spawning
+    # them costs seconds of imports). MiniLM on 2 cores: 5 s start-up and 426 names/s without workers, 10 s
+    # and 393 names/s with two.
+    default_workers = 0 if backbone.kind == "text" else min(4, cpus)
+    workers = config.num_workers if config.num_workers is not None else default_workers
     task = _task_name()
     opts = EngineOptions(
         task=task,

