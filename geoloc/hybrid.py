@@ -36,7 +36,7 @@ from geoloc.estimators import ESTIMATORS, top_k_modes
 from geoloc.families import OdeFamily, vmf_sample
 from geoloc.geolocator import Geolocator, Prediction
 from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
-from geoloc.retrieval import best_expected_answer, neighbour_log_weights
+from geoloc.retrieval import PairwiseScores, best_expected_answer, neighbour_log_weights, pairwise_scores
 from geoloc.sphere import EARTH_RADIUS_KM, angle, project, xyz_to_latlon
 
 __all__ = [
@@ -85,7 +85,9 @@ class HybridParams:
     ``answer_poe`` β lets the flow vote on the neighbours instead (a product of experts): each neighbour's
     weight is multiplied by (f_k + :data:`POE_FLOOR`)^β, with f_k the share of the flow's draws near it (a
     :data:`POE_KERNEL_KM` kernel, :func:`flow_support`), so neighbours where the flow puts no mass lose
-    say while the candidates stay the neighbours (β = 0: off).
+    say while the candidates stay the neighbours (β = 0: off). ``answer_draws``: how many flow draws the
+    answer makes (0: as many as the caller's ``n``); the fit records the count s and β were chosen with, so
+    a prediction asking for 256 samples for its top-k still answers as fitted, at a 16th of the cost.
     ``answer_labels`` α adds α · Σ_levels P(the answer's label is the truth's) at :data:`ANSWER_LEVELS` to the
     answer's expected GeoScore / 5000 (needs a :data:`Labeller`; 0: GeoScore only); chosen with s on
     validation.
@@ -102,6 +104,7 @@ class HybridParams:
     answer_flow: float = 1.0
     answer_labels: float = 0.0
     answer_poe: float = 0.0
+    answer_draws: int = 0
 
     @property
     def search_k(self) -> int:
@@ -119,6 +122,8 @@ class HybridParams:
             raise ConfigError(f"hybrid answer_labels must be >= 0, got {self.answer_labels}")
         if not (math.isfinite(self.answer_poe) and self.answer_poe >= 0):
             raise ConfigError(f"hybrid answer_poe must be >= 0, got {self.answer_poe}")
+        if self.answer_draws < 0:
+            raise ConfigError(f"hybrid answer_draws must be >= 0, got {self.answer_draws}")
         if not all(math.isfinite(v) for v in (self.lam_a, self.lam_b, self.kappa_slope)):
             raise ConfigError(f"hybrid lam_a, lam_b, kappa_slope must be finite, got {self}")
 
@@ -142,6 +147,7 @@ class HybridParams:
                     "answer_flow",
                     "answer_labels",
                     "answer_poe",
+                    "answer_draws",
                 )
                 if k in d
             }
@@ -501,15 +507,16 @@ class HybridGeolocator:
         answer_flow: float | None = None,
         answer_labels: float | None = None,
         answer_poe: float | None = None,
-        candidate_labels: dict[str, Tensor] | None = None,
+        pairwise: PairwiseScores | None = None,
     ) -> Tensor:
-        """The point ``(B, 3)`` maximising the hybrid's expected score over the candidates (``n`` flow draws
-        ∪ the k neighbours): GeoScore / 5000, plus ``answer_labels`` × the probability that the candidate's
-        country, region and city are the truth's (default: the params'; see :class:`HybridParams`).
+        """The point ``(B, 3)`` maximising the hybrid's expected score over the candidates (``answer_draws``
+        or ``n`` flow draws ∪ the k neighbours): GeoScore / 5000, plus ``answer_labels`` × the probability
+        that the candidate's country, region and city are the truth's (default: the params'; see
+        :class:`HybridParams`).
         With ``answer_poe`` β > 0 the flow's draws also reweigh the neighbours (a product of experts, see
         :class:`HybridParams`); they are candidates only when the flow has a share (``answer_flow`` > 0).
-        ``candidate_labels`` (the labeller's ids of ``flow_samples`` then the answer's neighbours, as
-        :meth:`answer_candidates` lists them) spares the labeller when many settings answer the same items.
+        ``pairwise`` (:func:`~geoloc.retrieval.pairwise_scores` of :meth:`answer_candidates`: the draws,
+        then the answer's neighbours) spares the distances and labels when many settings answer one batch.
 
         The expectation is Rao-Blackwellised over the component: the flow part by its ``n`` draws (weight
         λ/n each), the neighbour part by the kernels' centres (weight (1 − λ)·w_k) — a vMF of κ ≥ 1e3 is
@@ -525,6 +532,7 @@ class HybridGeolocator:
             if scale == 0.0 and beta == 0.0:  # the draws would weigh nothing: no flow sampling at all
                 flow_samples = cond.new_zeros((cond.shape[0], 0, 3))
             else:
+                n = self.params.answer_draws or n
                 flow_samples = self.flow.sample(cond, n, omega=0.0, steps=steps, generator=generator)
         votes = flow_samples
         if scale == 0.0:  # weight 0: the draws vote (β) but are no candidates
@@ -553,18 +561,17 @@ class HybridGeolocator:
         log_w = torch.cat(
             [(log_lam - math.log(max(n, 1))).unsqueeze(1).expand(-1, n), log_rest.unsqueeze(1) + log_w_nb], 1
         )
-        labels = None
-        if alpha > 0:
-            if candidate_labels is None:
-                labels = self.point_labels(pts)
-            else:  # listed for all draws then the neighbours: drop the draws that are no candidates
-                skip = votes.shape[1] - n
-                labels = {lv: ids[:, skip:] for lv, ids in candidate_labels.items()}
+        if (
+            pairwise is not None
+        ):  # listed for all draws then the neighbours: drop draws that are no candidates
+            return best_expected_answer(pts, log_w, None, alpha, pairwise.tail(votes.shape[1] - n))
+        labels = self.point_labels(pts) if alpha > 0 else None
         return best_expected_answer(pts, log_w, labels, alpha)
 
     def answer_candidates(self, neighbours: Neighbours, flow_samples: Tensor) -> Tensor:
         """Every point :meth:`geoscore_answer` may answer with ``(B, n + k, 3)``: the draws, then the answer's
-        k neighbours (label them once with :meth:`point_labels` to pass as ``candidate_labels``)."""
+        k neighbours (their :func:`~geoloc.retrieval.pairwise_scores` are what ``geoscore_answer`` takes as
+        ``pairwise``)."""
         kk = self.params.answer_k or self.params.k
         return torch.cat([flow_samples.to(torch.float32), neighbours.head(kk).xyz], dim=1)
 
@@ -712,7 +719,10 @@ def fit_answer_flow(
         settings += [(s, b, a) for a in alphas if (s, b, a) not in settings]
     grid: list[dict[str, Any]] = []
     base: dict[str, Tensor] = {}
-    cand_labels = model.point_labels(model.answer_candidates(neighbours, flow_samples)) if labelled else None
+    cands = model.answer_candidates(neighbours, flow_samples)
+    cand_labels = model.point_labels(cands) if labelled else {}
+    pairwise = pairwise_scores(cands, cand_labels or None)
+    rows = torch.arange(cands.shape[0])
     for s, b, a in settings:
         ans = model.geoscore_answer(
             cond,
@@ -721,14 +731,15 @@ def fit_answer_flow(
             answer_flow=s,
             answer_labels=a,
             answer_poe=b,
-            candidate_labels=cand_labels,
+            pairwise=pairwise,
         )
         theta = angle(ans.to(torch.float64), truth.to(ans.device, torch.float64))
         cols = {"geoscore": GEOSCORE_MAX * torch.exp(-rate * theta).cpu()}
-        if labelled:
-            got = model.point_labels(ans.unsqueeze(1))
+        if labelled:  # the answer is one of the candidates: take its labels from theirs
+            pick = (cands - ans.unsqueeze(1).to(cands.dtype)).abs().sum(-1).argmin(1)
             for lv in ANSWER_LEVELS:
-                cols[lv] = ((got[lv] == truth_labels[lv]) & (truth_labels[lv] >= 0)).double()[:, 0]
+                got = cand_labels[lv][rows, pick]
+                cols[lv] = ((got == truth_labels[lv][:, 0]) & (truth_labels[lv][:, 0] >= 0)).double()
         base = base or cols
         z = {c: _paired_z(v - base[c]) for c, v in cols.items()}
         acc = {lv: float(cols[lv].mean()) for lv in ANSWER_LEVELS if lv in cols}

@@ -120,7 +120,7 @@ def _rows(stores: EvalStores, rfm: Path, vmf: Path, hybrid: Path, cfg: EvalConfi
 def _place(gaz: Any, latlon: np.ndarray) -> list[str]:
     out = []
     for p in nearest_places(gaz, np.asarray(latlon, dtype=np.float64).reshape(-1, 2)):
-        out.append(f"{p.name}, {p.admin1}, {p.cc}" if p is not None else "?")
+        out.append(p.label if p is not None else "?")
     return out
 
 
@@ -177,17 +177,31 @@ def _showcase(
         )
     # Famous names: embedded by the same backbone as the store, through the predict API of the hybrid (the
     # product's default model), so the maps below draw the same density whose masses the table lists.
+    # One predict call gives what the table lists and what the maps draw (no second pass over the names).
     predictor = Predictor.from_pretrained(hyb_dir)
     texts = [n for n, _ in config.names]
     options = PredictOptions(
-        top_k=3, samples=256, steps=config.eval_steps, keep_embeddings=True, keep_samples=True, regions=False
+        top_k=3,
+        samples=256,
+        steps=config.eval_steps,
+        keep_embeddings=True,
+        keep_samples=True,
+        regions=False,
+        localizability=True,
+        localizability_samples=32,
     )
     results = predictor.predict(texts, options)
-    cond = torch.from_numpy(np.stack([r.embedding for r in results])).float()
-    lbits = hybrid.localizability(cond, n=32, generator=torch.Generator().manual_seed(0)).numpy()
-    for (text, kind), top, lb in zip(config.names, _top(hybrid, cond, gaz), lbits, strict=True):
+    for (text, kind), r in zip(config.names, results, strict=True):
+        top = {
+            "answer": {"lat": r.lat, "lon": r.lon, "place": r.place.label if r.place else "?"},
+            "top": [
+                {"lat": m.lat, "lon": m.lon, "mass": m.mass, "place": m.place.label if m.place else "?"}
+                for m in r.modes
+            ],
+            "other_mass": r.other_mass,
+        }
         report.showcase.append(
-            {"rule": f"named ({kind})", "name": text, "localizability_bits": float(lb), **top}
+            {"rule": f"named ({kind})", "name": text, "localizability_bits": r.localizability_bits, **top}
         )
         report.top_places[text] = [(t["lat"], t["lon"], t["mass"], t["place"]) for t in top["top"]]
     if config.maps:

@@ -242,6 +242,7 @@ def fit_hybrid(
             answer_flow=answer["answer_flow"],
             answer_poe=answer["answer_poe"],
             answer_labels=answer["answer_labels"],
+            answer_draws=config.answer_n,
         )
         answer |= {"items": m, "draws": config.answer_n, "steps": config.answer_steps}
         say(
