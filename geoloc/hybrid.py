@@ -36,7 +36,13 @@ from geoloc.estimators import ESTIMATORS, top_k_modes
 from geoloc.families import OdeFamily, vmf_sample
 from geoloc.geolocator import Geolocator, Prediction
 from geoloc.metrics import GEOSCORE_MAX, GEOSCORE_SCALE_KM
-from geoloc.retrieval import PairwiseScores, best_expected_answer, neighbour_log_weights, pairwise_scores
+from geoloc.retrieval import (
+    PairwiseScores,
+    best_expected_answer,
+    geoscore_kernel,
+    neighbour_log_weights,
+    pairwise_scores,
+)
 from geoloc.sphere import EARTH_RADIUS_KM, angle, project, xyz_to_latlon
 
 __all__ = [
@@ -238,11 +244,7 @@ weight relative to one every draw hit, so a handful of draws (16 by default) can
 def flow_support(points: Tensor, draws: Tensor, km: float = POE_KERNEL_KM) -> Tensor:
     """f ``(B, k)``: the mean over the flow's draws ``(B, n, 3)`` of exp(−d(point, draw) / ``km``) for each of
     ``points (B, k, 3)``, i.e. how much of the flow's mass lies near each point (1: every draw on it)."""
-    chord = torch.cdist(
-        points.to(torch.float32), draws.to(torch.float32), compute_mode="donot_use_mm_for_euclid_dist"
-    )
-    theta = 2.0 * torch.asin((0.5 * chord).clamp(0.0, 1.0))
-    return torch.exp(-(EARTH_RADIUS_KM / km) * theta).mean(-1)
+    return geoscore_kernel(points.to(torch.float32), draws.to(torch.float32), km).mean(-1)
 
 
 def _vmf_log_kernel(x: Tensor, mu: Tensor, kappa: Tensor | float) -> Tensor:
@@ -561,9 +563,8 @@ class HybridGeolocator:
         log_w = torch.cat(
             [(log_lam - math.log(max(n, 1))).unsqueeze(1).expand(-1, n), log_rest.unsqueeze(1) + log_w_nb], 1
         )
-        if (
-            pairwise is not None
-        ):  # listed for all draws then the neighbours: drop draws that are no candidates
+        if pairwise is not None:
+            # Listed for all draws, then the neighbours: skip the draws that are no candidates.
             return best_expected_answer(pts, log_w, None, alpha, pairwise.tail(votes.shape[1] - n))
         labels = self.point_labels(pts) if alpha > 0 else None
         return best_expected_answer(pts, log_w, labels, alpha)

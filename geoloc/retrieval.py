@@ -93,13 +93,13 @@ def weighted_expected_geoscore(candidates: Tensor, points: Tensor, log_w: Tensor
     return out
 
 
-def geoscore_kernel(a: Tensor, b: Tensor) -> Tensor:
-    """exp(−d_km / 1492.7) between unit vectors ``a (B, m, 3)`` and ``b (B, k, 3)``: ``(B, m, k)``, i.e.
-    GeoScore / 5000 of answering a when the truth is b. Angles come from chords of differences (not 1 − a·b),
-    so km-scale distances keep their precision."""
+def geoscore_kernel(a: Tensor, b: Tensor, scale_km: float = GEOSCORE_SCALE_KM) -> Tensor:
+    """exp(−d_km / ``scale_km``) between unit vectors ``a (B, m, 3)`` and ``b (B, k, 3)``: ``(B, m, k)``; at
+    the default 1492.7 km it is GeoScore / 5000 of answering a when the truth is b. Angles come from chords of
+    differences (not 1 − a·b), so km-scale distances keep their precision."""
     chord = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
     theta = 2.0 * torch.asin((0.5 * chord).clamp(0.0, 1.0))
-    return torch.exp(-(EARTH_RADIUS_KM / GEOSCORE_SCALE_KM) * theta)
+    return torch.exp(-(EARTH_RADIUS_KM / scale_km) * theta)
 
 
 def weighted_geoscore_answer(points: Tensor, log_w: Tensor, candidates: Tensor | None = None) -> Tensor:
@@ -123,8 +123,14 @@ def expected_label_agreement(cand_labels: Tensor, point_labels: Tensor, log_w: T
             f"shapes do not match: candidate labels {tuple(cand_labels.shape)}, point labels "
             f"{tuple(point_labels.shape)}, log_w {tuple(log_w.shape)}"
         )
-    same = (cand_labels.unsqueeze(2) == point_labels.unsqueeze(1)) & (point_labels.unsqueeze(1) >= 0)
+    same = same_label(cand_labels, point_labels)
     return (same.to(log_w.dtype) * log_w.exp().unsqueeze(1)).sum(-1)
+
+
+def same_label(a: Tensor, b: Tensor) -> Tensor:
+    """``(B, m, k)``: whether label ``a[:, i]`` equals ``b[:, j]``; a −1 (unlabelled) in ``b`` agrees with
+    nothing."""
+    return (a.unsqueeze(2) == b.unsqueeze(1)) & (b.unsqueeze(1) >= 0)
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ def pairwise_scores(points: Tensor, labels: dict[str, Tensor] | None = None) -> 
         agree = torch.zeros_like(kernel)
         for lab in labels.values():
             lab = lab.to(points.device)
-            agree += ((lab.unsqueeze(2) == lab.unsqueeze(1)) & (lab.unsqueeze(1) >= 0)).to(points.dtype)
+            agree += same_label(lab, lab).to(points.dtype)
     return PairwiseScores(kernel, agree)
 
 
