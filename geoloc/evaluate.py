@@ -266,6 +266,7 @@ def evaluate(
         if key is not None:
             leader = leaders.setdefault(key, st)
             st.leader = None if leader is st else leader
+    _share_flow_truths(states)
     device = resolve_device(config.device)
     ids: list[np.ndarray] = []
     latlon: list[np.ndarray] = []
@@ -295,6 +296,23 @@ def evaluate(
     report = score_rows(data, [st.result() for st in states], config, gazetteer=gazetteer)
     report.elapsed_s = time.perf_counter() - t0
     return report
+
+
+def _share_flow_truths(states: list[_RowState]) -> None:
+    """A hybrid row whose flow is also a row of its own (same weights, same likelihood settings, scored
+    before it on each batch) takes that row's log-density at the truths instead of solving it again."""
+    flows: dict[Any, Any] = {}
+    for st in states:
+        if st.leader is not None or not (st.has_lp or st.has_cal):
+            continue
+        key = getattr(st.predictor, "flow_key", None)
+        if key is None:
+            continue
+        if hasattr(st.predictor, "reuse_flow_of"):
+            if key in flows:
+                st.predictor.reuse_flow_of(flows[key])
+        elif hasattr(st.predictor, "last_truths"):
+            flows.setdefault(key, st.predictor)
 
 
 def _check_dims(rows: Mapping[str, Predictor], dim: int) -> None:

@@ -94,6 +94,8 @@ class HybridParams:
     say while the candidates stay the neighbours (β = 0: off). ``answer_draws``: how many flow draws the
     answer makes (0: as many as the caller's ``n``); the fit records the count s and β were chosen with, so
     a prediction asking for 256 samples for its top-k still answers as fitted, at a 16th of the cost.
+    ``answer_steps``: the sampler steps of those draws (0: the caller's ``steps``), recorded by the fit for
+    the same reason: the settings were chosen on draws of that many steps.
     ``answer_labels`` α adds α · Σ_levels P(the answer's label is the truth's) at :data:`ANSWER_LEVELS` to the
     answer's expected GeoScore / 5000 (needs a :data:`Labeller`; 0: GeoScore only); chosen with s on
     validation.
@@ -111,6 +113,7 @@ class HybridParams:
     answer_labels: float = 0.0
     answer_poe: float = 0.0
     answer_draws: int = 0
+    answer_steps: int = 0
 
     @property
     def search_k(self) -> int:
@@ -128,8 +131,11 @@ class HybridParams:
             raise ConfigError(f"hybrid answer_labels must be >= 0, got {self.answer_labels}")
         if not (math.isfinite(self.answer_poe) and self.answer_poe >= 0):
             raise ConfigError(f"hybrid answer_poe must be >= 0, got {self.answer_poe}")
-        if self.answer_draws < 0:
-            raise ConfigError(f"hybrid answer_draws must be >= 0, got {self.answer_draws}")
+        if self.answer_draws < 0 or self.answer_steps < 0:
+            raise ConfigError(
+                f"hybrid answer_draws and answer_steps must be >= 0, got {self.answer_draws}, "
+                f"{self.answer_steps}"
+            )
         if not all(math.isfinite(v) for v in (self.lam_a, self.lam_b, self.kappa_slope)):
             raise ConfigError(f"hybrid lam_a, lam_b, kappa_slope must be finite, got {self}")
 
@@ -154,6 +160,7 @@ class HybridParams:
                     "answer_labels",
                     "answer_poe",
                     "answer_draws",
+                    "answer_steps",
                 )
                 if k in d
             }
@@ -389,8 +396,14 @@ class HybridGeolocator:
         return self.flow.log_prob(x.reshape(-1, 3), flat, self.likelihood_config).reshape(b, m)
 
     @torch.no_grad()
-    def log_prob_points(self, x: Tensor, cond: Tensor, neighbours: Neighbours | None = None) -> Tensor:
-        """Exact log-density ``(B, m)`` (nats per steradian) of ``m`` points per item ``x (B, m, 3)``."""
+    def log_prob_points(
+        self, x: Tensor, cond: Tensor, neighbours: Neighbours | None = None, flow_lp: Tensor | None = None
+    ) -> Tensor:
+        """Exact log-density ``(B, m)`` (nats per steradian) of ``m`` points per item ``x (B, m, 3)``.
+
+        ``flow_lp (B, m)``: the flow's log-density at those points with this hybrid's likelihood settings,
+        when the caller has it already (an evaluation that scored the flow's own row on the same truths).
+        """
         cond = self._cond(cond)
         x = project(torch.as_tensor(x, dtype=torch.float32).to(self.device))
         if x.dim() != 3 or x.shape[0] != cond.shape[0]:
@@ -398,7 +411,11 @@ class HybridGeolocator:
                 f"log_prob_points: expected ({cond.shape[0]}, m, 3) points, got {tuple(x.shape)}"
             )
         nb = self._nb(cond, neighbours)
-        return mixture_log_prob(self.flow_log_prob(x, cond), x, nb, self.params)
+        if flow_lp is None:
+            flow_lp = self.flow_log_prob(x, cond)
+        elif tuple(flow_lp.shape) != tuple(x.shape[:2]):
+            raise InputError(f"log_prob_points: flow_lp {tuple(flow_lp.shape)} for points {tuple(x.shape)}")
+        return mixture_log_prob(flow_lp.to(self.device), x, nb, self.params)
 
     @torch.no_grad()
     def log_prob(self, xyz: Tensor, cond: Tensor, neighbours: Neighbours | None = None) -> Tensor:
@@ -535,6 +552,7 @@ class HybridGeolocator:
                 flow_samples = cond.new_zeros((cond.shape[0], 0, 3))
             else:
                 n = self.params.answer_draws or n
+                steps = self.params.answer_steps or steps
                 flow_samples = self.flow.sample(cond, n, omega=0.0, steps=steps, generator=generator)
         votes = flow_samples
         if scale == 0.0:  # weight 0: the draws vote (β) but are no candidates

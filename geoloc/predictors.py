@@ -11,7 +11,8 @@ Everything here takes arrays and tensors: the retrieval baseline is built from e
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+import hashlib
+from dataclasses import asdict, replace
 from typing import Any, Protocol
 
 import faiss
@@ -86,6 +87,9 @@ class GeolocatorPredictor:
         self._estimator = None if config.estimator == "sample" else ESTIMATORS[config.estimator]
         # Rows built from one loaded model (one per estimator) share its density: NLL and calibration once.
         self.density_key = ("geolocator", id(geo.net))
+        # The log-density at the last batch's truths, kept (with the very tensors it was computed at) for a
+        # hybrid row on the same flow (HybridPredictor.reuse_flow_of): one likelihood solve per truth.
+        self.last_truths: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def expects(self) -> tuple[str | None, int | None]:
@@ -135,8 +139,19 @@ class GeolocatorPredictor:
             out[ok.cpu().numpy()] = xyz_to_latlon(point).detach().to("cpu", torch.float64).numpy()
         return out
 
+    @property
+    def flow_key(self) -> tuple[str, str] | None:
+        """:func:`flow_density_key` of an ODE flow (None for closed-form families: nothing worth sharing)."""
+        if not isinstance(self.geo.family, OdeFamily):
+            return None
+        if not hasattr(self, "_flow_key"):
+            self._flow_key = flow_density_key(self.geo)
+        return self._flow_key
+
     def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor) -> np.ndarray | None:
-        return self.geo.log_prob(xyz, cond).detach().to("cpu", torch.float64).numpy()
+        lp = self.geo.log_prob(xyz, cond).detach()
+        self.last_truths = (xyz, cond, lp)
+        return lp.to("cpu", torch.float64).numpy()
 
     def localizability(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None:
         loc = self.geo.localizability(cond, n=self.config.localizability_n, generator=generator)
@@ -187,6 +202,7 @@ class HybridPredictor:
         self.config, self.source = config, source
         self._last: tuple[torch.Tensor, Neighbours] | None = None
         self.density_key = ("hybrid", id(hybrid))
+        self._flow_row: GeolocatorPredictor | None = None
 
     @property
     def expects(self) -> tuple[str | None, int | None]:
@@ -231,8 +247,26 @@ class HybridPredictor:
         out[~np.isfinite(out).all(axis=1)] = np.nan  # a non-finite draw is one counted miss
         return out
 
+    @property
+    def flow_key(self) -> tuple[str, str] | None:
+        """:func:`flow_density_key` of the flow inside (with the evaluation's likelihood settings)."""
+        if not hasattr(self, "_flow_key"):
+            self._flow_key = flow_density_key(self.hybrid.flow)
+        return self._flow_key
+
+    def reuse_flow_of(self, row: GeolocatorPredictor) -> None:
+        """Take the flow's log-density at the truths from ``row`` (the same flow's own row, scored first on
+        each batch) instead of solving its likelihood ODE again; checked by :attr:`flow_key`."""
+        if row.flow_key != self.flow_key:
+            raise ConfigError("reuse_flow_of: that row's flow has other weights or likelihood settings")
+        self._flow_row = row
+
     def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor) -> np.ndarray | None:
-        lp = self.hybrid.log_prob(xyz, cond, neighbours=self._nb(cond))
+        flow_lp = None
+        last = self._flow_row.last_truths if self._flow_row is not None else None
+        if last is not None and last[0] is xyz and last[1] is cond:
+            flow_lp = last[2].unsqueeze(1)
+        lp = self.hybrid.log_prob_points(xyz.unsqueeze(1), cond, self._nb(cond), flow_lp=flow_lp)[:, 0]
         return lp.detach().to("cpu", torch.float64).numpy()
 
     def localizability(self, cond: torch.Tensor, generator: torch.Generator | None) -> np.ndarray | None:
@@ -250,6 +284,17 @@ class HybridPredictor:
             cond, self.config.calibration_n, generator=generator, neighbours=self._nb(cond)
         )
         return lp.detach().to("cpu", torch.float64).numpy()
+
+
+def flow_density_key(geo: Geolocator) -> tuple[str, str]:
+    """What fixes a flow's log-densities: a digest of its weights and its likelihood settings. Two rows with
+    the same key (a flow's own row and a hybrid built on the same checkpoint, each loaded separately) compute
+    the same numbers at the same points."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(geo.net.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest(), repr(sorted(asdict(geo.likelihood_config).items()))
 
 
 def _has_closed_form_point(geo: Geolocator) -> bool:

@@ -663,7 +663,8 @@ def test_hdr_calibration_of_a_model_whose_truths_are_drawn_from_it(tmp_path):
     assert f"| uniform | 100.0 | 100.0 | 100.0 | {flat['calibration_error']:.3f} |" in table
 
 
-def test_hybrid_checkpoint_rows_with_several_estimators_and_calibration(trained, tmp_path):
+def test_hybrid_checkpoint_rows_with_several_estimators_and_calibration(trained, tmp_path, monkeypatch):
+    from geoloc.hybrid import HybridGeolocator
     from geoloc.pipeline.fit_hybrid import FitHybridConfig, fit_hybrid, load_hybrid
 
     ckpt, store = trained
@@ -686,6 +687,16 @@ def test_hybrid_checkpoint_rows_with_several_estimators_and_calibration(trained,
         calibration_n=16,
     )
     out = tmp_path / "eval"
+    # The hybrid solves the flow's likelihood only at its calibration draws (m = calibration_n points per
+    # item): at the truths (m = 1) it takes the log-densities the flow's own row computed on the same batch.
+    solved: list[int] = []
+    flow_log_prob = HybridGeolocator.flow_log_prob
+
+    def counting(self, x, cond):
+        solved.append(x.shape[1])
+        return flow_log_prob(self, x, cond)
+
+    monkeypatch.setattr(HybridGeolocator, "flow_log_prob", counting)
     report = run_eval(
         [store],
         "test",
@@ -712,6 +723,8 @@ def test_hybrid_checkpoint_rows_with_several_estimators_and_calibration(trained,
     assert (w["k"], w["tau"]) == (doc["retrieval"]["k"], doc["retrieval"]["tau"]) and "validation fit" in w[
         "fit"
     ]["how"]
+    assert solved and set(solved) == {16}
+    monkeypatch.undo()
     # The hybrid's NLL is exactly its log-density of the truths (same likelihood ODE as the flow's row).
     model = load_hybrid(hyb)
     model.likelihood_config = lik

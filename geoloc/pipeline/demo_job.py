@@ -161,10 +161,11 @@ def _showcase(
     gaz: Any,
 ) -> None:
     """Rule: among ``showcase_pool`` test names sampled by id hash (:func:`read_items`), the ``n_extreme``
-    most and least localizable by the hybrid's localizability (32 exact draws each); then the configured
-    famous names."""
+    most and least localizable by the hybrid's localizability (``showcase_draws`` exact draws each); then the
+    configured famous names."""
     items = read_items([store], "test", config.eval_where, config.showcase_pool)
-    loc = hybrid.localizability(items.cond, n=32, generator=torch.Generator().manual_seed(0)).numpy()
+    gen = torch.Generator().manual_seed(0)
+    loc = hybrid.localizability(items.cond, n=config.showcase_draws, generator=gen).numpy()
     order = np.argsort(-loc)
     picks = [("most localizable", i) for i in order[: config.n_extreme]]
     picks += [("least localizable", i) for i in order[::-1][: config.n_extreme]]
@@ -211,9 +212,9 @@ def _showcase(
                 results,
                 config.out_dir / "maps",
                 max_maps=config.max_maps,
-                steps=8,
+                steps=config.map_steps,
                 start_resolution=0,
-                max_steps=16,  # a hybrid's sharp kernels, not the ODE, bound its map's mass error
+                max_steps=2 * config.map_steps,  # one redo at most, should a map's mass be off by > 1 %
             )
         )
 

@@ -243,6 +243,7 @@ def fit_hybrid(
             answer_poe=answer["answer_poe"],
             answer_labels=answer["answer_labels"],
             answer_draws=config.answer_n,
+            answer_steps=config.answer_steps,
         )
         answer |= {"items": m, "draws": config.answer_n, "steps": config.answer_steps}
         say(
