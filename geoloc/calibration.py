@@ -5,7 +5,8 @@ Why: a density is only useful as "90% sure it is inside this outline" if 90% of 
 inside its 90% highest-density region (HDR). With exact log-densities of samples this is checkable per item:
 
 - the **HDR level** of the truth, u = P_{x~p}(log p(x) > log p(x_true)), estimated from n samples with their
-  exact log-densities; the truth is inside the α-region iff u ≤ α. For a calibrated model u ~ U(0, 1);
+  exact log-densities as a randomised rank (:func:`hdr_levels`); the truth is inside the α-region iff u ≤ α.
+  For a calibrated model u ~ U(0, 1) exactly, whatever n;
 - **coverage** of the α-regions: the fraction of items with u ≤ α, for α = 0.5, 0.9, 0.95;
 - a **calibration error**: mean |coverage(α) − α| over a grid of levels;
 - the **area** of the α-region in km² by importance sampling: with p_α the density at the region's edge
@@ -47,19 +48,30 @@ def _np(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def hdr_levels(sample_log_prob, true_log_prob) -> np.ndarray:
-    """The HDR level of each item's truth ``(B,)``: the fraction of its samples denser than the truth.
+def hdr_levels(sample_log_prob, true_log_prob, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The HDR level of each item's truth ``(B,)``: the share of the model's mass denser than the truth,
+    from n draws, as a randomised rank.
 
     ``sample_log_prob (B, n)``: exact log-densities of n draws from the model; ``true_log_prob (B,)``: at the
-    true location. Ties count half (so a flat density gives 0.5, not 0 or 1). NaN truths give NaN.
+    true location. u = (#draws denser + V·(#ties + 1)) / (n + 1) with V ~ U(0, 1) from ``rng`` (default: a
+    fixed seed, so a run repeats). NaN truths give NaN.
+
+    Why randomised: for a calibrated model the truth is one more draw, so its rank k among the n + 1 is
+    uniform on {0, …, n}. The plain share k/n then lies inside the α-region with probability
+    (⌊nα⌋ + 1)/(n + 1): 51.5 % at α = 0.5 and 87.9 % at α = 0.9 with 32 draws, a calibration error of ~0.015
+    that no model can remove, and ~0.03 with 16 draws. (k + V)/(n + 1) is exactly U(0, 1) for a calibrated
+    model whatever n (the randomised probability integral transform), so coverage and the level map are
+    unbiased at any draw count. Ties (flat densities) spread V over the tied ranks.
     """
     s, t = _np(sample_log_prob), _np(true_log_prob)
     if s.ndim != 2 or t.shape != (s.shape[0],):
         raise InputError(
             f"hdr_levels: sample_log_prob (B, n) and true_log_prob (B,), got {s.shape} and {t.shape}"
         )
+    rng = np.random.default_rng(0) if rng is None else rng
     tt = t[:, None]
-    level = ((s > tt).sum(1) + 0.5 * (s == tt).sum(1)) / s.shape[1]
+    denser, ties = (s > tt).sum(1), (s == tt).sum(1)
+    level = (denser + rng.random(len(t)) * (ties + 1)) / (s.shape[1] + 1)
     return np.where(np.isfinite(t), level, np.nan)
 
 

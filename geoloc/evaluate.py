@@ -117,6 +117,7 @@ class _RowState:
         self.hdr: list[np.ndarray] = []
         # Calibration samples have their own stream too.
         self.cal_generator = predictor.generator(config.seeds[0] + 104_729) if config.calibration else None
+        self.cal_rng = np.random.default_rng(config.seeds[0] + 104_729)  # the levels' randomised ranks
         self.has_lp = config.nll
         self.has_loc = config.localizability
         self.has_cal = config.calibration and hasattr(predictor, "sample_log_prob")
@@ -170,7 +171,7 @@ class _RowState:
             if slp is None:
                 self.has_cal = False
             else:
-                levels = hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)[rows])
+                levels = hdr_levels(slp, np.asarray(lp, dtype=np.float64).reshape(-1)[rows], self.cal_rng)
                 if hasattr(self.predictor, "calibrate_levels"):  # regions recalibrated on validation
                     levels = self.predictor.calibrate_levels(levels)
                 if self.cal_left is not None:

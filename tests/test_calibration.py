@@ -83,10 +83,28 @@ def test_uniform_density_region_is_that_fraction_of_the_earth():
     assert abs(area[0] / earth - 1.0) < 1e-9  # all tied at the edge: the whole sphere is "as dense"
 
 
+@pytest.mark.parametrize("n", [4, 16, 32])
+def test_levels_of_a_calibrated_model_are_uniform_at_any_draw_count(n):
+    # The truth is one more draw of the model: its rank among the n + 1 is uniform. The plain share of denser
+    # draws, k/n, would cover α = 0.5 with probability (⌊n/2⌋ + 1)/(n + 1) — 60 % at n = 4, 53 % at n = 16.
+    rng = np.random.default_rng(7)
+    draws = rng.normal(size=(20000, n + 1))
+    levels = hdr_levels(draws[:, :n], draws[:, n], rng=np.random.default_rng(8))
+    for alpha, got in coverage(levels, (0.05, 0.25, 0.5, 0.9, 0.95)).items():
+        assert abs(got - alpha) < 0.012, (n, alpha, got)
+    assert calibration_error(levels) < 0.008
+
+
 def test_levels_ties_missing_truths_and_bad_shapes():
     s = np.array([[0.0, 1.0, 2.0, 3.0]])
-    assert hdr_levels(s, np.array([1.0]))[0] == pytest.approx(2.5 / 4)
-    assert hdr_levels(s, np.array([10.0]))[0] == 0.0
+    # Two draws denser, one tied: the level lies between 2/5 and 4/5 (V spread over the tied ranks).
+    many = hdr_levels(np.repeat(s, 4000, 0), np.ones(4000))
+    assert many.min() >= 2 / 5 and many.max() <= 4 / 5 and np.mean(many) == pytest.approx(3 / 5, abs=0.01)
+    assert 0.0 <= hdr_levels(s, np.array([10.0]))[0] <= 1 / 5  # denser than every draw
+    assert 4 / 5 <= hdr_levels(s, np.array([-10.0]))[0] <= 1.0  # sparser than every draw
+    # A flat density (every draw tied with the truth) gives a uniform level, not a fixed one.
+    flat = hdr_levels(np.zeros((4000, 8)), np.zeros(4000))
+    assert abs(coverage(flat)[0.5] - 0.5) < 0.03
     assert math.isnan(hdr_levels(s, np.array([math.nan]))[0])
     assert coverage(np.array([math.nan, 0.1]))[0.5] == 0.5  # a missing density counts as outside
     with pytest.raises(InputError):
