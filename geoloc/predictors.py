@@ -11,6 +11,7 @@ Everything here takes arrays and tensors: the retrieval baseline is built from e
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 from dataclasses import asdict, replace
 from typing import Any, Protocol
@@ -139,14 +140,10 @@ class GeolocatorPredictor:
             out[ok.cpu().numpy()] = xyz_to_latlon(point).detach().to("cpu", torch.float64).numpy()
         return out
 
-    @property
+    @functools.cached_property
     def flow_key(self) -> tuple[str, str] | None:
-        """:func:`flow_density_key` of an ODE flow (None for closed-form families: nothing worth sharing)."""
-        if not isinstance(self.geo.family, OdeFamily):
-            return None
-        if not hasattr(self, "_flow_key"):
-            self._flow_key = flow_density_key(self.geo)
-        return self._flow_key
+        """:func:`flow_density_key` of this row's model (computed on first use: it hashes the weights)."""
+        return flow_density_key(self.geo)
 
     def log_prob(self, xyz: torch.Tensor, cond: torch.Tensor) -> np.ndarray | None:
         lp = self.geo.log_prob(xyz, cond).detach()
@@ -247,12 +244,10 @@ class HybridPredictor:
         out[~np.isfinite(out).all(axis=1)] = np.nan  # a non-finite draw is one counted miss
         return out
 
-    @property
+    @functools.cached_property
     def flow_key(self) -> tuple[str, str] | None:
         """:func:`flow_density_key` of the flow inside (with the evaluation's likelihood settings)."""
-        if not hasattr(self, "_flow_key"):
-            self._flow_key = flow_density_key(self.hybrid.flow)
-        return self._flow_key
+        return flow_density_key(self.hybrid.flow)
 
     def reuse_flow_of(self, row: GeolocatorPredictor) -> None:
         """Take the flow's log-density at the truths from ``row`` (the same flow's own row, scored first on
@@ -286,10 +281,13 @@ class HybridPredictor:
         return lp.detach().to("cpu", torch.float64).numpy()
 
 
-def flow_density_key(geo: Geolocator) -> tuple[str, str]:
+def flow_density_key(geo: Geolocator) -> tuple[str, str] | None:
     """What fixes a flow's log-densities: a digest of its weights and its likelihood settings. Two rows with
     the same key (a flow's own row and a hybrid built on the same checkpoint, each loaded separately) compute
-    the same numbers at the same points."""
+    the same numbers at the same points. None for closed-form families: their densities cost nothing to
+    recompute, so there is nothing worth sharing."""
+    if not isinstance(geo.family, OdeFamily):
+        return None
     h = hashlib.blake2b(digest_size=16)
     for name, t in sorted(geo.net.state_dict().items()):
         h.update(name.encode())

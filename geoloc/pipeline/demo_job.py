@@ -124,6 +124,17 @@ def _place(gaz: Any, latlon: np.ndarray) -> list[str]:
     return out
 
 
+def _entry(
+    answer: tuple[float, float, str], top: list[tuple[float, float, float, str]], other_mass: float
+) -> dict[str, Any]:
+    """One showcase line as ``summary.json`` records it: the answer, the top places with masses, the rest."""
+    return {
+        "answer": {"lat": float(answer[0]), "lon": float(answer[1]), "place": answer[2]},
+        "top": [{"lat": float(a), "lon": float(b), "mass": float(m), "place": n} for a, b, m, n in top],
+        "other_mass": float(other_mass),
+    }
+
+
 def _top(hybrid: HybridGeolocator, cond: torch.Tensor, gaz: Any, k: int = 3) -> list[dict[str, Any]]:
     """The hybrid's answer and top-k places with masses for each row of ``cond``."""
     g = torch.Generator().manual_seed(0)
@@ -135,20 +146,8 @@ def _top(hybrid: HybridGeolocator, cond: torch.Tensor, gaz: Any, k: int = 3) -> 
         ll = pred.topk.latlon[i].numpy()[valid]
         mass = pred.topk.mass[i].numpy()[valid]
         names = _place(gaz, ll) if len(ll) else []
-        out.append(
-            {
-                "answer": {
-                    "lat": float(pred.latlon[i, 0]),
-                    "lon": float(pred.latlon[i, 1]),
-                    "place": answers[i],
-                },
-                "top": [
-                    {"lat": float(a), "lon": float(b), "mass": float(m), "place": n}
-                    for (a, b), m, n in zip(ll, mass, names, strict=True)
-                ],
-                "other_mass": float(pred.topk.other_mass[i]),
-            }
-        )
+        top = [(a, b, m, n) for (a, b), m, n in zip(ll, mass, names, strict=True)]
+        out.append(_entry((pred.latlon[i, 0], pred.latlon[i, 1], answers[i]), top, pred.topk.other_mass[i]))
     return out
 
 
@@ -193,14 +192,11 @@ def _showcase(
     )
     results = predictor.predict(texts, options)
     for (text, kind), r in zip(config.names, results, strict=True):
-        top = {
-            "answer": {"lat": r.lat, "lon": r.lon, "place": r.place.label if r.place else "?"},
-            "top": [
-                {"lat": m.lat, "lon": m.lon, "mass": m.mass, "place": m.place.label if m.place else "?"}
-                for m in r.modes
-            ],
-            "other_mass": r.other_mass,
-        }
+        top = _entry(
+            (r.lat, r.lon, r.place.label if r.place else "?"),
+            [(m.lat, m.lon, m.mass, m.place.label if m.place else "?") for m in r.modes],
+            r.other_mass,
+        )
         report.showcase.append(
             {"rule": f"named ({kind})", "name": text, "localizability_bits": r.localizability_bits, **top}
         )
